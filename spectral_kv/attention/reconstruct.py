@@ -1,0 +1,54 @@
+"""`reconstruct`: decompress the cold blocks, concatenate the exact tokens, run SDPA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionStrategy, expand_cold_mask, register_attention
+
+__all__ = ["ReconstructAttention"]
+
+
+def _combine_masks(cold_mask, exact_mask, b, tq, n_cold_tokens, te, device):
+    if cold_mask is None and exact_mask is None:
+        return None
+    if cold_mask is None:
+        cold_mask = torch.ones(b, 1, tq, n_cold_tokens, dtype=torch.bool, device=device)
+    if exact_mask is None:
+        exact_mask = torch.ones(b, 1, tq, te, dtype=torch.bool, device=device)
+    return torch.cat((cold_mask, exact_mask.expand(b, 1, tq, te)), dim=-1)
+
+
+@register_attention("reconstruct")
+class ReconstructAttention(AttentionStrategy):
+    """Materializes cold K/V in the query dtype: works with any compressor; saves memory at
+    rest but not bandwidth (the original design's ``use_spectral_attention=False``)."""
+
+    def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):
+        b, hq, tq, d = q.shape
+        h = exact_k.shape[1]
+        keys, values = exact_k.to(q.dtype), exact_v.to(q.dtype)
+        n_cold_tokens = 0
+        if cold_k:
+            ck = self.key_compressor.decompress(cold_k, q.dtype)  # [B, H, NB, T, D]
+            cv = self.value_compressor.decompress(cold_v, q.dtype)
+            n_cold_tokens = ck.shape[2] * ck.shape[3]
+            keys = torch.cat((ck.reshape(b, h, n_cold_tokens, d), keys), dim=2)
+            values = torch.cat((cv.reshape(b, h, n_cold_tokens, d), values), dim=2)
+        mask = _combine_masks(
+            expand_cold_mask(cold_valid, tq, self.config.block_size),
+            exact_mask,
+            b,
+            tq,
+            n_cold_tokens,
+            exact_k.shape[2],
+            q.device,
+        )
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=hq != h)
+        if mask is not None:
+            # SDPA's output for a query that sees nothing is undefined (NaN on some
+            # backends); those are padding positions, and their zeros keep later layers finite.
+            seen = mask.any(dim=-1, keepdim=True)
+            out = out.masked_fill(~seen, 0.0)
+        return out

@@ -1,0 +1,1 @@
+"""Framework integrations: transformers (`SpectralCache`, attention/mask functions) and Unsloth."""

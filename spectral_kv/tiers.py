@@ -1,0 +1,323 @@
+"""`TierManager`: the hot / warm / cold tiers of one attention layer (pure torch).
+
+Per batch row, tokens live in stream order (padding dropped):
+
+    [ sinks (first ``sink_tokens``, exact) | cold blocks (compressed) | warm | hot (exact) ]
+
+The exact tokens (sinks + warm + hot) share one right-padded buffer ``exact_k/v``
+``[B, H, W, D]`` with ``n_exact[b]`` valid tokens in row ``b``; sinks sit at its front.
+When a row's warm tier holds ``block_size`` tokens beyond its hot window, the oldest
+``block_size`` non-sink exact tokens become one cold block. Host-side counts (Python
+ints) decide *when* to compress; the tensors only do the work ("plan on the host, run
+on the device").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import ColdPool
+from .compressors import COMPRESSORS, Compressor
+from .config import SpectralConfig
+
+__all__ = ["TierManager", "TierView"]
+
+# Blocks compressed per compressor call: bounds the transient float32 copy made while a
+# long prompt is compressed at prefill (64 blocks x 512 tokens per head).
+MAX_BLOCKS_PER_CALL = 64
+
+
+@dataclass
+class TierView:
+    """What attention reads from one layer (no copies of the pools).
+
+    Attributes
+    ----------
+    exact_k, exact_v : Tensor [B, H, W, D]
+    exact_valid : Tensor [B, W] bool, or None when every row has ``W`` valid tokens
+    cold_k, cold_v : dict of Tensor [B, H, NB, ...]
+    cold_valid : Tensor [B, NB] bool, or None when every row holds ``NB`` blocks
+    """
+
+    exact_k: torch.Tensor
+    exact_v: torch.Tensor
+    exact_valid: torch.Tensor | None
+    cold_k: dict[str, torch.Tensor]
+    cold_v: dict[str, torch.Tensor]
+    cold_valid: torch.Tensor | None
+
+    @property
+    def n_cold_blocks(self) -> int:
+        return next(iter(self.cold_k.values())).shape[2] if self.cold_k else 0
+
+
+def _valid_mask(counts: list[int], width: int, device: torch.device) -> torch.Tensor | None:
+    if all(c == width for c in counts):
+        return None
+    return torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+
+
+class TierManager:
+    """Tiers of one layer for a batch of sequences.
+
+    Parameters
+    ----------
+    config : SpectralConfig
+    name : str
+        Used in error messages (e.g. ``"layer 3"``).
+    """
+
+    def __init__(self, config: SpectralConfig, name: str = "layer") -> None:
+        self.config = config
+        self.name = name
+        self.key_compressor: Compressor = COMPRESSORS[config.compressor](config, "keys", config.k_rank_keys)
+        self.value_compressor: Compressor = COMPRESSORS[config.compressor](config, "values", config.k_rank_values)
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        self.exact_k: torch.Tensor | None = None
+        self.exact_v: torch.Tensor | None = None
+        self.n_exact: list[int] = []
+        self.n_cold: list[int] = []
+        self.cold_k = ColdPool()
+        self.cold_v = ColdPool()
+        self.seen = 0  # tokens appended per row, padding included (transformers' positions)
+
+    @property
+    def initialized(self) -> bool:
+        return self.exact_k is not None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.n_exact)
+
+    def tokens(self) -> list[int]:
+        """Real (non-padding) tokens held per row, all tiers together."""
+        bs = self.config.block_size
+        return [e + c * bs for e, c in zip(self.n_exact, self.n_cold)]
+
+    # ------------------------------------------------------------------ append
+    def _check(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(
+                f"{self.name}: keys and values must both be [batch, kv_heads, tokens, head_dim], "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if k.dtype != v.dtype or not k.is_floating_point():
+            raise ValueError(f"{self.name}: keys/values must share one float dtype, got {k.dtype} and {v.dtype}")
+        if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (k.shape[0], k.shape[2])):
+            raise ValueError(
+                f"{self.name}: valid must be bool [batch, tokens]={k.shape[0], k.shape[2]}, "
+                f"got {valid.dtype} {tuple(valid.shape)}"
+            )
+        if self.initialized:
+            b, h, _, d = self.exact_k.shape
+            if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
+                raise ValueError(
+                    f"{self.name}: update shaped {tuple(k.shape)} does not match the cache's "
+                    f"batch={b}, kv_heads={h}, head_dim={d}"
+                )
+            if k.dtype != self.exact_k.dtype or k.device != self.exact_k.device:
+                raise ValueError(
+                    f"{self.name}: update is {k.dtype} on {k.device}, the cache holds "
+                    f"{self.exact_k.dtype} on {self.exact_k.device}"
+                )
+        else:
+            self.config.check_head_dim(k.shape[3])
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append new tokens, then compress every block that became ready.
+
+        Parameters
+        ----------
+        k, v : Tensor [B, H, T, D]
+            Keys / values of ``T`` new positions (post-RoPE, as attention uses them).
+        valid : Tensor [B, T] bool, optional
+            False marks padding positions: they are dropped, never stored or compressed.
+        """
+        self._check(k, v, valid)
+        b, h, t, d = k.shape
+        if not self.initialized:
+            self.exact_k = k.new_zeros(b, h, 0, d)
+            self.exact_v = v.new_zeros(b, h, 0, d)
+            self.n_exact = [0] * b
+            self.n_cold = [0] * b
+        self.seen += t
+        if t == 0:
+            return
+        width = self.exact_k.shape[2]
+        if (valid is None or bool(valid.all())) and all(n == width for n in self.n_exact):
+            # Common case (no padding): one concatenation, like DynamicCache.
+            self.exact_k = torch.cat((self.exact_k, k), dim=2)
+            self.exact_v = torch.cat((self.exact_v, v), dim=2)
+            self.n_exact = [n + t for n in self.n_exact]
+        else:
+            self._append_ragged(k, v, valid)
+        self._compress_ready()
+
+    def _append_ragged(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
+        b, h, t, d = k.shape
+        if valid is None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=k.device)
+        keep = [valid[i].nonzero().squeeze(1) for i in range(b)]
+        new_counts = [n + int(idx.numel()) for n, idx in zip(self.n_exact, keep)]
+        width = max(new_counts)
+        ek, ev = k.new_zeros(b, h, width, d), v.new_zeros(b, h, width, d)
+        for i in range(b):
+            n = self.n_exact[i]
+            ek[i, :, :n] = self.exact_k[i, :, :n]
+            ev[i, :, :n] = self.exact_v[i, :, :n]
+            ek[i, :, n : new_counts[i]] = k[i][:, keep[i]]
+            ev[i, :, n : new_counts[i]] = v[i][:, keep[i]]
+        self.exact_k, self.exact_v, self.n_exact = ek, ev, new_counts
+
+    # ------------------------------------------------------------------ compress
+    def _compress_ready(self) -> None:
+        c = self.config
+        s, bs, hot = c.sink_tokens, c.block_size, c.hot_buffer_size
+        ready = [max(0, (n - s - hot) // bs) for n in self.n_exact]
+        if not any(ready):
+            return
+        pairs = [(row, j) for row, m in enumerate(ready) for j in range(m)]
+        for start in range(0, len(pairs), MAX_BLOCKS_PER_CALL):
+            self._compress_pairs(pairs[start : start + MAX_BLOCKS_PER_CALL])
+        self._drop_compressed(ready)
+
+    def _compress_pairs(self, pairs: list[tuple[int, int]]) -> None:
+        c = self.config
+        s, bs = c.sink_tokens, c.block_size
+        b, h, _, d = self.exact_k.shape
+        dev = self.exact_k.device
+        rows = torch.tensor([row for row, _ in pairs], device=dev)
+        slots = torch.tensor([self.n_cold[row] + j for row, j in pairs], device=dev)
+        for pool, exact, comp in (
+            (self.cold_k, self.exact_k, self.key_compressor),
+            (self.cold_v, self.exact_v, self.value_compressor),
+        ):
+            blocks = torch.stack([exact[row, :, s + j * bs : s + (j + 1) * bs] for row, j in pairs])
+            if not bool(torch.isfinite(blocks).all()):
+                bad = sorted({row for (row, j), blk in zip(pairs, blocks) if not bool(torch.isfinite(blk).all())})
+                raise ValueError(
+                    f"{self.name}: {comp.role} of batch row(s) {bad} hold NaN/Inf in a block about to be "
+                    f"compressed; refusing to store a corrupted cold block (the model produced non-finite "
+                    f"{comp.role})"
+                )
+            parts = comp.compress(blocks.reshape(len(pairs) * h, bs, d).float())
+            parts = {name: t.reshape(len(pairs), h, *t.shape[1:]) for name, t in parts.items()}
+            pool.write(b, rows, slots, parts)
+
+    def _drop_compressed(self, ready: list[int]) -> None:
+        s, bs = self.config.sink_tokens, self.config.block_size
+        width = self.exact_k.shape[2]
+        if len(set(ready)) == 1 and all(n == width for n in self.n_exact):
+            cut = s + ready[0] * bs
+            self.exact_k = torch.cat((self.exact_k[:, :, :s], self.exact_k[:, :, cut:]), dim=2)
+            self.exact_v = torch.cat((self.exact_v[:, :, :s], self.exact_v[:, :, cut:]), dim=2)
+        else:
+            new_counts = [n - m * bs for n, m in zip(self.n_exact, ready)]
+            b, h, _, d = self.exact_k.shape
+            ek = self.exact_k.new_zeros(b, h, max(new_counts), d)
+            ev = self.exact_v.new_zeros(b, h, max(new_counts), d)
+            for i, (n, m) in enumerate(zip(self.n_exact, ready)):
+                src = torch.cat((torch.arange(s), torch.arange(s + m * bs, n))).to(ek.device)
+                ek[i, :, : src.numel()] = self.exact_k[i][:, src]
+                ev[i, :, : src.numel()] = self.exact_v[i][:, src]
+            self.exact_k, self.exact_v = ek, ev
+        self.n_exact = [n - m * bs for n, m in zip(self.n_exact, ready)]
+        self.n_cold = [c + m for c, m in zip(self.n_cold, ready)]
+
+    # ------------------------------------------------------------------ read
+    def view(self) -> TierView:
+        """The tensors attention reads, with validity masks for ragged rows."""
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: the cache is empty")
+        dev = self.exact_k.device
+        nb = self.cold_k.n_blocks
+        return TierView(
+            exact_k=self.exact_k,
+            exact_v=self.exact_v,
+            exact_valid=_valid_mask(self.n_exact, self.exact_k.shape[2], dev),
+            cold_k=self.cold_k.parts,
+            cold_v=self.cold_v.parts,
+            cold_valid=_valid_mask(self.n_cold, nb, dev) if nb else None,
+        )
+
+    def materialize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every held token in stream order, cold blocks decompressed.
+
+        Returns
+        -------
+        keys, values : Tensor [B, H, L, D]
+            Row ``b``'s first ``tokens()[b]`` positions are its tokens in order.
+        valid : Tensor [B, L] bool, or None when all rows hold ``L`` tokens
+        """
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: the cache is empty")
+        s, bs = self.config.sink_tokens, self.config.block_size
+        dtype = self.exact_k.dtype
+        nb = self.cold_k.n_blocks
+        b, h, _, d = self.exact_k.shape
+        if nb == 0:
+            return self.exact_k, self.exact_v, _valid_mask(self.n_exact, self.exact_k.shape[2], self.exact_k.device)
+        ck = self.key_compressor.decompress(self.cold_k.parts, dtype).reshape(b, h, nb * bs, d)
+        cv = self.value_compressor.decompress(self.cold_v.parts, dtype).reshape(b, h, nb * bs, d)
+        counts = self.tokens()
+        length = max(counts)
+        keys, values = ck.new_zeros(b, h, length, d), cv.new_zeros(b, h, length, d)
+        for i in range(b):
+            # Rows that hold cold blocks have all their sinks (blocks start after them).
+            sinks = s if self.n_cold[i] else 0
+            cold_len = self.n_cold[i] * bs
+            for out, exact, cold in ((keys, self.exact_k, ck), (values, self.exact_v, cv)):
+                out[i, :, :sinks] = exact[i, :, :sinks]
+                out[i, :, sinks : sinks + cold_len] = cold[i, :, :cold_len]
+                out[i, :, sinks + cold_len : counts[i]] = exact[i, :, sinks : self.n_exact[i]]
+        return keys, values, _valid_mask(counts, length, keys.device)
+
+    # ------------------------------------------------------------------ batch ops
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Reorder / select / repeat batch rows (beam search and batch expansion)."""
+        if not self.initialized:
+            return
+        idx = index.to(self.exact_k.device).long()
+        self.exact_k = self.exact_k.index_select(0, idx)
+        self.exact_v = self.exact_v.index_select(0, idx)
+        host = idx.tolist()
+        self.n_exact = [self.n_exact[i] for i in host]
+        self.n_cold = [self.n_cold[i] for i in host]
+        self.cold_k.select_rows(idx)
+        self.cold_v.select_rows(idx)
+
+    # ------------------------------------------------------------------ bytes
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held, from the tensors themselves (``numel * element_size``).
+
+        Keys: ``cold_keys``, ``cold_values`` (every pool part), ``sinks``, ``warm``, ``hot``
+        (the exact buffer split by the tokens each tier owns), ``padding`` (exact-buffer
+        slots of shorter rows), ``total_bytes``, ``dense_bytes`` (what a DynamicCache would
+        hold for the same positions and dtype) and ``tokens`` (real tokens, all rows).
+        """
+        rep = {"cold_keys": self.cold_k.nbytes(), "cold_values": self.cold_v.nbytes()}
+        rep.update(sinks=0, warm=0, hot=0, padding=0, dense_bytes=0, tokens=sum(self.tokens()))
+        if self.initialized:
+            b, h, w, d = self.exact_k.shape
+            per_token = h * d * (self.exact_k.element_size() + self.exact_v.element_size())
+            s, hot = self.config.sink_tokens, self.config.hot_buffer_size
+            for n in self.n_exact:
+                sinks = min(s, n)
+                hot_n = min(hot, n - sinks)
+                rep["sinks"] += sinks * per_token
+                rep["hot"] += hot_n * per_token
+                rep["warm"] += (n - sinks - hot_n) * per_token
+                rep["padding"] += (w - n) * per_token
+            rep["dense_bytes"] = self.seen * b * per_token
+        rep["total_bytes"] = sum(rep[k] for k in ("cold_keys", "cold_values", "sinks", "warm", "hot", "padding"))
+        return rep
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds (for checking the memory report)."""
+        out = [t for t in (self.exact_k, self.exact_v) if t is not None]
+        return out + list(self.cold_k.parts.values()) + list(self.cold_v.parts.values())
