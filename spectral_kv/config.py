@@ -96,8 +96,9 @@ class SpectralConfig:
                     raise ValueError(f"{name}={getattr(self, name)} must be even with coeff_bits=4 (two per byte)")
         if self.basis_dtype not in DTYPES:
             raise ValueError(f"basis_dtype must be one of {sorted(DTYPES)}, got {self.basis_dtype!r}")
-        if not isinstance(self.use_spectral_attention, bool) or not isinstance(self.verbose, bool):
-            raise ValueError("use_spectral_attention and verbose must be bools")
+        for name in ("use_spectral_attention", "verbose"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # Registry names are checked here (not at first use) so a typo fails at once.
         from .attention import ATTENTION_STRATEGIES
         from .compressors import COMPRESSORS

@@ -1,0 +1,25 @@
+"""Shared fixtures. Hypothesis profile "ci" (>= 200 examples per property) is selected by
+HYPOTHESIS_PROFILE=ci, which `make test` sets."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+    from spectral_kv.models import ModelPackageMissing, load_default_model
+
+    try:
+        return load_default_model(progress=False)
+    except ModelPackageMissing as exc:  # make test installs it; a bare checkout may not have it
+        pytest.skip(str(exc))

@@ -1,0 +1,72 @@
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig, TierManager
+from spectral_kv.attention import reference_attention
+
+
+def _filled(cfg, batch, h, d, sizes, pad_p, seed):
+    g = torch.Generator().manual_seed(seed)
+    tm = TierManager(cfg)
+    for t in sizes:
+        tm.append(torch.randn(batch, h, t, d, generator=g), torch.randn(batch, h, t, d, generator=g), torch.rand(batch, t, generator=g) >= pad_p)
+    return tm, g
+
+
+def _attend(name, cfg, tm, q, new_k, new_v, chunk_mask, scaling):
+    view = tm.view()
+    b, _, tq, _ = q.shape
+    w = view.exact_k.shape[2]
+    past = torch.ones(b, 1, tq, w, dtype=torch.bool) if view.exact_valid is None else view.exact_valid[:, None, None, :].expand(b, 1, tq, w)
+    mask = torch.cat((past, chunk_mask), dim=-1)
+    strat = ATTENTION_STRATEGIES[name](cfg, tm.key_compressor, tm.value_compressor)
+    return strat.attend(q, view.cold_k, view.cold_v, view.cold_valid, torch.cat((view.exact_k, new_k), 2), torch.cat((view.exact_v, new_v), 2), mask, scaling)
+
+
+shapes = dict(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.integers(1, 3), d=st.sampled_from([4, 8, 12]),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), tq=st.integers(1, 4), pad_p=st.floats(0, 0.3), seed=st.integers(0, 10**6),
+)
+
+
+@given(bits=st.sampled_from([None, 8, 4]), **shapes)
+def test_spectral_equals_reconstruct(bits, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
+    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits)
+    tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
+    q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
+    nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
+    causal = torch.ones(tq, tq, dtype=torch.bool).tril().expand(batch, 1, tq, tq)
+    a = _attend("spectral", cfg, tm, q, nk, nv, causal, d**-0.5)
+    b = _attend("reconstruct", cfg, tm, q, nk, nv, causal, d**-0.5)
+    assert torch.isfinite(a).all()
+    assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+@given(name=st.sampled_from(["spectral", "reconstruct"]), **shapes)
+def test_full_rank_lossless_equals_exact_attention(name, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
+    cfg = SpectralConfig(block_size=16, k_rank_keys=d, k_rank_values=d, hot_buffer_size=2, sink_tokens=1, coeff_bits=None, basis_dtype="float32")
+    tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
+    q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
+    nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
+    causal = torch.ones(tq, tq, dtype=torch.bool).tril().expand(batch, 1, tq, tq)
+    out = _attend(name, cfg, tm, q, nk, nv, causal, 0.3)
+    # the uncompressed reference: every real token of each row, then the new ones
+    keys, values, valid = tm.materialize()
+    n = keys.shape[2]
+    vmask = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
+    mask = torch.cat((vmask[:, None, None, :].expand(batch, 1, tq, n), causal), dim=-1)
+    ref = reference_attention(q, torch.cat((keys, nk), 2), torch.cat((values, nv), 2), mask, 0.3)
+    assert torch.allclose(out.double(), ref, atol=1e-4)
+
+
+def test_query_that_sees_nothing_gets_zeros_not_nan():
+    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=2, hot_buffer_size=2)
+    tm, g = _filled(cfg, 1, 1, 4, [20], 0.0, 0)
+    for name in ("spectral", "reconstruct"):
+        strat = ATTENTION_STRATEGIES[name](cfg, tm.key_compressor, tm.value_compressor)
+        view = tm.view()
+        mask = torch.zeros(1, 1, 2, view.exact_k.shape[2], dtype=torch.bool)
+        cold_valid = torch.zeros(1, view.n_cold_blocks, dtype=torch.bool)
+        out = strat.attend(torch.randn(1, 1, 2, 4), view.cold_k, view.cold_v, cold_valid, view.exact_k, view.exact_v, mask, 0.5)
+        assert torch.equal(out, torch.zeros_like(out))

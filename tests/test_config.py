@@ -1,0 +1,61 @@
+import pytest
+
+from spectral_kv import SpectralConfig, SpectralCache
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("block_size", 0),
+        ("block_size", -4),
+        ("block_size", 2.5),
+        ("k_rank_keys", 0),
+        ("k_rank_values", -1),
+        ("k_rank_keys", 600),  # > block_size 512
+        ("hot_buffer_size", 512),  # == block_size
+        ("hot_buffer_size", 1000),
+        ("hot_buffer_size", -1),
+        ("sink_tokens", -2),
+        ("coeff_bits", 3),
+        ("coeff_bits", 16),
+        ("compressor", "no_such_compressor"),
+        ("attention", "no_such_attention"),
+        ("basis_dtype", "int8"),
+        ("use_spectral_attention", "yes"),
+    ],
+)
+def test_invalid_value_raises_naming_it(field, value):
+    with pytest.raises(ValueError) as err:
+        SpectralConfig(**{field: value})
+    assert repr(value) in str(err.value) or str(value) in str(err.value)
+
+
+def test_int4_needs_even_rank():
+    with pytest.raises(ValueError, match="k_rank_values=15"):
+        SpectralConfig(coeff_bits=4, k_rank_keys=16, k_rank_values=15)
+
+
+def test_rank_above_head_dim_rejected_against_model():
+    from transformers import LlamaConfig
+
+    model_config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    with pytest.raises(ValueError, match="k_rank_values=32 exceeds the model's head_dim=16"):
+        SpectralCache(SpectralConfig(k_rank_keys=8, k_rank_values=32), model_config)
+
+
+def test_defaults_are_the_original_design_plus_sinks():
+    c = SpectralConfig()
+    assert (c.block_size, c.k_rank_keys, c.k_rank_values, c.hot_buffer_size) == (512, 16, 32, 64)
+    assert c.use_spectral_attention and c.verbose and c.coeff_bits == 8 and c.sink_tokens == 4
+    assert c.attention_name == "spectral"
+    assert SpectralConfig(use_spectral_attention=False).attention_name == "reconstruct"
+
+
+def test_replace_rejects_unknown_field():
+    with pytest.raises(ValueError, match="no_such"):
+        SpectralConfig().replace(no_such=1)
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        SpectralConfig().block_size = 3
