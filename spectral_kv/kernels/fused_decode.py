@@ -223,21 +223,27 @@ if HAS_TRITON:
         ws = pid_bh.to(tl.int64) * S_TOT + split
         tl.store(m_ptr + ws * G_PAD + offs_g, m_i)
         tl.store(l_ptr + ws * G_PAD + offs_g, l_i)
-        tl.store(acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :], acc)
+        # Only the G real rows: the combine pass re-reads this, padding rows would be pure waste.
+        tl.store(acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :], acc,
+                 mask=g_ok[:, None])
 
     @triton.jit
     def _fd_combine_kernel(
         m_ptr, l_ptr, acc_ptr, out_ptr,
         H, G, D, S_TOT,
         so_b, so_h, so_d,
-        S_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        S_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_DC: tl.constexpr,
     ):
+        # Grid (B*H, D / BLOCK_DC): spreading D over programs keeps small-batch combines
+        # (few rows, many splits) from serialising on a handful of SMs.
         pid_bh = tl.program_id(0)
+        pid_d = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_s = tl.arange(0, S_PAD)
         offs_g = tl.arange(0, G_PAD)
-        offs_d = tl.arange(0, D_PAD)
+        offs_d = pid_d * BLOCK_DC + tl.arange(0, BLOCK_DC)
+        g_ok = offs_g < G
         base = pid_bh.to(tl.int64) * S_TOT
         s_ok = offs_s < S_TOT
         m = tl.load(m_ptr + (base + offs_s[:, None]) * G_PAD + offs_g[None, :],
@@ -245,18 +251,19 @@ if HAS_TRITON:
         m_g = tl.max(m, axis=0)
         m_g = tl.where(m_g == float("-inf"), 0.0, m_g)  # empty rows: weights become 0
         lsum = tl.zeros([G_PAD], tl.float32)
-        out = tl.zeros([G_PAD, D_PAD], tl.float32)
+        out = tl.zeros([G_PAD, BLOCK_DC], tl.float32)
         for s in range(0, S_TOT):
             m_s = tl.load(m_ptr + (base + s) * G_PAD + offs_g)
             w = tl.exp2(m_s - m_g)
             lsum += w * tl.load(l_ptr + (base + s) * G_PAD + offs_g)
-            a = tl.load(acc_ptr + (base + s) * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :])
+            a = tl.load(acc_ptr + (base + s) * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :],
+                        mask=g_ok[:, None], other=0.0)
             out += a * w[:, None]
         out = tl.where(lsum[:, None] > 0, out / tl.maximum(lsum, 1e-30)[:, None], 0.0)
         rows = (h * G + offs_g).to(tl.int64)
         tl.store(out_ptr + b * so_b + rows[:, None] * so_h + offs_d[None, :] * so_d,
                  out.to(out_ptr.dtype.element_ty),
-                 mask=(offs_g < G)[:, None] & (offs_d < D)[None, :])
+                 mask=g_ok[:, None] & (offs_d < D)[None, :])
 
 
 def _pow2(x: int, lo: int) -> int:
@@ -338,9 +345,10 @@ def _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_bas
         G_PAD=G_PAD, D_PAD=D_PAD, RK_PAD=RK_PAD, RV_PAD=RV_PAD,
         num_warps=nw, num_stages=ns,
     )
-    launch(_fd_combine_kernel)[(B * H,)](
+    BLOCK_DC = min(D_PAD, 32)
+    launch(_fd_combine_kernel)[(B * H, D_PAD // BLOCK_DC)](
         m_ws, l_ws, acc_ws, out, H, G, D, S_TOT, *out.stride(),
-        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, num_warps=4,
+        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, BLOCK_DC=BLOCK_DC, num_warps=2,
     )
     return out
 
