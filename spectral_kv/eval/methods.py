@@ -1,0 +1,257 @@
+"""Named cache methods the harness compares, each built from a spec string.
+
+A spec is ``name`` or ``name:key=value,key=value``; for example ``exact``,
+``spectral:sink=0`` (the original design), ``kivi2``, ``quanto:bits=4``,
+``snapkv:ratio=0.75``.  Families:
+
+* ``exact`` - transformers ``DynamicCache``.
+* ``spectral`` - this library (options ``k``, ``v``, ``sink``, ``bits``, ``block``, ``hot``,
+  ``compressor``).
+* ``kivi4`` / ``kivi2`` - the KIVI reference quantizer of ``spectral_kv.compressors.kivi``
+  on the same tiers (options ``sink``, ``block``, ``hot``).
+* ``quanto`` / ``hqq`` - transformers ``QuantizedCache`` (options ``bits``, ``group``,
+  ``residual``).
+* ``streaming`` / ``snapkv`` / ``knorm`` - kvpress presses applied at prefill (option ``ratio``:
+  fraction of the context evicted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["CacheMethod", "parse_spec", "make_method", "DEFAULT_METHODS", "QUICK_METHODS", "model_kv_shape"]
+
+DEFAULT_METHODS = [
+    "exact",
+    "spectral:sink=0",
+    "spectral",
+    "kivi4",
+    "kivi2",
+    "quanto:bits=4",
+    "quanto:bits=2",
+    "hqq:bits=4",
+    "hqq:bits=2",
+    "streaming:ratio=0.75",
+    "snapkv:ratio=0.75",
+    "knorm:ratio=0.75",
+]
+QUICK_METHODS = ["exact", "spectral", "kivi4"]
+
+
+def model_kv_shape(model) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder-only transformers model."""
+    c = model.config.get_text_config(decoder=True)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return c.num_hidden_layers, c.num_key_value_heads, head_dim
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"name:a=1,b=2"`` -> ``("name", {"a": "1", "b": "2"})``."""
+    name, _, rest = spec.partition(":")
+    opts: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"bad option {item!r} in method spec {spec!r} (want key=value)")
+        opts[key.strip()] = value.strip()
+    return name.strip(), opts
+
+
+@dataclass
+class CacheMethod:
+    """One cache method: how to build its cache and what it holds.
+
+    Attributes
+    ----------
+    spec : str
+        The spec string it was built from (its label in results).
+    family : str
+    settings : dict
+        Resolved settings (recorded in the results JSON).
+    evicts : bool
+        Drops tokens (kvpress): the harness then decodes one token at a time with explicit
+        positions, because the causal mask inside a chunk is built from the cache length.
+    """
+
+    spec: str
+    family: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    evicts: bool = False
+    _handle: Any = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, model) -> None:
+        """Patch ``model`` if the method needs it (the spectral tiers)."""
+        if self.family in ("spectral", "kivi"):
+            from spectral_kv import patch_unsloth_attention
+
+            s = self.settings
+            self._handle = patch_unsloth_attention(
+                model,
+                verbose=False,
+                block_size=s["block"],
+                k_rank_keys=s["k"],
+                k_rank_values=s["v"],
+                hot_buffer_size=s["hot"],
+                sink_tokens=s["sink"],
+                coeff_bits=s.get("bits", 8),
+                compressor=s["compressor"],
+                use_spectral_attention=s["spectral_attention"],
+            )
+
+    def teardown(self, model) -> None:
+        """Undo :meth:`setup`."""
+        if self._handle is not None:
+            self._handle.unpatch()
+            self._handle = None
+
+    def new_cache(self, model):
+        """A fresh, empty cache for one sequence."""
+        from transformers import DynamicCache, QuantizedCache
+
+        if self._handle is not None:
+            return self._handle.new_cache()
+        if self.family in ("quanto", "hqq"):
+            s = self.settings
+            return QuantizedCache(
+                backend=self.family,
+                config=model.config,
+                nbits=s["bits"],
+                axis_key=s["axis_key"],
+                axis_value=s["axis_value"],
+                q_group_size=s["group"],
+                residual_length=s["residual"],
+            )
+        return DynamicCache(config=model.config)
+
+    def prefill_context(self, model):
+        """Context manager active during the prefill (a kvpress press, else nothing)."""
+        if self.family == "kvpress":
+            return self.settings["_press"](model)
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ inspection
+    def dense_kv(self, cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values attention would read for this layer, ``[B, H, T, D]`` each.
+
+        ``None`` for eviction methods (positions are gone; fidelity is not defined the same way).
+        """
+        layer = cache.layers[layer_idx]
+        if self.evicts:
+            return None
+        if hasattr(layer, "tiers"):
+            k, v, _ = layer.tiers.materialize()
+            return k, v
+        if hasattr(layer, "_quantized_keys"):
+            k = layer._dequantize(layer._quantized_keys)
+            v = layer._dequantize(layer._quantized_values)
+            if layer.keys is not None and layer.keys.dim() == 4 and layer.keys.shape[-2]:
+                k, v = torch.cat([k, layer.keys], -2), torch.cat([v, layer.values], -2)
+            return k, v
+        return layer.keys, layer.values
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description."""
+        return {
+            "spec": self.spec,
+            "family": self.family,
+            "settings": {k: v for k, v in self.settings.items() if not k.startswith("_")},
+            "evicts": self.evicts,
+        }
+
+
+_PRESSES = {"streaming": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress"}
+
+
+def _spectral_settings(opts: dict[str, str], compressor: str, spectral_attention: bool) -> dict[str, Any]:
+    from spectral_kv import SpectralConfig
+
+    d = SpectralConfig()
+    return {
+        "k": int(opts.pop("k", d.k_rank_keys)),
+        "v": int(opts.pop("v", d.k_rank_values)),
+        "sink": int(opts.pop("sink", d.sink_tokens)),
+        "bits": int(opts.pop("bits", d.coeff_bits)),
+        "block": int(opts.pop("block", d.block_size)),
+        "hot": int(opts.pop("hot", d.hot_buffer_size)),
+        "compressor": opts.pop("compressor", compressor),
+        "spectral_attention": spectral_attention,
+    }
+
+
+def _import_kvpress():
+    """Import kvpress without keeping its global wrap of *our* attention functions.
+
+    kvpress wraps every registered attention function and calls it as
+    ``func(module, q, k, v, mask, dropout, **kwargs)``; the "spectral_kv" function takes
+    ``scaling`` as its sixth parameter, so the wrap breaks it.  The presses used here do
+    not need the wrap (it serves head-wise eviction such as AdaKV), so the non-transformers
+    entries are restored.
+    """
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if "kvpress" not in sys.modules:
+        before = dict(ALL_ATTENTION_FUNCTIONS.items())
+        import kvpress  # noqa: F401
+
+        for name, func in before.items():
+            if getattr(func, "__module__", "").startswith(("spectral_kv",)):
+                ALL_ATTENTION_FUNCTIONS[name] = func
+    return sys.modules["kvpress"]
+
+
+def make_method(spec: str) -> CacheMethod:
+    """Build a :class:`CacheMethod` from a spec string (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        Unknown name or option.
+    ImportError
+        The backend's optional package is missing (quanto, hqq, kvpress).
+    """
+    name, opts = parse_spec(spec)
+    if name == "exact":
+        method = CacheMethod(spec, "exact", {"cache": "DynamicCache"})
+    elif name == "spectral":
+        s = _spectral_settings(opts, "exact_svd", True)
+        method = CacheMethod(spec, "spectral", s)
+    elif name in ("kivi4", "kivi2"):
+        import spectral_kv.compressors.kivi  # noqa: F401  (registers kivi4 / kivi2)
+
+        # The rank is not used by KIVI; a small even value passes the config's checks.
+        opts.setdefault("k", "2")
+        opts.setdefault("v", "2")
+        s = _spectral_settings(opts, name, False)
+        method = CacheMethod(spec, "kivi", s)
+    elif name in ("quanto", "hqq"):
+        import importlib.util
+
+        module = "optimum.quanto" if name == "quanto" else "hqq"
+        if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+            raise ImportError(f"method {spec!r} needs the '{'optimum-quanto' if name == 'quanto' else 'hqq'}' package")
+        s = {
+            "bits": int(opts.pop("bits", 4)),
+            "group": int(opts.pop("group", 64)),
+            "residual": int(opts.pop("residual", 128)),
+            "axis_key": int(opts.pop("axis_key", 0)),
+            "axis_value": int(opts.pop("axis_value", 0)),
+        }
+        method = CacheMethod(spec, name, s)
+    elif name in _PRESSES:
+        kvpress = _import_kvpress()
+
+        ratio = float(opts.pop("ratio", 0.75))
+        press = getattr(kvpress, _PRESSES[name])(compression_ratio=ratio)
+        method = CacheMethod(spec, "kvpress", {"press": _PRESSES[name], "ratio": ratio, "_press": press}, evicts=True)
+    else:
+        raise ValueError(f"unknown cache method {name!r} in {spec!r}")
+    if opts:
+        raise ValueError(f"unknown option(s) {sorted(opts)} for method {spec!r}")
+    return method
