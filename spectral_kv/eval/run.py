@@ -37,7 +37,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--niah-methods", default=None, help="methods for NIAH (default: the same as --methods)")
     p.add_argument("--no-niah", action="store_true")
     p.add_argument("--no-quality", action="store_true")
-    p.add_argument("--fidelity-queries", type=int, default=32)
+    p.add_argument("--fidelity-queries", type=int, default=16)
     p.add_argument("--out", default="results", help="directory for the JSON, PNGs and README_table.md")
     p.add_argument("--tag", default=None, help="file stem of this run's outputs")
     p.add_argument("--seed", type=int, default=0)
