@@ -129,6 +129,11 @@ def detect_unsloth_path(model) -> str:
     flagged = any(_FLAG in m.__dict__ for m in modules)
     ungated = gated = False
     for m in {type(m): m for m in modules}.values():  # one instance per class is enough
+        if type(m).__module__.startswith("unsloth"):
+            # Unsloth's own module classes (its LlamaRotaryEmbedding replaces transformers' as a module
+            # global, llama.py:3479-3484) are never gated and need not be: they serve stock callers.
+            # Only transformers classes that pre_patch rewrote decide gated vs ungated.
+            continue
         for _, fn in _class_methods(m):
             if getattr(fn, "_unsloth_gated", False):
                 gated = True
