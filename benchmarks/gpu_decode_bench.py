@@ -100,12 +100,12 @@ def correctness():
         t = make_inputs(B, H, G, D, T, NB, Te, rk, rv, dt, nc, ne, seed=100 + i)
         ref = fd.fused_decode_reference(**t)
         errs = []
-        for knobs in ({}, dict(blocks_per_split=1, block_t=min(T, 256)), dict(blocks_per_split=3, num_warps=8)):
+        for knobs in ({}, dict(blocks_per_split=1, block_t=min(T, 256), pv_half=1), dict(blocks_per_split=3, num_warps=8)):
             out = fd.fused_decode(**t, **knobs)
             torch.cuda.synchronize()
             e = rel(out, ref) if torch.isfinite(out).all() else float("nan")
             errs.append(e)
-        tol = 1e-2 if dt != torch.float32 else 2e-3  # tf32 dots + low-precision output
+        tol = 1e-2 if dt != torch.float32 else 5e-3  # tf32 dots (~1e-3) + low-precision output
         good = all(e == e and e < tol for e in errs)
         ok &= good
         log(f"  case {i}: B={B} H={H} G={G} D={D} T={T} NB={NB} Te={Te} rk={rk} rv={rv} {str(dt)[6:]}"
@@ -186,11 +186,11 @@ def sizes_bytes(B, NB):
 def sweep(t):
     best = None
     rows = []
-    for bt in (128, 256, 512):
-        for nw in (4, 8):
-            for ns in (1, 2, 3):
-                for bps in (1, 2, 4, 8, 16):
-                    kn = dict(blocks_per_split=bps, block_t=bt, num_warps=nw, num_stages=ns)
+    for bt in (256, 512):
+        for ph in (0, 1):
+            for ns in (2, 3):
+                for bps in (2, 4, 8, 16):
+                    kn = dict(blocks_per_split=bps, block_t=bt, num_warps=4, num_stages=ns, pv_half=ph)
                     try:
                         ms = bench(lambda: fd.fused_decode(**t, **kn))
                     except Exception as exc:
@@ -224,11 +224,11 @@ def decode_table(copy_bw, quick):
         log(f"\n== B={B} ctx={ctx}: NB={NB} blocks + {TE} exact; compressed {comp_bytes/1e6:.1f} MB vs "
             f"dense {dense_bytes/1e6:.1f} MB ({dense_bytes/comp_bytes:.2f}x); sets: comp {n_sets}, dense {n_sets_d}")
         best, rows = (None, [])
-        if not quick:
+        if not quick and B > 1:  # eager sweeps at B=1 only measure launch overhead
             best, rows = sweep(sets[0])
             for kn, ms in sorted(rows, key=lambda r: r[1])[:5]:
                 log(f"    sweep top: {kn} {ms*1e3:.1f} us")
-        variants = {"fused(default)": {}}
+        variants = {"fused(default)": {}, "fused(pv_half)": dict(pv_half=1)}
         if best is not None:
             variants["fused(best)"] = best[0]
         out = {}

@@ -137,6 +137,7 @@ if HAS_TRITON:
         sev_b, sev_h, sev_t, sev_d,
         T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
         G_PAD: tl.constexpr, D_PAD: tl.constexpr, RK_PAD: tl.constexpr, RV_PAD: tl.constexpr,
+        PV_HALF: tl.constexpr,
     ):
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -194,8 +195,11 @@ if HAS_TRITON:
                     p = tl.exp2(s - m_new[:, None])
                     l_i = l_i * alpha + tl.sum(p, axis=1)
                     cv = tl.load(vc_base + offs_t[:, None] * svc_t + offs_rv[None, :] * svc_r,
-                                 mask=t_ok[:, None] & rv_ok[None, :], other=0).to(tl.float32)
-                    acc_r = acc_r * alpha[:, None] + tl.dot(p, cv)
+                                 mask=t_ok[:, None] & rv_ok[None, :], other=0)
+                    if PV_HALF:  # int8 is exact in fp16 and p <= 1: halves smem and converts
+                        acc_r = acc_r * alpha[:, None] + tl.dot(p.to(tl.float16), cv.to(tl.float16))
+                    else:
+                        acc_r = acc_r * alpha[:, None] + tl.dot(p, cv.to(tl.float32))
                     acc = acc * alpha[:, None]
                     m_i = m_new
                 # Leave rank space once per block.
@@ -277,10 +281,13 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _default_blocks_per_split(B: int, H: int, NB: int, device: torch.device) -> int:
-    # Aim for ~4 waves of programs but never more than 16 blocks serialised in one program.
-    target = 4 * _num_sms(device)
-    bps = (B * H * NB) // max(1, target)
+    # H100 sweep (NOTES_kernels.md): best at ~1-8 programs per SM, <= 16 blocks per program.
+    bps = (B * H * NB) // max(1, _num_sms(device))
     return int(min(16, max(1, bps)))
+
+
+def _interpreted() -> bool:
+    return type(_fd_partial_kernel).__name__ == "InterpretedFunction"
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -300,7 +307,7 @@ def _strides(t: torch.Tensor, ndim: int) -> list[int]:
 
 def _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,
                        n_cold, exact_k, exact_v, n_exact, scaling,
-                       blocks_per_split, block_t, num_warps, num_stages, launch):
+                       blocks_per_split, block_t, num_warps, num_stages, pv_half, launch):
     B, Hq, D = q.shape
     H = exact_k.shape[1]
     G = Hq // H
@@ -313,7 +320,7 @@ def _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_bas
     D_PAD = _pow2(D, 16)
     RK_PAD = _pow2(RK, 16)
     RV_PAD = _pow2(RV, 16)
-    BLOCK_T = block_t if block_t > 0 else min(_pow2(T, 16), 128)
+    BLOCK_T = block_t if block_t > 0 else min(_pow2(T, 16), 256)
     BLOCK_E = 64 if Te >= 64 else _pow2(max(Te, 1), 16)
     bps = blocks_per_split if blocks_per_split > 0 else _default_blocks_per_split(B, H, NB, dev)
     S_COLD = (NB + bps - 1) // bps if NB > 0 else 0
@@ -325,7 +332,7 @@ def _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_bas
     l_ws = torch.empty_like(m_ws)
     acc_ws = torch.empty((B * H * S_TOT, G_PAD, D_PAD), dtype=torch.float32, device=dev)
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
-    if _is_fake(q):
+    if _interpreted() and _is_fake(q):
         # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
         # try to read fake storage; shapes are all the fake kernel has to produce.
         return out
@@ -342,7 +349,7 @@ def _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_bas
         *_strides(v_coeffs, 5), *_strides(v_scales, 4), *_strides(v_basis, 5),
         *_strides(exact_k, 4), *_strides(exact_v, 4),
         T=T, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E,
-        G_PAD=G_PAD, D_PAD=D_PAD, RK_PAD=RK_PAD, RV_PAD=RV_PAD,
+        G_PAD=G_PAD, D_PAD=D_PAD, RK_PAD=RK_PAD, RV_PAD=RV_PAD, PV_HALF=bool(pv_half),
         num_warps=nw, num_stages=ns,
     )
     BLOCK_DC = min(D_PAD, 32)
@@ -390,10 +397,11 @@ if HAS_TRITON:
         block_t: int = 0,
         num_warps: int = 0,
         num_stages: int = 0,
+        pv_half: int = 0,
     ) -> torch.Tensor:
         return _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,
                                   n_cold, exact_k, exact_v, n_exact, scaling,
-                                  blocks_per_split, block_t, num_warps, num_stages, wrap_triton)
+                                  blocks_per_split, block_t, num_warps, num_stages, pv_half, wrap_triton)
 
 
 def fused_decode(
@@ -414,6 +422,7 @@ def fused_decode(
     block_t: int = 0,
     num_warps: int = 0,
     num_stages: int = 0,
+    pv_half: int = 0,
 ) -> torch.Tensor:
     """Triton fused decode attention; same contract as :func:`fused_decode_reference`.
 
@@ -427,7 +436,9 @@ def fused_decode(
     exact_k, exact_v : [B, H, Te, D] any float dtype, right-padded.
     n_exact : int32 [B] valid exact tokens per row, on q's device.
     scaling : softmax scale.
-    blocks_per_split, block_t, num_warps, num_stages : tuning knobs, 0 = heuristic.
+    blocks_per_split, block_t, num_warps, num_stages : tuning knobs, 0 = heuristic
+        (defaults from the H100 sweep in benchmarks/NOTES_kernels.md).
+    pv_half : 1 = fp16 operands for the p @ C_v dot (exact int8, p rounded to fp16).
 
     Returns
     -------
@@ -445,5 +456,5 @@ def fused_decode(
     return torch.ops.spectral_kv.fused_decode(
         q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,
         n_cold, exact_k, exact_v, n_exact, float(scaling),
-        blocks_per_split, block_t, num_warps, num_stages,
+        blocks_per_split, block_t, num_warps, num_stages, pv_half,
     )

@@ -49,6 +49,13 @@ def cholesky_qr2(y: torch.Tensor, shift: float = 1e-6) -> torch.Tensor:
     return _cholesky_qr(_cholesky_qr(y, shift), shift * 1e-2)
 
 
+@functools.lru_cache(maxsize=32)
+def _round_robin_idx(n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached on the device so a graph capture (after one eager warm-up) does no H2D copy.
+    P, Q = _round_robin(n)
+    return torch.tensor(P, device=device), torch.tensor(Q, device=device)
+
+
 @functools.lru_cache(maxsize=16)
 def _round_robin(n: int) -> tuple[list[list[int]], list[list[int]]]:
     # Tournament schedule: n-1 rounds of n/2 disjoint (p, q) pairs cover every pair once.
@@ -74,9 +81,7 @@ def jacobi_eigh(a: torch.Tensor, sweeps: int = 6) -> tuple[torch.Tensor, torch.T
     if odd:  # pad to even with an isolated zero eigenvalue, dropped at the end
         a = torch.nn.functional.pad(a, (0, 1, 0, 1))
     m = n + odd
-    Ps, Qs = _round_robin(m)
-    Ps = torch.tensor(Ps, device=a.device)
-    Qs = torch.tensor(Qs, device=a.device)
+    Ps, Qs = _round_robin_idx(m, str(a.device))
     eye = torch.eye(m, device=a.device, dtype=a.dtype).expand(N, m, m)
     v = eye.clone()
     a = a.clone()
