@@ -110,10 +110,12 @@ GRID = [
 def test_kernel_matches_reference(B, H, G, D, T, NB, Te):
     t = make_inputs(B, H, G, D, T, NB, Te, seed=B * 1000 + NB * 10 + Te)
     ref = fd.fused_decode_reference(**t)
-    out = fd.fused_decode(**t)
+    out = fd.fused_decode(**t, pv_half=0)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-4  # fp32 interpreter; tf32 on GPU is checked by the bench
+    # Default path rounds p to fp16 for the p @ C_v dot (~5e-4 relative).
+    assert rel_err(fd.fused_decode(**t), ref) < 2e-3
 
 
 @needs_triton
