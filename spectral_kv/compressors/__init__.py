@@ -2,6 +2,7 @@
 
 from .base import COMPRESSORS, Compressor, LowRankCompressor, register_compressor
 from .exact import ExactSVD
+from .kivi import Kivi2, Kivi4, KiviCompressor
 from .randomized import RandomizedSVD, randomized_svd
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "LowRankCompressor",
     "register_compressor",
     "ExactSVD",
+    "KiviCompressor",
+    "Kivi4",
+    "Kivi2",
     "RandomizedSVD",
     "randomized_svd",
 ]

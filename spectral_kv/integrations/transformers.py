@@ -309,13 +309,14 @@ def spectral_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """The "spectral_kv" attention implementation (transformers' AttentionInterface signature).
 
-    query [B, Hq, Tq, D], key/value [B, H, Tk, D] -> ([B, Tq, Hq, D], None). Layers without a
+    Parameters are in ``sdpa_attention_forward``'s order (wrappers such as kvpress call it
+    positionally). query [B, Hq, Tq, D], key/value [B, H, Tk, D] -> ([B, Tq, Hq, D], None). Layers without a
     staged `SpectralLayer` (sliding-window layers, no cache) run transformers' SDPA.
     """
     layer = getattr(_handoff, "layer", None)

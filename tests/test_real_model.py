@@ -1,0 +1,80 @@
+"""The embedded SmolLM2-135M-Instruct with the library's default settings.
+
+Regression guard, not a goal: on this fixed prompt (pydoc text from token 5000, 1100 tokens
+of context = 4 sinks + 2 cold blocks + exact tail, then 100 tokens teacher-forced through the
+same cache) the defaults measured PPL 3.576 -> 4.094 (+14.5%), top-1 agreement 0.87 with the
+exact cache (`python tests/test_real_model.py` prints them). The bounds leave room for BLAS
+rounding only; a real regression in compression or attention moves them far more.
+"""
+
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import spectral_kv as sk
+from spectral_kv.text import stdlib_tokens
+
+pytestmark = pytest.mark.slow
+
+CONTEXT, CONTINUATION, CHUNK = 1100, 100, 33
+MAX_REL_PPL_INCREASE = 0.17
+MIN_TOP1_AGREEMENT = 0.84
+
+
+def teacher_forced(model, ids, cache):
+    with torch.no_grad():
+        logits = [model(ids[:, :CONTEXT], past_key_values=cache).logits[:, -1:]]
+        for start in range(CONTEXT, CONTEXT + CONTINUATION - 1, CHUNK):
+            stop = min(start + CHUNK, CONTEXT + CONTINUATION - 1)
+            logits.append(model(ids[:, start:stop], past_key_values=cache).logits)
+    logits = torch.cat(logits, dim=1)[0]
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, CONTEXT : CONTEXT + CONTINUATION])
+    return math.exp(nll.item()), logits.argmax(-1)
+
+
+def measure(model, tok):
+    ids = torch.tensor([stdlib_tokens(tok, CONTEXT + CONTINUATION, offset=5000)])
+    ppl_exact, top_exact = teacher_forced(model, ids, DynamicCache())
+    patch = sk.patch_unsloth_attention(model, verbose=False)
+    try:
+        cache = patch.new_cache()
+        ppl, top = teacher_forced(model, ids, cache)
+    finally:
+        patch.unpatch()
+    return ppl_exact, ppl, float((top == top_exact).float().mean()), cache
+
+
+def test_default_settings_perplexity_guard(smollm2):
+    model, tok = smollm2
+    ppl_exact, ppl, agreement, cache = measure(model, tok)
+    assert all(layer.tiers.n_cold == [2] for layer in cache.spectral_layers)  # compression really ran
+    assert ppl > ppl_exact  # lossy: if equal, nothing was compressed
+    assert ppl / ppl_exact - 1 < MAX_REL_PPL_INCREASE, (ppl_exact, ppl)
+    assert agreement >= MIN_TOP1_AGREEMENT, agreement
+
+
+def test_default_settings_generate_coherently(smollm2):
+    model, tok = smollm2
+    filler = tok.decode(stdlib_tokens(tok, 1200, offset=20000))
+    messages = [{"role": "user", "content": filler + "\n\nForget the text above. What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    patch = sk.patch_unsloth_attention(model, verbose=False)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    finally:
+        patch.unpatch()
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+    assert sum(layer.tiers.n_cold[0] for layer in patch.last_cache.spectral_layers) == 2 * 30
+
+
+if __name__ == "__main__":
+    from spectral_kv.models import load_default_model
+
+    model, tok = load_default_model(progress=False)
+    e, p, a, _ = measure(model, tok)
+    print(f"exact PPL {e:.3f}  spectral PPL {p:.3f}  ({p / e - 1:+.1%})  top-1 agreement {a:.3f}")
