@@ -1,5 +1,6 @@
 import torch
-from hypothesis import given
+import pytest
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig, TierManager
@@ -70,3 +71,28 @@ def test_query_that_sees_nothing_gets_zeros_not_nan():
         cold_valid = torch.zeros(1, view.n_cold_blocks, dtype=torch.bool)
         out = strat.attend(torch.randn(1, 1, 2, 4), view.cold_k, view.cold_v, cold_valid, view.exact_k, view.exact_v, mask, 0.5)
         assert torch.equal(out, torch.zeros_like(out))
+
+
+@given(batch=st.integers(1, 2), kv_heads=st.integers(1, 2), group=st.integers(1, 3), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3), seed=st.integers(0, 10**6))
+@settings(max_examples=25)  # each example runs the Triton interpreter (~0.5 s)
+def test_fused_decode_strategy_equals_spectral(batch, kv_heads, group, sizes, seed):
+    """The `fused` strategy's kernel path (TRITON_INTERPRET on CPU) against the torch math."""
+    import os
+
+    from spectral_kv.kernels.fused_decode import HAS_TRITON
+
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton's CPU interpreter (the GPU path is checked by tests/gpu/spectral_gpu.py)")
+    d = 16
+    cfg = SpectralConfig(block_size=16, k_rank_keys=4, k_rank_values=6, hot_buffer_size=2, sink_tokens=1)
+    tm, g = _filled(cfg, batch, kv_heads, d, sizes, 0.0, seed)
+    q = torch.randn(batch, kv_heads * group, 1, d, generator=g)
+    nk, nv = torch.randn(batch, kv_heads, 1, d, generator=g), torch.randn(batch, kv_heads, 1, d, generator=g)
+    ones = torch.ones(batch, 1, 1, 1, dtype=torch.bool)
+    fused = ATTENTION_STRATEGIES["fused"](cfg, tm.key_compressor, tm.value_compressor)
+    view = tm.view()
+    args = (view.cold_k, view.cold_v, view.cold_valid, torch.cat((view.exact_k, nk), 2), torch.cat((view.exact_v, nv), 2))
+    out = fused.attend(q, *args, None, d**-0.5)
+    assert fused.kernel_calls == 1
+    ref = _attend("spectral", cfg, tm, q, nk, nv, ones, d**-0.5)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-3)

@@ -3,6 +3,7 @@
 from .base import ATTENTION_STRATEGIES, AttentionStrategy, reference_attention, register_attention
 from .reconstruct import ReconstructAttention
 from .spectral import SpectralAttention
+from .fused import FusedAttention  # noqa: E402  (registers "fused")
 
 __all__ = [
     "ATTENTION_STRATEGIES",
@@ -11,4 +12,5 @@ __all__ = [
     "reference_attention",
     "ReconstructAttention",
     "SpectralAttention",
+    "FusedAttention",
 ]

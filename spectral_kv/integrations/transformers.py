@@ -124,13 +124,18 @@ class SpectralLayer(CacheLayerMixin):
         keys, values, _ = self.tiers.materialize()  # no padding info here: all rows are full
         return keys, values
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.tiers.seen + cache_position.shape[0], 0
+    def get_mask_sizes(self, query: torch.Tensor | int) -> tuple[int, int]:
+        # transformers <= 5.1x passes cache_position (a tensor), 5.17 the query length (an int).
+        q_len = query if isinstance(query, int) else query.shape[0]
+        return self.tiers.seen + q_len, 0
 
     def get_seq_length(self) -> int:
         return self.tiers.seen
 
     def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_max_length(self) -> int:  # abstract from transformers 5.17 on
         return -1
 
     def reset(self) -> None:
