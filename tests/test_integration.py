@@ -140,12 +140,6 @@ def test_beam_search_and_num_return_sequences_run_lossless():
     assert torch.equal(got, expected)
 
 
-def test_crop_is_a_clear_not_implemented():
-    cache = sk.SpectralCache(LOSSY, tiny("llama").config)
-    with pytest.raises(NotImplementedError, match="crop"):
-        cache.crop(5)
-
-
 def test_memory_report_counts_what_is_held():
     model = tiny("llama")
     patch = sk.patch_unsloth_attention(model, config=LOSSY)

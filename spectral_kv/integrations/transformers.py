@@ -36,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import ATTENTION_STRATEGIES
 from ..config import SpectralConfig
+from ..persist import load_cache, model_identity, save_cache
 from ..tiers import TierManager
 
 __all__ = [
@@ -155,10 +156,12 @@ class SpectralLayer(CacheLayerMixin):
         self.tiers.select_rows(torch.arange(b).repeat_interleave(repeats))
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "SpectralCache.crop (used by assisted/speculative decoding) is not supported: tokens already "
-            "folded into a compressed block cannot be removed one by one"
-        )
+        """Exact when only tokens of the exact tiers are removed (see `TierManager.crop`), else
+        `NotImplementedError` naming the boundary."""
+        try:
+            self.tiers.crop(max_length)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"SpectralCache.crop: {exc}") from None
 
     def offload(self):
         raise NotImplementedError("SpectralCache does not support offloading layers to the CPU")
@@ -251,6 +254,7 @@ class SpectralCache(Cache):
             config = config.replace(**overrides)
         self.config = config
         self.exact_layer_indices: list[int] = []
+        self.model_identity = None if model_config is None else model_identity(model_config)
         if model_config is None:
             super().__init__(layer_class_to_replicate=lambda: SpectralLayer(config, len(self.layers)))
             return
@@ -302,6 +306,17 @@ class SpectralCache(Cache):
         total["ratio"] = total.get("dense_bytes", 0) / total["total_bytes"] if total.get("total_bytes") else 1.0
         total["per_layer"] = per_layer
         return total
+
+    def save(self, path) -> str:
+        """Write every tier of every layer to a safetensors file (see `spectral_kv.persist`);
+        returns the file's sha256."""
+        return save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, model_or_config, *, config: SpectralConfig | None = None, device=None) -> "SpectralCache":
+        """Read a cache written by `save`, validated against ``model_or_config`` (and ``config``
+        when given); a `ValueError` names whatever mismatched."""
+        return load_cache(path, model_or_config, config=config, device=device)
 
     def attention_calls(self) -> int:
         """Times the spectral attention ran over this cache's layers."""
