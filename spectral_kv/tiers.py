@@ -136,6 +136,10 @@ class TierManager:
         """NaN/Inf in a real (non-padding) position is refused before anything is stored."""
         if k.numel() == 0:
             return
+        # Fast path: min/max reductions allocate no K-sized temporary (isfinite would) and
+        # propagate NaN; one host sync for both tensors.
+        if bool(torch.isfinite(torch.stack((*torch.aminmax(k), *torch.aminmax(v)))).all()):
+            return
         finite = (torch.isfinite(k) & torch.isfinite(v)).all(dim=3).all(dim=1)  # [B, T]
         if valid is not None:
             finite = finite | ~valid.to(finite.device)
