@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pydoc
 import re
+from unittest import mock
 
 __all__ = ["CORPUS_MODULES", "stdlib_text", "stdlib_tokens", "CORPUS_NAME"]
 
@@ -18,15 +20,25 @@ CORPUS_MODULES = (
 )
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def stdlib_text(modules=CORPUS_MODULES) -> str:
-    """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version)."""
+    """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version).
+
+    pydoc prints live module data: ``os.environ`` (the process environment) and object
+    reprs with memory addresses. Both would change the text, and with it every segment
+    offset, from one process to the next, so the environment is emptied while rendering
+    and addresses are removed.
+    """
     parts = []
-    for name in modules:
-        try:
-            doc = pydoc.render_doc(name, renderer=pydoc.plaintext)
-        except ImportError:  # a module missing from a trimmed Python: skip it, text stays real
-            continue
-        parts.append(re.sub(r"\n{3,}", "\n\n", doc))
+    with mock.patch.dict(os.environ, {}, clear=True):
+        for name in modules:
+            try:
+                doc = pydoc.render_doc(name, renderer=pydoc.plaintext)
+            except ImportError:  # a module missing from a trimmed Python: skip it, text stays real
+                continue
+            parts.append(re.sub(r"\n{3,}", "\n\n", _ADDRESS.sub("", doc)))
     return "\n\n".join(parts)
 
 
