@@ -72,8 +72,10 @@ class TierManager:
     def __init__(self, config: SpectralConfig, name: str = "layer") -> None:
         self.config = config
         self.name = name
-        self.key_compressor: Compressor = COMPRESSORS[config.compressor](config, "keys", config.k_rank_keys)
-        self.value_compressor: Compressor = COMPRESSORS[config.compressor](config, "values", config.k_rank_values)
+        self.key_compressor: Compressor = COMPRESSORS[config.compressor_name("keys")](config, "keys", config.k_rank_keys)
+        self.value_compressor: Compressor = COMPRESSORS[config.compressor_name("values")](
+            config, "values", config.k_rank_values
+        )
         self.reset()
 
     # ------------------------------------------------------------------ state

@@ -22,7 +22,7 @@ def setups(draw):
         k_rank_values=min(d, bs),
         hot_buffer_size=draw(st.integers(0, bs - 1)),
         sink_tokens=draw(st.integers(0, 3)),
-        coeff_bits=None,
+        compressor="exact_svd", coeff_bits=None, value_bits="same",
         basis_dtype="float32",
         verbose=False,
     )

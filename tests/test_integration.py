@@ -26,7 +26,7 @@ ARCHS = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"use_sliding_window": False}),
 }
 LOSSLESS = sk.SpectralConfig(block_size=16, k_rank_keys=16, k_rank_values=16, hot_buffer_size=4, sink_tokens=2,
-                             coeff_bits=None, basis_dtype="float32", verbose=False)
+                             compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
 LOSSY = sk.SpectralConfig(block_size=16, k_rank_keys=3, k_rank_values=5, hot_buffer_size=4, sink_tokens=2, verbose=False)
 
 

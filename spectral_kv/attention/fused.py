@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..compressors import LowRankCompressor
 from ..kernels.fused_decode import HAS_TRITON, fused_decode
 from .base import register_attention
 from .spectral import SpectralAttention
@@ -33,12 +34,14 @@ class FusedAttention(SpectralAttention):
         super().__init__(config, key_compressor, value_compressor)
         self.kernel_calls = 0
         self.fallback_calls = 0
+        # The kernel reads int8 coefficients with per-component scales and a stored basis.
+        self._int8_svd = all(isinstance(c, LowRankCompressor) and c.bits == 8 for c in (key_compressor, value_compressor))
 
     def _kernel_ok(self, q, cold_k, exact_mask) -> bool:
         return (
             q.shape[2] == 1
             and _kernel_runs_on(q)
-            and self.config.coeff_bits == 8
+            and self._int8_svd
             and self.config.basis_dtype == "float16"
             and (exact_mask is None or bool(exact_mask.all()))
         )

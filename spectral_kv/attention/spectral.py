@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compressors import LowRankCompressor
+from ..compressors import FactoredCompressor
 from .base import AttentionStrategy, register_attention
 
 __all__ = ["SpectralAttention"]
@@ -23,8 +23,8 @@ class SpectralAttention(AttentionStrategy):
     def __init__(self, config, key_compressor, value_compressor):
         super().__init__(config, key_compressor, value_compressor)
         for comp in (key_compressor, value_compressor):
-            if not isinstance(comp, LowRankCompressor):
-                raise ValueError(f"attention='spectral' needs a low-rank compressor, got {type(comp).__name__}")
+            if not isinstance(comp, FactoredCompressor):
+                raise ValueError(f"attention='spectral' needs a factored compressor, got {type(comp).__name__}")
 
     def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):
         b, hq, tq, d = q.shape
@@ -44,7 +44,7 @@ class SpectralAttention(AttentionStrategy):
         if cold_k:
             ck = self.key_compressor.coefficients(cold_k)  # [B, H, NB, T, rk]
             nb, t = ck.shape[2], ck.shape[3]
-            qb = torch.einsum("bhqd,bhnrd->bhnqr", qf, cold_k["basis"].float())
+            qb = torch.einsum("bhqd,bhnrd->bhnqr", qf, self.key_compressor.basis(cold_k))
             cold_scores = torch.einsum("bhnqr,bhntr->bhqnt", qb, ck).reshape(b, h, g * tq, nb * t) * scaling
             if cold_valid is not None:
                 keep = cold_valid[:, None, None, :, None].expand(b, 1, 1, nb, t).reshape(b, 1, 1, nb * t)
@@ -61,6 +61,6 @@ class SpectralAttention(AttentionStrategy):
             cv = self.value_compressor.coefficients(cold_v)  # [B, H, NB, T, rv]
             p_cold = p[..., :n_cold_tokens].reshape(b, h, g * tq, nb, t)
             pc = torch.einsum("bhqnt,bhntr->bhnqr", p_cold, cv)
-            out = out + torch.einsum("bhnqr,bhnrd->bhqd", pc, cold_v["basis"].float())
+            out = out + torch.einsum("bhnqr,bhnrd->bhqd", pc, self.value_compressor.basis(cold_v))
         out = out.masked_fill(~seen, 0.0)
         return out.reshape(b, hq, tq, d).to(q.dtype)

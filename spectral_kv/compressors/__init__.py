@@ -1,14 +1,18 @@
 """Compressors: the registry and the built-in entries (importing registers them)."""
 
-from .base import COMPRESSORS, Compressor, LowRankCompressor, register_compressor
+from .base import COMPRESSORS, Compressor, FactoredCompressor, LowRankCompressor, register_compressor
 from .exact import ExactSVD
+from .grouped import GroupQuantCompressor, HadamardCompressor
 from .kivi import Kivi2, Kivi4, KiviCompressor
 from .randomized import RandomizedSVD, randomized_svd
 
 __all__ = [
     "COMPRESSORS",
     "Compressor",
+    "FactoredCompressor",
     "LowRankCompressor",
+    "GroupQuantCompressor",
+    "HadamardCompressor",
     "register_compressor",
     "ExactSVD",
     "KiviCompressor",

@@ -436,10 +436,8 @@ def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -
     if verbose:
         probe = SpectralCache(config.replace(verbose=False), model.config)
         n = len(probe.spectral_layers)
-        bits = "fp" if config.coeff_bits is None else f"int{config.coeff_bits}"
         print(
             f"spectral_kv: patched {type(model).__name__}: {n}/{len(probe.layers)} layers compressed "
-            f"(block {config.block_size}, rank k{config.k_rank_keys}/v{config.k_rank_values} {bits}, "
-            f"{config.sink_tokens} sinks, hot {config.hot_buffer_size}, attention={config.attention_name})"
+            f"({config.summary()})"
         )
     return handle

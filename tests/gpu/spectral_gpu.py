@@ -42,7 +42,7 @@ def greedy(model, ids, n, **kw):
 
 print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}")
 lossless = sk.SpectralConfig(block_size=16, k_rank_keys=16, k_rank_values=16, hot_buffer_size=4, sink_tokens=2,
-                             coeff_bits=None, basis_dtype="float32", verbose=False)
+                             compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
 for arch in ("llama", "qwen3", "mistral"):
     model = tiny(arch).cuda()
     ids = torch.randint(1, 96, (2, 70), generator=torch.Generator().manual_seed(0)).cuda()
