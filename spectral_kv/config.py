@@ -42,7 +42,8 @@ class SpectralConfig:
     verbose : bool
         Print one confirmation line when patching and notices for layers kept exact.
     compressor : str
-        Name in the compressor registry (``exact_svd``, ``randomized_svd``, or your own).
+        Name in the compressor registry (``exact_svd``, ``randomized_svd``, ``triton_rsvd``,
+        ``kivi4``, ``kivi2``, or your own).
     attention : str or None
         Name in the attention-strategy registry; ``None`` derives it from
         ``use_spectral_attention``.

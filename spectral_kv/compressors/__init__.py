@@ -4,6 +4,7 @@ from .base import COMPRESSORS, Compressor, LowRankCompressor, register_compresso
 from .exact import ExactSVD
 from .kivi import Kivi2, Kivi4, KiviCompressor
 from .randomized import RandomizedSVD, randomized_svd
+from .triton_rsvd import TritonRSVD
 
 __all__ = [
     "COMPRESSORS",
@@ -16,4 +17,5 @@ __all__ = [
     "Kivi2",
     "RandomizedSVD",
     "randomized_svd",
+    "TritonRSVD",
 ]
