@@ -58,6 +58,10 @@ class SpectralConfig:
         Seed of randomized compressors, so runs are reproducible.
     rsvd_oversample, rsvd_power_iters : int
         Randomized SVD's oversampling and power iterations.
+    compile : bool
+        Run each layer's decode attention through ``torch.compile(fullgraph=True,
+        dynamic=True)`` (`spectral_kv.attention.compiled.compile_attend`): two graphs per
+        strategy (without / with cold blocks), no recompiles as the cache grows.
     """
 
     block_size: int = 512
@@ -74,6 +78,7 @@ class SpectralConfig:
     seed: int = 0
     rsvd_oversample: int = 8
     rsvd_power_iters: int = 2
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "k_rank_keys", "k_rank_values"):
@@ -97,7 +102,7 @@ class SpectralConfig:
                     raise ValueError(f"{name}={getattr(self, name)} must be even with coeff_bits=4 (two per byte)")
         if self.basis_dtype not in DTYPES:
             raise ValueError(f"basis_dtype must be one of {sorted(DTYPES)}, got {self.basis_dtype!r}")
-        for name in ("use_spectral_attention", "verbose"):
+        for name in ("use_spectral_attention", "verbose", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # Registry names are checked here (not at first use) so a typo fails at once.
