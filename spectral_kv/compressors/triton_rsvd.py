@@ -12,8 +12,9 @@ Householder QR and a small exact SVD; `randomized_svd_lowrank_reference`): the s
 to rounding (tests/test_kernels_rsvd.py checks the two agree). ``TritonRSVD.cpu_capturable``
 forces the capturable ops on CPU too (tests).
 
-The name says Triton because the GPU path is meant to host Triton kernels where they pay (the
-small eigensolver, see the notes); today every op is a torch op, so nothing here needs triton.
+On CUDA the small l x l eigensolver is the Triton kernel `kernels/jacobi.py` (one launch instead
+of ~2,000 tiny torch ops, which dominated the graph); the GEMMs stay in cuBLAS.
+``TritonRSVD.triton_jacobi = False`` selects the torch-ops Jacobi instead (the benchmark times both).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import OrderedDict
 
 import torch
 
+from ..kernels import jacobi
 from ..kernels.rsvd import _sketch, randomized_svd_lowrank, randomized_svd_lowrank_reference
 from .base import LowRankCompressor, register_compressor
 
@@ -35,12 +37,12 @@ class GraphedRSVD:
     constant of the graph; each call copies ``x`` into the static input and replays.
     """
 
-    def __init__(self, x: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int) -> None:
+    def __init__(self, x: torch.Tensor, rank: int, oversample: int, power_iters: int, seed: int, eigh=None) -> None:
         n, t, d = x.shape
         self.x = torch.empty_like(x, dtype=torch.float32)
         self.sketch = _sketch(self.x, min(rank + oversample, t, d), seed)
         run = lambda: randomized_svd_lowrank(  # noqa: E731
-            self.x, rank, oversample, power_iters, seed, sketch=self.sketch
+            self.x, rank, oversample, power_iters, seed, sketch=self.sketch, eigh=eigh
         )
         self.x.copy_(x)
         side = torch.cuda.Stream(device=x.device)
@@ -73,6 +75,7 @@ class TritonRSVD(LowRankCompressor):
     max_graph_matrices = 1024
     use_cuda_graphs = True
     cpu_capturable = False
+    triton_jacobi = True
     _graphs: OrderedDict[tuple, GraphedRSVD] = OrderedDict()
 
     def _graphable(self, x: torch.Tensor) -> bool:
@@ -83,18 +86,25 @@ class TritonRSVD(LowRankCompressor):
             and not torch.cuda.is_current_stream_capturing()
         )
 
+    def _eigh(self, x: torch.Tensor, rank: int):
+        sketch = min(rank + self.config.rsvd_oversample, x.shape[1], x.shape[2])
+        if self.triton_jacobi and x.is_cuda and jacobi.HAS_TRITON and sketch <= 64:
+            return jacobi.jacobi_eigh_triton
+        return None
+
     def factorize(self, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         x = x.float()
         if not x.is_cuda and not self.cpu_capturable:
             return randomized_svd_lowrank_reference(x, rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed)
+        eigh = self._eigh(x, rank)
         if not self._graphable(x):
-            return randomized_svd_lowrank(x, rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed)
-        key = (tuple(x.shape), rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed, x.device)
+            return randomized_svd_lowrank(x, rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed, eigh=eigh)
+        key = (tuple(x.shape), rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed, x.device, eigh is not None)
         graphs = TritonRSVD._graphs
         runner = graphs.get(key)
         if runner is None:
-            runner = GraphedRSVD(x, rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed)
+            runner = GraphedRSVD(x, rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed, eigh)
             graphs[key] = runner
             while len(graphs) > self.max_graphs:
                 graphs.popitem(last=False)
