@@ -177,17 +177,24 @@ def run(device, smoke, log):
     cuda = device == "cuda"
     for method, pts in points.items():
         for batch, ctx in pts:
-            if method.startswith("dynamic"):
-                model.config._attn_implementation = "sdpa"
-                cache = fill_dynamic(model, batch, ctx)
-            else:
-                model.config._attn_implementation = "spectral_kv"
-                cache = fill_spectral(model, skcfg, batch, ctx)
-            nbytes = cache_bytes(cache)
-            per_token[method] = nbytes / (batch * ctx)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            tps = decode_tokens_per_s(model, cache, batch, steps)
+            cache = None
+            try:
+                if method.startswith("dynamic"):
+                    model.config._attn_implementation = "sdpa"
+                    cache = fill_dynamic(model, batch, ctx)
+                else:
+                    model.config._attn_implementation = "spectral_kv"
+                    cache = fill_spectral(model, skcfg, batch, ctx)
+                nbytes = cache_bytes(cache)
+                per_token[method] = nbytes / (batch * ctx)
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                tps = decode_tokens_per_s(model, cache, batch, steps)
+            except torch.cuda.OutOfMemoryError:
+                log(f"  {method:15s} B={batch:3d} ctx={ctx:6d}: out of memory")
+                del cache
+                torch.cuda.empty_cache()
+                continue
             if cuda:
                 reserve[method] = max(reserve.get(method, 0), torch.cuda.max_memory_allocated() - wbytes - nbytes)
             if method.startswith("spectral"):
@@ -201,7 +208,7 @@ def run(device, smoke, log):
             del cache
             if cuda:
                 torch.cuda.empty_cache()
-    if cuda:
+    if cuda and len(per_token) == 2 and len(reserve) == 2:
         total = torch.cuda.get_device_properties(0).total_memory
         fits = {m: (total - wbytes - reserve[m]) / per_token[m] for m in per_token}
         for m, n in fits.items():
