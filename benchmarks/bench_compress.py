@@ -99,6 +99,22 @@ def jacobi_check(device, log):
     return ok
 
 
+def jacobi_opcheck(device, log):
+    """torch.library.opcheck of spectral_kv::jacobi_eigh with all default test utils."""
+    try:
+        from spectral_kv.kernels.jacobi import _schedule
+
+        a = torch.randn(2, 6, 6, device=device)
+        p, q = _schedule(32, str(a.device))
+        res = torch.library.opcheck(torch.ops.spectral_kv.jacobi_eigh.default, (a @ a.transpose(1, 2), p, q, 2))
+        good = all(v == "SUCCESS" for v in res.values())
+        log(f"  opcheck spectral_kv::jacobi_eigh (all default utils): {res}")
+    except Exception as exc:
+        good = False
+        log(f"  opcheck spectral_kv::jacobi_eigh FAILED: {exc!r}"[:1500])
+    return good
+
+
 def per_block_all_layers_ms(batch, layers, kv_heads, t, d, rk, rv, device, reps):
     """Time of compressing one block per row for every layer, keys and values (graph path)."""
     x = low_rank_plus_noise(batch * kv_heads, t, d, device, seed=1)

@@ -134,18 +134,30 @@ def fused_kernel_check(model, skcfg, log):
     """The fused kernel serves every decode step of the big model (no silent fallback), and its
     next-token logits match the torch `spectral` strategy on the same cache."""
     outs = []
-    for name in ("fused", "spectral"):
-        cache = fill_spectral(model, skcfg.replace(attention=name), 1, 4 * skcfg.block_size + 68, seed=3)
+    variants = [("fused", False), ("spectral", False)] + ([("fused", True)] if model.device.type == "cuda" else [])
+    for name, compile_ in variants:
+        t0 = time.perf_counter()
+        cache = fill_spectral(model, skcfg.replace(attention=name, compile=compile_), 1, 4 * skcfg.block_size + 68,
+                              seed=3)
         ids = torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=model.device)
         with torch.no_grad():
             logits = model(ids[:, -1:], past_key_values=cache, attention_mask=torch.ones_like(ids)).logits
         outs.append((logits.float(), cache))
+        if compile_:
+            log(f"  compiled fused attend (fullgraph, dynamic): first step incl. compile {time.perf_counter() - t0:.1f} s")
     strategies = [layer.strategy for layer in outs[0][1].spectral_layers]
     served = all(s.kernel_calls == 1 and s.fallback_calls == 0 for s in strategies)
     rel = ((outs[0][0] - outs[1][0]).norm() / outs[1][0].norm()).item()
     ok = (served or model.device.type != "cuda") and rel < 2e-2
     log(f"  fused kernel on every layer: {served}; logits rel. diff fused vs torch spectral {rel:.2e} "
         f"(bf16 model, tol 2e-2): {'OK' if ok else 'FAIL'}")
+    if len(outs) == 3:
+        rel_c = ((outs[2][0] - outs[0][0]).norm() / outs[0][0].norm()).item()
+        served_c = all(s.kernel_calls == 1 for s in (layer.strategy for layer in outs[2][1].spectral_layers))
+        good = rel_c < 1e-2 and served_c
+        ok &= good
+        log(f"  compiled fused vs eager fused: logits rel. diff {rel_c:.2e}, kernel on every layer {served_c}: "
+            f"{'OK' if good else 'FAIL'}")
     return ok
 
 
@@ -165,7 +177,9 @@ def run(device, smoke, log):
         skcfg = SpectralConfig(attention="fused", compressor="triton_rsvd", verbose=False)
         # KV bytes > weight bytes (14.5 GB) from 4 x 32K on; 32 x 32K does not fit as DynamicCache.
         points = {"dynamic+sdpa": [(4, 32768), (8, 32768)],
-                  "spectral+fused": [(4, 32768), (8, 32768), (32, 32768)]}
+                  "spectral+fused": [(4, 32768), (8, 32768), (32, 32768)],
+                  # SpectralConfig(compile=True): the decode attend under torch.compile (fullgraph, dynamic)
+                  "spectral+fused+compile": [(8, 32768)]}
     t0 = time.perf_counter()
     model = build_model(cfg, device, dtype)
     wbytes = weight_bytes(model)
@@ -184,7 +198,7 @@ def run(device, smoke, log):
                     cache = fill_dynamic(model, batch, ctx)
                 else:
                     model.config._attn_implementation = "spectral_kv"
-                    cache = fill_spectral(model, skcfg, batch, ctx)
+                    cache = fill_spectral(model, skcfg.replace(compile=method.endswith("compile")), batch, ctx)
                 nbytes = cache_bytes(cache)
                 per_token[method] = nbytes / (batch * ctx)
                 if cuda:
@@ -208,7 +222,7 @@ def run(device, smoke, log):
             del cache
             if cuda:
                 torch.cuda.empty_cache()
-    if cuda and len(per_token) == 2 and len(reserve) == 2:
+    if cuda and all(m in per_token and m in reserve for m in ("dynamic+sdpa", "spectral+fused")):
         total = torch.cuda.get_device_properties(0).total_memory
         fits = {m: (total - wbytes - reserve[m]) / per_token[m] for m in per_token}
         for m, n in fits.items():

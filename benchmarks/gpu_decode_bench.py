@@ -334,6 +334,8 @@ def compression_and_e2e(device, smoke):
 
         TritonRSVD.triton_jacobi = False
         log("  -> Triton Jacobi disabled for the rest of the run (torch-ops Jacobi)")
+    if device == "cuda":
+        ok &= bc.jacobi_opcheck(device, log)
     crow, ok2 = bc.headline(n, t, d, device, 3 if smoke else 20, log, ranks=(4, 8) if smoke else (16, 32))
     ok &= ok2
     log("\n== end to end: generate, SpectralCache(fused, triton_rsvd) vs DynamicCache + SDPA")
@@ -352,7 +354,7 @@ def compression_and_e2e(device, smoke):
         step_ms = 1e3 * b / tps
         amort = 100 * comp_ms / (blk * step_ms + comp_ms)
         vs = f"{tps / base[(b, c)]:.2f}x DynamicCache" if (b, c) in base else "DynamicCache does not fit"
-        summary.append(f"e2e B={b} ctx={c}: {tps:.1f} tok/s, {vs}; cache {gb:.2f} GB; compression amortized "
+        summary.append(f"e2e {m} B={b} ctx={c}: {tps:.1f} tok/s, {vs}; cache {gb:.2f} GB; compression amortized "
                        f"{amort:.2f}% of decode (goal < 5%)")
     return ok, summary
 

@@ -20,4 +20,4 @@ def test_gpu_bench_cpu_smoke_passes():
     assert proc.returncode == 0, out[-3000:]
     assert "lossless SpectralCache(fused) == DynamicCache" in out and "OK" in out
     assert "correctness: PASS" in out
-    assert "e2e B=4 ctx=200" in out and "err/exact" in out
+    assert "e2e spectral+fused B=4 ctx=200" in out and "err/exact" in out
