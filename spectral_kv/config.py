@@ -52,7 +52,8 @@ class SpectralConfig:
     verbose : bool
         Print one confirmation line when patching and notices for layers kept exact.
     compressor : str
-        Name in the compressor registry (``exact_svd``, ``randomized_svd``, or your own).
+        Name in the compressor registry (``exact_svd``, ``randomized_svd``, ``triton_rsvd``,
+        ``kivi4``, ``kivi2``, or your own).
     attention : str or None
         Name in the attention-strategy registry; ``None`` derives it from
         ``use_spectral_attention``.
@@ -76,6 +77,10 @@ class SpectralConfig:
         Seed of randomized compressors, so runs are reproducible.
     rsvd_oversample, rsvd_power_iters : int
         Randomized SVD's oversampling and power iterations.
+    compile : bool
+        Run each layer's decode attention through ``torch.compile(fullgraph=True,
+        dynamic=True)`` (`spectral_kv.attention.compiled.compile_attend`): two graphs per
+        strategy (without / with cold blocks), no recompiles as the cache grows.
     """
 
     block_size: int = 512
@@ -95,6 +100,7 @@ class SpectralConfig:
     seed: int = 0
     rsvd_oversample: int = 8
     rsvd_power_iters: int = 2
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "k_rank_keys", "k_rank_values", "quant_group"):
@@ -111,7 +117,7 @@ class SpectralConfig:
             raise ValueError(f"value_bits must be an int, None or 'same', got {self.value_bits!r}")
         if self.basis_dtype not in DTYPES:
             raise ValueError(f"basis_dtype must be one of {sorted(DTYPES)}, got {self.basis_dtype!r}")
-        for name in ("use_spectral_attention", "verbose"):
+        for name in ("use_spectral_attention", "verbose", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # Registry names are checked here (not at first use) so a typo fails at once.

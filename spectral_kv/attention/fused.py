@@ -24,7 +24,8 @@ class FusedAttention(SpectralAttention):
     """`spectral` with decode steps (``Tq == 1``) routed to ``spectral_kv::fused_decode``.
 
     The kernel serves int8 coefficients with an fp16 basis, rows whose exact tokens are a
-    prefix of the exact buffer (no padding inside it) and a query that sees all of them.
+    prefix of the exact buffer (no padding inside it) and a query that sees all of them
+    (``exact_mask is None``).
     Anything else (prefill, int4 or unquantized coefficients, ragged padded rows, CPU
     without the interpreter) runs the inherited torch `spectral` math, which computes the
     same function; `kernel_calls` / `fallback_calls` count which path ran.
@@ -43,7 +44,9 @@ class FusedAttention(SpectralAttention):
             and _kernel_runs_on(q)
             and self._int8_svd
             and self.config.basis_dtype == "float16"
-            and (exact_mask is None or bool(exact_mask.all()))
+            # Static check only: inspecting the mask's values would sync the host and break a
+            # torch.compile graph. SpectralLayer passes None whenever no exact token is masked.
+            and exact_mask is None
         )
 
     def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):

@@ -35,6 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import ATTENTION_STRATEGIES
+from ..attention.compiled import compile_attend
 from ..config import SpectralConfig
 from ..persist import load_cache, model_identity, save_cache
 from ..tiers import TierManager
@@ -93,6 +94,8 @@ class SpectralLayer(CacheLayerMixin):
         # the same function (tested), the cold part is transient there, and SDPA's fused
         # kernels beat a Tq x L float32 score matrix by ~6x on a 3K-token CPU prefill.
         self.prefill_strategy = ATTENTION_STRATEGIES["reconstruct"](*comps)
+        # Decode steps only: a prompt is attended once, compiling it would cost more than it saves.
+        self.decode_attend = compile_attend(self.strategy) if config.compile else self.strategy.attend
         self.attention_calls = 0
         self._staged = False
 
@@ -190,7 +193,10 @@ class SpectralLayer(CacheLayerMixin):
                     f"SpectralCache layer {self.layer_idx}: attention mask covers {mask.shape[-1]} positions, "
                     f"the cache expects {self.tiers.seen + tq}"
                 )
-            chunk_mask = mask[:, :1, :, -tq:].expand(b, 1, tq, tq)
+            # A decode query is the newest token and always sees itself, so it needs no chunk
+            # mask; leaving it None keeps exact_mask None in unpadded batches, which lets the
+            # fused kernel run without a host-side mask check (a sync and a graph break).
+            chunk_mask = mask[:, :1, :, -tq:].expand(b, 1, tq, tq) if tq > 1 else None
             valid_new = mask[:, 0, -1, -tq:].expand(b, tq)
         else:
             chunk_mask = None
@@ -216,8 +222,8 @@ class SpectralLayer(CacheLayerMixin):
                     )
                     new = chunk_mask if chunk_mask is not None else torch.ones(b, 1, tq, tq, dtype=torch.bool, device=query.device)
                     exact_mask = torch.cat((past, new), dim=-1)
-        strategy = self.strategy if tq == 1 else self.prefill_strategy
-        out = strategy.attend(query, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
+        attend = self.decode_attend if tq == 1 else self.prefill_strategy.attend
+        out = attend(query, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
         self.tiers.append(key, value, None if valid_new is None or bool(valid_new.all()) else valid_new.contiguous())
         return out
 
