@@ -39,7 +39,7 @@ def timed(fn, reps):
 
 
 def compressor(rank, device):
-    cfg = SpectralConfig(compressor="triton_rsvd", coeff_bits=None, basis_dtype="float32", verbose=False)
+    cfg = SpectralConfig(compressor="triton_rsvd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
     return COMPRESSORS["triton_rsvd"](cfg, "keys", rank)
 
 

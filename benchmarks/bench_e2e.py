@@ -121,7 +121,7 @@ def lossless_check(device, dtype, log):
         ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
         model.config._attn_implementation = "spectral_kv"
         sk = SpectralConfig(block_size=16, k_rank_keys=16, k_rank_values=16, hot_buffer_size=4, sink_tokens=2,
-                            coeff_bits=None, basis_dtype="float32", attention="fused", verbose=False)
+                            compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", attention="fused", verbose=False)
         cache = SpectralCache(sk, model.config)
         got = model.generate(ids, past_key_values=cache, **kw)
     ok = torch.equal(ref, got) and all(sum(layer.tiers.n_cold) >= 4 for layer in cache.spectral_layers)
@@ -169,12 +169,12 @@ def run(device, smoke, log):
     ok = lossless_check(device, torch.float32, log)
     if smoke:
         cfg, dtype, steps = mistral_config(layers=2, tiny=True), torch.float32, 3
-        skcfg = SpectralConfig(block_size=32, k_rank_keys=4, k_rank_values=8, hot_buffer_size=8, sink_tokens=2,
-                               attention="fused", verbose=False)
+        skcfg = SpectralConfig.preset("fast", block_size=32, k_rank_keys=4, k_rank_values=8, hot_buffer_size=8, sink_tokens=2,
+                                      attention="fused", verbose=False)
         points = {"dynamic+sdpa": [(2, 200)], "spectral+fused": [(2, 200), (4, 200)]}
     else:
         cfg, dtype, steps = mistral_config(layers=32), torch.bfloat16, 16
-        skcfg = SpectralConfig(attention="fused", compressor="triton_rsvd", verbose=False)
+        skcfg = SpectralConfig.preset("fast", attention="fused", compressor="triton_rsvd", verbose=False)
         # KV bytes > weight bytes (14.5 GB) from 4 x 32K on; 32 x 32K does not fit as DynamicCache.
         points = {"dynamic+sdpa": [(4, 32768), (8, 32768)],
                   "spectral+fused": [(4, 32768), (8, 32768), (32, 32768)],

@@ -21,7 +21,7 @@ from spectral_kv import ATTENTION_STRATEGIES, COMPRESSORS, SpectralConfig, TierM
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 B, HQ, H, D = 1, 8, 2, 64
-CFG = SpectralConfig(block_size=128, k_rank_keys=16, k_rank_values=32, hot_buffer_size=32, sink_tokens=4)
+CFG = SpectralConfig.preset("fast", block_size=128, k_rank_keys=16, k_rank_values=32, hot_buffer_size=32, sink_tokens=4)
 CTX = 16 * 128 + 36
 
 

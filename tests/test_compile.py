@@ -9,7 +9,7 @@ import spectral_kv.attention.fused as fused_mod
 from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig, TierManager
 from spectral_kv.attention.compiled import compile_attend
 
-CFG = SpectralConfig(block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=3, sink_tokens=2)
+CFG = SpectralConfig.preset("fast", block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=3, sink_tokens=2)
 B, H, G, D = 2, 2, 3, 8
 
 
@@ -104,7 +104,7 @@ def test_config_compile_runs_generate_through_compiled_attend(monkeypatch):
     model, _ = tiny_random_model(head_dim=16)
     ids = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(0))
     cfg = SpectralConfig(block_size=16, k_rank_keys=16, k_rank_values=16, hot_buffer_size=3, sink_tokens=2,
-                         coeff_bits=None, basis_dtype="float32", verbose=False)
+                         compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
     outs = []
     for compile_ in (False, True):
         cache = sk.SpectralCache(cfg.replace(compile=compile_), model.config)

@@ -8,7 +8,7 @@ from spectral_kv import COMPRESSORS, SpectralConfig
 from spectral_kv.compressors import TritonRSVD
 from spectral_kv.tiers import TierManager
 
-LOSSLESS = dict(coeff_bits=None, basis_dtype="float32")
+LOSSLESS = dict(coeff_bits=None, value_bits="same", basis_dtype="float32")
 
 
 def low_rank_plus_noise(n, t, d, rank, noise, seed, decay=0.8):
@@ -27,7 +27,7 @@ def rank_error(name, x, rank, **cfg):
 
 def test_registered_and_selectable():
     assert COMPRESSORS["triton_rsvd"] is TritonRSVD and TritonRSVD.low_rank
-    cfg = SpectralConfig(compressor="triton_rsvd", attention="spectral")
+    cfg = SpectralConfig.preset("fast", compressor="triton_rsvd", attention="spectral")
     assert isinstance(TierManager(cfg).key_compressor, TritonRSVD)
 
 
@@ -62,7 +62,7 @@ def test_eckart_young_tail_energy():
 
 def test_parts_shapes_and_dtypes():
     x = low_rank_plus_noise(5, 64, 32, 8, 0.01, seed=1)
-    comp = COMPRESSORS["triton_rsvd"](SpectralConfig(), "values", 6)
+    comp = COMPRESSORS["triton_rsvd"](SpectralConfig.preset("fast"), "values", 6)
     parts = comp.compress(x)
     assert parts["coeffs"].dtype == torch.int8 and parts["coeffs"].shape == (5, 64, 6)
     assert parts["scales"].dtype == torch.float32 and parts["scales"].shape == (5, 6)
@@ -99,7 +99,7 @@ def test_in_tiers_matches_exact_svd_on_low_rank_stream():
     v = torch.randn(2, 2, 70, 4, generator=g) @ torch.randn(2, 2, 4, 16, generator=g)
     outs = []
     for name in ("exact_svd", "triton_rsvd"):
-        tiers = TierManager(SpectralConfig(compressor=name, **cfg))
+        tiers = TierManager(SpectralConfig.preset("fast", **{"compressor": name, **cfg}))
         tiers.append(k, v)
         assert tiers.n_cold == [2, 2]
         outs.append(tiers.materialize()[0])

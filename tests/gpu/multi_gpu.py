@@ -50,7 +50,7 @@ def tiny_llama(layers=4, seed=0):
 
 LOSSLESS = sk.SpectralConfig(block_size=32, k_rank_keys=16, k_rank_values=16, hot_buffer_size=8, sink_tokens=2,
                              compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
-LOSSY = sk.SpectralConfig(block_size=32, k_rank_keys=6, k_rank_values=8, hot_buffer_size=8, sink_tokens=4, verbose=False)
+LOSSY = sk.SpectralConfig.preset("fast", block_size=32, k_rank_keys=6, k_rank_values=8, hot_buffer_size=8, sink_tokens=4, verbose=False)
 
 n_gpu = torch.cuda.device_count()
 print(f"devices: {[torch.cuda.get_device_name(i) for i in range(n_gpu)]}  torch {torch.__version__}  "

@@ -54,7 +54,7 @@ for arch in ("llama", "qwen3", "mistral"):
         blocks = sum(sum(layer.tiers.n_cold) for layer in patch.last_cache.spectral_layers)
         check(f"{arch} fp32 cuda lossless {attention} (fused: torch fallback, unquantized) == DynamicCache", torch.equal(out, ref), f"cold blocks={blocks}")
 
-lossy = sk.SpectralConfig(block_size=32, k_rank_keys=8, k_rank_values=12, hot_buffer_size=8, sink_tokens=4, verbose=False)
+lossy = sk.SpectralConfig.preset("fast", block_size=32, k_rank_keys=8, k_rank_values=12, hot_buffer_size=8, sink_tokens=4, verbose=False)
 model = tiny("llama").cuda().to(torch.bfloat16)
 ids = torch.randint(1, 96, (3, 150), generator=torch.Generator().manual_seed(1)).cuda()
 results = {}
