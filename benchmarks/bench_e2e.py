@@ -134,7 +134,8 @@ def fused_kernel_check(model, skcfg, log):
     """The fused kernel serves every decode step of the big model (no silent fallback), and its
     next-token logits match the torch `spectral` strategy on the same cache."""
     outs = []
-    variants = [("fused", False), ("spectral", False)] + ([("fused", True)] if model.device.type == "cuda" else [])
+    variants = [("fused", False), ("spectral", False), ("reconstruct", False)] + (
+        [("fused", True)] if model.device.type == "cuda" else [])
     for name, compile_ in variants:
         t0 = time.perf_counter()
         cache = fill_spectral(model, skcfg.replace(attention=name, compile=compile_), 1, 4 * skcfg.block_size + 68,
@@ -148,12 +149,17 @@ def fused_kernel_check(model, skcfg, log):
     strategies = [layer.strategy for layer in outs[0][1].spectral_layers]
     served = all(s.kernel_calls == 1 and s.fallback_calls == 0 for s in strategies)
     rel = ((outs[0][0] - outs[1][0]).norm() / outs[1][0].norm()).item()
-    ok = (served or model.device.type != "cuda") and rel < 2e-2
-    log(f"  fused kernel on every layer: {served}; logits rel. diff fused vs torch spectral {rel:.2e} "
-        f"(bf16 model, tol 2e-2): {'OK' if ok else 'FAIL'}")
-    if len(outs) == 3:
-        rel_c = ((outs[2][0] - outs[0][0]).norm() / outs[0][0].norm()).item()
-        served_c = all(s.kernel_calls == 1 for s in (layer.strategy for layer in outs[2][1].spectral_layers))
+    # Noise floor: two torch computations of the same function (spectral in fp32 vs SDPA over the
+    # decompressed blocks in bf16) through 32 random bf16 layers differ by this much too.
+    floor = ((outs[2][0] - outs[1][0]).norm() / outs[1][0].norm()).item()
+    tol = max(2e-2, 1.5 * floor)
+    ok = (served or model.device.type != "cuda") and rel < tol
+    log(f"  fused kernel on every layer: {served}; logits rel. diff fused vs torch spectral {rel:.2e}; "
+        f"noise floor (reconstruct vs spectral) {floor:.2e}; tol max(2e-2, 1.5 x floor) = {tol:.2e}: "
+        f"{'OK' if ok else 'FAIL'}")
+    if len(outs) == 4:
+        rel_c = ((outs[3][0] - outs[0][0]).norm() / outs[0][0].norm()).item()
+        served_c = all(s.kernel_calls == 1 for s in (layer.strategy for layer in outs[3][1].spectral_layers))
         good = rel_c < 1e-2 and served_c
         ok &= good
         log(f"  compiled fused vs eager fused: logits rel. diff {rel_c:.2e}, kernel on every layer {served_c}: "

@@ -190,6 +190,12 @@ class SpectralConfig:
         for role, name in (("keys", "k_rank_keys"), ("values", "k_rank_values")):
             if issubclass(COMPRESSORS[self.compressor_name(role)], _low_rank_svd()) and self.rank(role) > head_dim:
                 raise ValueError(f"{name}={self.rank(role)} exceeds the model's head_dim={head_dim}")
+            bits = self.bits(role)
+            if self.compressor_name(role) == "hadamard" and bits is not None and head_dim * bits % 8:
+                raise ValueError(
+                    f"{role}: {bits}-bit codes of head_dim={head_dim} channels do not fill whole bytes; "
+                    "use 4 or 8 bits (or a head_dim that is a multiple of 8)"
+                )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SpectralConfig":

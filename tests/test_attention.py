@@ -1,6 +1,6 @@
 import torch
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig, TierManager
@@ -26,7 +26,7 @@ def _attend(name, cfg, tm, q, new_k, new_v, chunk_mask, scaling):
 
 
 shapes = dict(
-    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.integers(1, 3), d=st.sampled_from([4, 8, 12]),
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.integers(1, 3), d=st.sampled_from([4, 8, 12, 16]),
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), tq=st.integers(1, 4), pad_p=st.floats(0, 0.3), seed=st.integers(0, 10**6),
 )
 
@@ -34,6 +34,7 @@ shapes = dict(
 @given(bits=st.sampled_from([None, 8, 4]), comp=st.sampled_from(["exact_svd", "hadamard"]), **shapes)
 def test_spectral_equals_reconstruct(bits, comp, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
     vbits = "same" if comp == "exact_svd" else 3
+    assume(comp == "exact_svd" or d % 8 == 0)  # 3-bit codes of a token must fill whole bytes
     cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits,
                          compressor=comp, value_bits=vbits)
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
