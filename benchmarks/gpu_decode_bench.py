@@ -336,7 +336,7 @@ def compression_and_e2e(device, smoke):
         TritonRSVD.triton_jacobi = False
         log("  -> optional Triton Jacobi inaccurate: not used (torch-ops Jacobi, the default)")
     if device == "cuda":
-        ok &= bc.jacobi_opcheck(device, log)
+        bc.jacobi_opcheck(device, log)  # the optional Triton Jacobi (off by default): reported only
     crow, ok2 = bc.headline(n, t, d, device, 3 if smoke else 20, log, ranks=(4, 8) if smoke else (16, 32))
     ok &= ok2
     log("\n== end to end: generate, SpectralCache(fused, triton_rsvd) vs DynamicCache + SDPA")

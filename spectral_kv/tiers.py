@@ -348,6 +348,8 @@ class TierManager:
         Otherwise raises `NotImplementedError` naming the boundary: a token folded into a
         compressed block cannot be removed on its own.
         """
+        if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
+            max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise TypeError(f"{self.name}: crop(max_length) needs an int, got {max_length!r}")
         if max_length < 0:
