@@ -18,6 +18,9 @@ CORPUS_MODULES = (
 )
 
 
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+
+
 def stdlib_text(modules=CORPUS_MODULES) -> str:
     """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version)."""
     parts = []
@@ -26,6 +29,7 @@ def stdlib_text(modules=CORPUS_MODULES) -> str:
             doc = pydoc.render_doc(name, renderer=pydoc.plaintext)
         except ImportError:  # a module missing from a trimmed Python: skip it, text stays real
             continue
+        doc = _ADDRESS.sub("0x...", doc)  # reprs like <weakref at 0x7f...> differ per process
         parts.append(re.sub(r"\n{3,}", "\n\n", doc))
     return "\n\n".join(parts)
 
