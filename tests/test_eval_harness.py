@@ -114,3 +114,6 @@ def test_harness_end_to_end(tmp_path):
     assert set(res["niah"]["methods"]) == set(res["methods_run"])
     assert (tmp_path / "README_table.md").read_text().count("| ci |") == 3
     assert (tmp_path / "ci_frontier.png").exists() and (tmp_path / "ci_niah.png").exists()
+    assert (tmp_path / "ci_niah_kivi2-block-64-hot-16.png").exists()  # one heatmap per method too
+    assert set(res["seconds"]) == {"model_load", "corpus", "quality", "niah"}
+    assert f"- `ci`: {res['seconds_total']:.0f} s on" in (tmp_path / "README_table.md").read_text()
