@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pydoc
 import re
 
@@ -21,6 +22,7 @@ CORPUS_MODULES = (
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
 
 
+@functools.lru_cache(maxsize=8)
 def stdlib_text(modules=CORPUS_MODULES) -> str:
     """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version)."""
     parts = []
