@@ -8,6 +8,12 @@ tuning sweep of the kernel's knobs, then the timing table, then rSVD. Times are 
 "main" times replay one CUDA graph holding one call per input set, with enough sets
 (like layers) that the working set exceeds L2, and report per call; "eager" is
 triton.testing.do_bench (median) on a single input set.
+
+Then compression (benchmarks/bench_compress.py: triton_rsvd's CUDA graph vs torch.linalg.svd,
+error vs exact SVD, amortized cost) and end to end (benchmarks/bench_e2e.py: a Mistral-7B-shaped
+model with random bf16 weights, generate with SpectralCache + fused vs DynamicCache + SDPA), and
+one summary table. ``--cpu-smoke`` runs the compression and end-to-end code paths at tiny sizes
+on the CPU (tests/test_gpu_bench_smoke.py), so CI catches breakage of this script.
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ def _load(name):
 
 
 import importlib  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_compress, bench_e2e
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # spectral_kv
 
 fd = _load("fused_decode")
 rs = _load("rsvd")
@@ -311,20 +320,85 @@ def rsvd_bench():
     torch.cuda.synchronize()
 
 
+def compression_and_e2e(device, smoke):
+    """Compression timing, end-to-end generate, amortized compression cost; returns (ok, summary rows)."""
+    import bench_compress as bc
+    import bench_e2e as be
+
+    log("\n== compression: triton_rsvd (CUDA graph) vs torch.linalg.svd" + (" [cpu smoke]" if smoke else ""))
+    n, t, d = (8, 64, 32) if smoke else (256, 512, 128)
+    log(f"  one block for 32 layers x 8 KV heads: {n} matrices [{t}, {d}] fp32 in one call")
+    ok = bc.jacobi_check(device, log) if device == "cuda" else True
+    if not ok:
+        from spectral_kv.compressors import TritonRSVD
+
+        TritonRSVD.triton_jacobi = False
+        log("  -> Triton Jacobi disabled for the rest of the run (torch-ops Jacobi)")
+    if device == "cuda":
+        ok &= bc.jacobi_opcheck(device, log)
+    crow, ok2 = bc.headline(n, t, d, device, 3 if smoke else 20, log, ranks=(4, 8) if smoke else (16, 32))
+    ok &= ok2
+    log("\n== end to end: generate, SpectralCache(fused, triton_rsvd) vs DynamicCache + SDPA")
+    e2e_ok, erows = be.run(device, smoke, log)
+    ok &= e2e_ok
+    summary = [f"compress {n}x[{t},{d}] rank {r}: triton_rsvd {g:.3f} ms vs svd {s_:.1f} ms ({s_ / g:.0f}x), "
+               f"err/exact {e:.4f} (goal < 2 ms, <= 1.05)" for r, g, _, s_, e in crow]
+    base = {(b, c): tps for m, b, c, tps, _ in erows if m.startswith("dynamic")}
+    for m, b, c, tps, gb in erows:
+        if not m.startswith("spectral"):
+            continue
+        # Amortized: every 512 decode steps each layer compresses one block per row (K and V).
+        blk, layers = (32, 2) if smoke else (512, 32)
+        comp_ms = bc.per_block_all_layers_ms(b, layers, 2 if smoke else 8, blk, d, 4 if smoke else 16,
+                                             8 if smoke else 32, device, 2 if smoke else 5)
+        step_ms = 1e3 * b / tps
+        amort = 100 * comp_ms / (blk * step_ms + comp_ms)
+        vs = f"{tps / base[(b, c)]:.2f}x DynamicCache" if (b, c) in base else "DynamicCache does not fit"
+        summary.append(f"e2e {m} B={b} ctx={c}: {tps:.1f} tok/s, {vs}; cache {gb:.2f} GB; compression amortized "
+                       f"{amort:.2f}% of decode (goal < 5%)")
+    return ok, summary
+
+
 def main():
+    global DEV
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="skip the knob sweep")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny sizes on the CPU: compression + end-to-end code paths only (for CI)")
     args = ap.parse_args()
+    if args.cpu_smoke:
+        DEV = "cpu"
+        log(f"cpu smoke run; torch {torch.__version__}")
+        ok, summary = compression_and_e2e("cpu", smoke=True)
+        log("\n== summary\n  " + "\n  ".join(summary))
+        log(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+        sys.exit(0 if ok else 1)
     props = torch.cuda.get_device_properties(0)
     card = props.name
     log(f"card: {card}, SMs {props.multi_processor_count}, L2 {props.L2_cache_size/1e6:.0f} MB; "
         f"torch {torch.__version__}, triton {triton.__version__}")
+    t_start = time.time()
     ok = correctness()
     bw = copy_bandwidth()
     log(f"\n== device-to-device copy: {bw:.0f} GB/s (read + write)")
-    decode_table(bw, args.quick)
+    results = decode_table(bw, args.quick)
     rsvd_bench()
+    try:
+        ok2, summary = compression_and_e2e("cuda", smoke=False)
+    except Exception:  # keep the decode results and write the file; the traceback says what broke
+        import traceback
+
+        log(traceback.format_exc()[-3000:])
+        ok2, summary = False, ["compression / end to end: FAILED (traceback above)"]
+    ok &= ok2
+    dec = []
+    for B, ctx, out, _ in results:
+        sd = out["sdpa"][0]
+        fused = min(v[0] for k, v in out.items() if k.startswith("fused"))
+        dec.append(f"decode B={B} ctx={ctx}: SDPA {sd * 1e3:.1f} us, naive torch spectral "
+                   f"{out['torch reference'][0] * 1e3:.1f} us, fused {fused * 1e3:.1f} us -> {sd / fused:.2f}x SDPA")
+    log(f"\n== summary ({card}, {time.time() - t_start:.0f} s)\n  " + "\n  ".join(dec + summary))
     log(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
     tag = card.replace("NVIDIA ", "").replace(" ", "_").replace("/", "_")
     path = os.path.join(args.out, f"gpu_decode_{tag}.txt")

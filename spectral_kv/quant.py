@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize", "dequantize", "qmax"]
+__all__ = ["quantize", "dequantize", "qmax", "pack_bits", "unpack_bits", "quantize_groups"]
 
 
 def qmax(bits: int) -> int:
@@ -57,3 +57,65 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torc
     else:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
     return (q.to(torch.float32) * scales.unsqueeze(-2)).to(dtype)
+
+
+# ---------------------------------------------------------------------------- grouped codes
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned ``bits``-bit codes (``[..., n]``, values < 2**bits) into uint8 ``[..., n*bits/8]``.
+
+    Works for any ``bits`` in 1..8 (3-bit codes included): the codes are laid out as a
+    little-endian bit stream, code ``j`` occupying bits ``j*bits .. j*bits+bits-1``.
+    ``n * bits`` must be a multiple of 8.
+    """
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits!r}")
+    n = codes.shape[-1]
+    if (n * bits) % 8:
+        raise ValueError(f"{n} codes of {bits} bits do not fill whole bytes")
+    if bits == 8:
+        return codes.to(torch.uint8)
+    shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
+    stream = ((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., n*bits]
+    stream = stream.reshape(*codes.shape[:-1], n * bits // 8, 8)
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
+    return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``[..., p]`` -> uint8 codes ``[..., p*8/bits]``."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits!r}")
+    if bits == 8:
+        return packed.to(torch.uint8)
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., p*8]
+    stream = stream.reshape(*packed.shape[:-1], -1, bits).to(torch.int32)
+    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization with statistics reduced over ``dim``.
+
+    Parameters
+    ----------
+    x : Tensor float32 ``[..., G, ...]``
+        ``dim`` is the axis of one group (its elements share scale and zero point).
+    bits : int in 1..8
+
+    Returns
+    -------
+    codes : uint8, same shape as ``x``, in ``[0, 2**bits - 1]``
+    scale, zero : float16, ``x``'s shape with ``dim`` kept as size 1
+        ``x ~= codes * scale + zero``; the error is at most ``scale / 2`` (plus float16
+        rounding of the statistics).
+    """
+    levels = (1 << bits) - 1
+    lo = x.amin(dim=dim, keepdim=True)
+    hi = x.amax(dim=dim, keepdim=True)
+    zero = lo.to(torch.float16)
+    scale = ((hi - zero.float()) / levels).to(torch.float16)
+    # A constant group gets scale 1 so the division stays finite (codes are then 0).
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((x - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
+    return codes, scale, zero

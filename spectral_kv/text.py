@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import os
 import pydoc
 import re
+from unittest import mock
 
 __all__ = ["CORPUS_MODULES", "stdlib_text", "stdlib_tokens", "CORPUS_NAME"]
 
@@ -19,20 +21,26 @@ CORPUS_MODULES = (
 )
 
 
-_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)  # every run_eval in a test process renders it
 def stdlib_text(modules=CORPUS_MODULES) -> str:
-    """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version)."""
+    """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version).
+
+    pydoc prints live module data: ``os.environ`` (the process environment) and object
+    reprs with memory addresses. Both would change the text, and with it every segment
+    offset, from one process to the next, so the environment is emptied while rendering
+    and addresses are removed.
+    """
     parts = []
-    for name in modules:
-        try:
-            doc = pydoc.render_doc(name, renderer=pydoc.plaintext)
-        except ImportError:  # a module missing from a trimmed Python: skip it, text stays real
-            continue
-        doc = _ADDRESS.sub("0x...", doc)  # reprs like <weakref at 0x7f...> differ per process
-        parts.append(re.sub(r"\n{3,}", "\n\n", doc))
+    with mock.patch.dict(os.environ, {}, clear=True):
+        for name in modules:
+            try:
+                doc = pydoc.render_doc(name, renderer=pydoc.plaintext)
+            except ImportError:  # a module missing from a trimmed Python: skip it, text stays real
+                continue
+            parts.append(re.sub(r"\n{3,}", "\n\n", _ADDRESS.sub("", doc)))
     return "\n\n".join(parts)
 
 

@@ -72,8 +72,10 @@ class TierManager:
     def __init__(self, config: SpectralConfig, name: str = "layer") -> None:
         self.config = config
         self.name = name
-        self.key_compressor: Compressor = COMPRESSORS[config.compressor](config, "keys", config.k_rank_keys)
-        self.value_compressor: Compressor = COMPRESSORS[config.compressor](config, "values", config.k_rank_values)
+        self.key_compressor: Compressor = COMPRESSORS[config.compressor_name("keys")](config, "keys", config.k_rank_keys)
+        self.value_compressor: Compressor = COMPRESSORS[config.compressor_name("values")](
+            config, "values", config.k_rank_values
+        )
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -85,6 +87,9 @@ class TierManager:
         self.cold_k = ColdPool()
         self.cold_v = ColdPool()
         self.seen = 0  # tokens appended per row, padding included (transformers' positions)
+        # Per row: how many of the newest positions are real tokens (no padding among them);
+        # `crop` can only remove positions it knows to be real tokens.
+        self.tail_valid: list[int] = []
 
     @property
     def initialized(self) -> bool:
@@ -127,6 +132,31 @@ class TierManager:
                 )
         else:
             self.config.check_head_dim(k.shape[3])
+        self._check_finite(k, v, valid)
+
+    def _check_finite(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """NaN/Inf in a real (non-padding) position is refused before anything is stored."""
+        if k.numel() == 0:
+            return
+        # Fast path: min/max reductions allocate no K-sized temporary (isfinite would) and
+        # propagate NaN; one host sync for both tensors.
+        if bool(torch.isfinite(torch.stack((*torch.aminmax(k), *torch.aminmax(v)))).all()):
+            return
+        finite = (torch.isfinite(k) & torch.isfinite(v)).all(dim=3).all(dim=1)  # [B, T]
+        if valid is not None:
+            finite = finite | ~valid.to(finite.device)
+        if bool(finite.all()):
+            return
+        rows = (~finite).any(dim=1).nonzero().squeeze(1).tolist()
+        which = [
+            role
+            for role, x in (("keys", k), ("values", v))
+            if not bool(torch.isfinite(x).all())
+        ]
+        raise ValueError(
+            f"{self.name}: {'/'.join(which)} of batch row(s) {rows} hold NaN/Inf; refusing to store them "
+            f"(the model produced non-finite {'/'.join(which)})"
+        )
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append new tokens, then compress every block that became ready.
@@ -145,9 +175,11 @@ class TierManager:
             self.exact_v = v.new_zeros(b, h, 0, d)
             self.n_exact = [0] * b
             self.n_cold = [0] * b
+            self.tail_valid = [0] * b
         self.seen += t
         if t == 0:
             return
+        self._track_tail(valid, t)
         width = self.exact_k.shape[2]
         if (valid is None or bool(valid.all())) and all(n == width for n in self.n_exact):
             # Common case (no padding): one concatenation, like DynamicCache.
@@ -157,6 +189,15 @@ class TierManager:
         else:
             self._append_ragged(k, v, valid)
         self._compress_ready()
+
+    def _track_tail(self, valid: torch.Tensor | None, t: int) -> None:
+        if valid is None or bool(valid.all()):
+            self.tail_valid = [n + t for n in self.tail_valid]
+            return
+        # Trailing real positions of this update: t - 1 - (index of the last padding position).
+        pos = torch.arange(t, device=valid.device).expand_as(valid)
+        last_pad = torch.where(valid, -1, pos).max(dim=1).values.tolist()
+        self.tail_valid = [n + t if lp < 0 else t - 1 - lp for n, lp in zip(self.tail_valid, last_pad)]
 
     def _append_ragged(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
         b, h, t, d = k.shape
@@ -283,13 +324,78 @@ class TierManager:
         if not self.initialized:
             return
         idx = index.to(self.exact_k.device).long()
+        if idx.dim() != 1:
+            raise ValueError(f"{self.name}: row index must be 1-D, got shape {tuple(idx.shape)}")
+        host = idx.tolist()
+        bad = [i for i in host if not -self.batch_size <= i < self.batch_size]
+        if bad:
+            raise IndexError(f"{self.name}: row index {bad} out of range for a batch of {self.batch_size}")
+        host = [i % self.batch_size for i in host]
+        idx = torch.tensor(host, dtype=torch.long, device=self.exact_k.device)
         self.exact_k = self.exact_k.index_select(0, idx)
         self.exact_v = self.exact_v.index_select(0, idx)
-        host = idx.tolist()
         self.n_exact = [self.n_exact[i] for i in host]
         self.n_cold = [self.n_cold[i] for i in host]
+        self.tail_valid = [self.tail_valid[i] for i in host]
         self.cold_k.select_rows(idx)
         self.cold_v.select_rows(idx)
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop ``-max_length``), like ``DynamicLayer.crop``.
+
+        Exact whenever every removed position is a real token held in the exact tiers, which
+        always holds for the ``hot_buffer_size`` newest tokens right after an update.
+        Otherwise raises `NotImplementedError` naming the boundary: a token folded into a
+        compressed block cannot be removed on its own.
+        """
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"{self.name}: crop(max_length) needs an int, got {max_length!r}")
+        if max_length < 0:
+            max_length = self.seen + max_length
+        drop = self.seen - max(max_length, 0)
+        if drop <= 0 or not self.initialized:
+            return
+        s = self.config.sink_tokens
+        for i in range(self.batch_size):
+            if drop > self.tail_valid[i]:
+                raise NotImplementedError(
+                    f"{self.name}: crop(max_length={max_length}) removes the last {drop} positions, but only the "
+                    f"last {self.tail_valid[i]} of batch row {i} are known to be real tokens (padding lies "
+                    f"beyond); cropping across padding is not supported"
+                )
+            removable = self.n_exact[i] - (s if self.n_cold[i] else 0)
+            if drop > removable:
+                boundary = self.seen - removable
+                raise NotImplementedError(
+                    f"{self.name}: crop(max_length={max_length}) would remove {drop} tokens, but batch row {i} holds "
+                    f"only its {removable} newest tokens exactly (positions >= {boundary}); tokens before that are "
+                    f"folded into {self.n_cold[i]} compressed block(s) and cannot be removed one by one. Crops of "
+                    f"at most hot_buffer_size={self.config.hot_buffer_size} tokens after an update are always exact"
+                )
+        self.n_exact = [n - drop for n in self.n_exact]
+        self.tail_valid = [n - drop for n in self.tail_valid]
+        self.seen -= drop
+        width = max(self.n_exact)
+        self.exact_k = self.exact_k[:, :, :width].contiguous()
+        self.exact_v = self.exact_v[:, :, :width].contiguous()
+
+    def restore(
+        self,
+        exact_k: torch.Tensor,
+        exact_v: torch.Tensor,
+        cold_k: dict[str, torch.Tensor],
+        cold_v: dict[str, torch.Tensor],
+        n_exact: list[int],
+        n_cold: list[int],
+        tail_valid: list[int],
+        seen: int,
+    ) -> None:
+        """Install a saved state (validated by `spectral_kv.persist`)."""
+        self.reset()
+        self.exact_k, self.exact_v = exact_k, exact_v
+        self.cold_k.parts, self.cold_v.parts = dict(cold_k), dict(cold_v)
+        self.n_exact, self.n_cold, self.tail_valid = list(n_exact), list(n_cold), list(tail_valid)
+        self.seen = int(seen)
 
     # ------------------------------------------------------------------ bytes
     def memory_report(self) -> dict[str, int]:

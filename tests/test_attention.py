@@ -31,9 +31,11 @@ shapes = dict(
 )
 
 
-@given(bits=st.sampled_from([None, 8, 4]), **shapes)
-def test_spectral_equals_reconstruct(bits, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
-    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits)
+@given(bits=st.sampled_from([None, 8, 4]), comp=st.sampled_from(["exact_svd", "hadamard"]), **shapes)
+def test_spectral_equals_reconstruct(bits, comp, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
+    vbits = "same" if comp == "exact_svd" else 3
+    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits,
+                         compressor=comp, value_bits=vbits)
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
@@ -46,7 +48,7 @@ def test_spectral_equals_reconstruct(bits, batch, kv_heads, group, d, sizes, tq,
 
 @given(name=st.sampled_from(["spectral", "reconstruct"]), **shapes)
 def test_full_rank_lossless_equals_exact_attention(name, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
-    cfg = SpectralConfig(block_size=16, k_rank_keys=d, k_rank_values=d, hot_buffer_size=2, sink_tokens=1, coeff_bits=None, basis_dtype="float32")
+    cfg = SpectralConfig(block_size=16, k_rank_keys=d, k_rank_values=d, hot_buffer_size=2, sink_tokens=1, compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)

@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from spectral_kv import COMPRESSORS, LowRankCompressor, SpectralConfig, register_compressor
 from spectral_kv.compressors import randomized_svd
 
-LOSSLESS = dict(coeff_bits=None, basis_dtype="float32")
+LOSSLESS = dict(coeff_bits=None, value_bits="same", basis_dtype="float32")
 
 
 def _matrix(n, t, d, seed, decay):

@@ -16,8 +16,12 @@ from spectral_kv import SpectralConfig, SpectralCache
         ("hot_buffer_size", 1000),
         ("hot_buffer_size", -1),
         ("sink_tokens", -2),
-        ("coeff_bits", 3),
+        ("coeff_bits", 5),
         ("coeff_bits", 16),
+        ("value_bits", 7),
+        ("value_bits", "half"),
+        ("quant_group", 0),
+        ("value_compressor", "no_such_compressor"),
         ("compressor", "no_such_compressor"),
         ("attention", "no_such_attention"),
         ("basis_dtype", "int8"),
@@ -26,13 +30,20 @@ from spectral_kv import SpectralConfig, SpectralCache
 )
 def test_invalid_value_raises_naming_it(field, value):
     with pytest.raises(ValueError) as err:
-        SpectralConfig(**{field: value})
+        SpectralConfig(**{field: value}, **({"compressor": "exact_svd", "value_bits": "same"} if field.startswith("k_rank") else {}))
     assert repr(value) in str(err.value) or str(value) in str(err.value)
 
 
 def test_int4_needs_even_rank():
     with pytest.raises(ValueError, match="k_rank_values=15"):
-        SpectralConfig(coeff_bits=4, k_rank_keys=16, k_rank_values=15)
+        SpectralConfig(compressor="exact_svd", coeff_bits=4, value_bits="same", k_rank_keys=16, k_rank_values=15)
+
+
+def test_svd_compressors_reject_bits_they_cannot_store():
+    with pytest.raises(ValueError, match=r"value_bits=3 is not supported by compressor 'exact_svd' \(values\)"):
+        SpectralConfig(compressor="exact_svd", coeff_bits=8, value_bits=3)
+    with pytest.raises(ValueError, match="not factored"):
+        SpectralConfig(value_compressor="kivi4")
 
 
 def test_rank_above_head_dim_rejected_against_model():
@@ -40,13 +51,22 @@ def test_rank_above_head_dim_rejected_against_model():
 
     model_config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
     with pytest.raises(ValueError, match="k_rank_values=32 exceeds the model's head_dim=16"):
-        SpectralCache(SpectralConfig(k_rank_keys=8, k_rank_values=32), model_config)
+        SpectralCache(SpectralConfig(compressor="exact_svd", value_bits="same", k_rank_keys=8, k_rank_values=32), model_config)
+    # the ranks do not constrain compressors that have none (the default, hadamard)
+    assert SpectralCache(SpectralConfig(k_rank_keys=8, k_rank_values=32), model_config) is not None
 
 
-def test_defaults_are_the_original_design_plus_sinks():
+def test_defaults_are_the_balanced_preset_with_the_original_tiers():
     c = SpectralConfig()
     assert (c.block_size, c.k_rank_keys, c.k_rank_values, c.hot_buffer_size) == (512, 16, 32, 64)
-    assert c.use_spectral_attention and c.verbose and c.coeff_bits == 8 and c.sink_tokens == 4
+    assert c.use_spectral_attention and c.verbose and c.sink_tokens == 4
+    assert c == SpectralConfig.preset("balanced")
+    assert (c.compressor_name("keys"), c.bits("keys"), c.bits("values")) == ("hadamard", 4, 3)
+    o = SpectralConfig.preset("original")
+    assert (o.compressor, o.k_rank_keys, o.k_rank_values, o.coeff_bits, o.sink_tokens) == ("exact_svd", 16, 32, 8, 0)
+    assert o.bits("values") == 8
+    with pytest.raises(ValueError, match="no_such_preset"):
+        SpectralConfig.preset("no_such_preset")
     assert c.attention_name == "spectral"
     assert SpectralConfig(use_spectral_attention=False).attention_name == "reconstruct"
 

@@ -45,5 +45,5 @@ def test_error_bound_layout_and_bytes(cls, role):
     held = sum(p.numel() * p.element_size() for p in parts.values())
     fp16 = x.numel() * 2
     # codes bits/16 of fp16 plus 2 fp16 statistics per 32 elements
-    assert held == fp16 * cls.bits // 16 + x.numel() // 32 * 4
+    assert held == fp16 * cls.fixed_bits // 16 + x.numel() // 32 * 4
     assert held < fp16

@@ -7,7 +7,7 @@ from spectral_kv import SpectralConfig, TierManager
 
 
 def _lossless(**kw):
-    base = dict(block_size=8, k_rank_keys=6, k_rank_values=6, hot_buffer_size=3, sink_tokens=2, coeff_bits=None, basis_dtype="float32")
+    base = dict(block_size=8, k_rank_keys=6, k_rank_values=6, hot_buffer_size=3, sink_tokens=2, compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
     base.update(kw)
     return SpectralConfig(**base)
 

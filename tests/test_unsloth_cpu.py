@@ -97,7 +97,7 @@ class CacheLength(LogitsProcessor):
 def _lossless(head_dim):
     return dict(
         block_size=max(16, head_dim), hot_buffer_size=4, k_rank_keys=head_dim, k_rank_values=head_dim,
-        sink_tokens=1, coeff_bits=None, basis_dtype="float32",
+        sink_tokens=1, compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32",
     )
 
 

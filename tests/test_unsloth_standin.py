@@ -34,7 +34,7 @@ from spectral_kv.integrations.unsloth import (
 
 LOSSLESS = dict(  # full rank (head_dim 16), unquantized fp32 bases: compression must change nothing
     block_size=16, hot_buffer_size=2, k_rank_keys=16, k_rank_values=16, sink_tokens=1,
-    coeff_bits=None, basis_dtype="float32", verbose=False,
+    compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False,
 )
 NEW = 24
 

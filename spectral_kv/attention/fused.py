@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..compressors import LowRankCompressor
 from ..kernels.fused_decode import HAS_TRITON, fused_decode
 from .base import register_attention
 from .spectral import SpectralAttention
@@ -23,7 +24,8 @@ class FusedAttention(SpectralAttention):
     """`spectral` with decode steps (``Tq == 1``) routed to ``spectral_kv::fused_decode``.
 
     The kernel serves int8 coefficients with an fp16 basis, rows whose exact tokens are a
-    prefix of the exact buffer (no padding inside it) and a query that sees all of them.
+    prefix of the exact buffer (no padding inside it) and a query that sees all of them
+    (``exact_mask is None``).
     Anything else (prefill, int4 or unquantized coefficients, ragged padded rows, CPU
     without the interpreter) runs the inherited torch `spectral` math, which computes the
     same function; `kernel_calls` / `fallback_calls` count which path ran.
@@ -33,14 +35,18 @@ class FusedAttention(SpectralAttention):
         super().__init__(config, key_compressor, value_compressor)
         self.kernel_calls = 0
         self.fallback_calls = 0
+        # The kernel reads int8 coefficients with per-component scales and a stored basis.
+        self._int8_svd = all(isinstance(c, LowRankCompressor) and c.bits == 8 for c in (key_compressor, value_compressor))
 
     def _kernel_ok(self, q, cold_k, exact_mask) -> bool:
         return (
             q.shape[2] == 1
             and _kernel_runs_on(q)
-            and self.config.coeff_bits == 8
+            and self._int8_svd
             and self.config.basis_dtype == "float16"
-            and (exact_mask is None or bool(exact_mask.all()))
+            # Static check only: inspecting the mask's values would sync the host and break a
+            # torch.compile graph. SpectralLayer passes None whenever no exact token is masked.
+            and exact_mask is None
         )
 
     def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):

@@ -45,7 +45,9 @@ class ReconstructAttention(AttentionStrategy):
             exact_k.shape[2],
             q.device,
         )
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=hq != h)
+        # A Python bool: under torch.compile `hq != h` is a SymBool, which SDPA rejects.
+        gqa = True if hq != h else False  # noqa: SIM210
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
         if mask is not None:
             # SDPA's output for a query that sees nothing is undefined (NaN on some
             # backends); those are padding positions, and their zeros keep later layers finite.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compressors import LowRankCompressor
+from ..compressors import FactoredCompressor
 from .base import AttentionStrategy, register_attention
 
 __all__ = ["SpectralAttention"]
@@ -23,8 +23,8 @@ class SpectralAttention(AttentionStrategy):
     def __init__(self, config, key_compressor, value_compressor):
         super().__init__(config, key_compressor, value_compressor)
         for comp in (key_compressor, value_compressor):
-            if not isinstance(comp, LowRankCompressor):
-                raise ValueError(f"attention='spectral' needs a low-rank compressor, got {type(comp).__name__}")
+            if not isinstance(comp, FactoredCompressor):
+                raise ValueError(f"attention='spectral' needs a factored compressor, got {type(comp).__name__}")
 
     def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):
         b, hq, tq, d = q.shape
@@ -32,35 +32,49 @@ class SpectralAttention(AttentionStrategy):
         g = hq // h
         # [B, H, G*Tq, D]: row r of KV head h is query head h*G + r // Tq at position r % Tq.
         qf = q.float().reshape(b, h, g * tq, d)
+        # Scores are kept keys-major, [B, H, L, GTq], and every cold product is a batched matmul
+        # of contiguous operands whose block axis NB only ever needs splitting or merging with
+        # a neighbour that is contiguous with it. Under torch.compile(dynamic=True) that keeps NB
+        # a free symbol: einsum's planner, broadcasting matmuls and reshapes of transposed
+        # views all guard on NB == 1, i.e. recompile when the cache grows its second block.
 
-        def fold(mask):  # [B, 1, Tq, L] -> [B, 1, G*Tq, L]
-            return mask.unsqueeze(2).expand(b, 1, g, tq, mask.shape[-1]).reshape(b, 1, g * tq, mask.shape[-1])
+        def fold(mask):  # [B, 1, Tq, L] -> [B, 1, L, G*Tq]
+            m = mask.unsqueeze(2).expand(b, 1, g, tq, mask.shape[-1]).reshape(b, 1, g * tq, mask.shape[-1])
+            return m.transpose(-1, -2)
 
-        exact_scores = (qf @ exact_k.float().transpose(-1, -2)) * scaling  # [B, H, GTq, Te]
+        exact_scores = (exact_k.float() @ qf.transpose(-1, -2)) * scaling  # [B, H, Te, GTq]
         if exact_mask is not None:
             exact_scores = exact_scores.masked_fill(~fold(exact_mask), float("-inf"))
-        parts = [exact_scores]
+        # One softmax over cold and exact keys, computed from the two score blocks separately
+        # (a concatenate-then-slice would make p_cold a strided view, see above).
+        if exact_scores.shape[-2]:
+            m = exact_scores.amax(dim=-2, keepdim=True)  # [B, H, 1, GTq]
+        else:
+            m = exact_scores.new_full((b, h, 1, g * tq), float("-inf"))
         nb = 0
         if cold_k:
             ck = self.key_compressor.coefficients(cold_k)  # [B, H, NB, T, rk]
-            nb, t = ck.shape[2], ck.shape[3]
-            qb = torch.einsum("bhqd,bhnrd->bhnqr", qf, cold_k["basis"].float())
-            cold_scores = torch.einsum("bhnqr,bhntr->bhqnt", qb, ck).reshape(b, h, g * tq, nb * t) * scaling
+            nb, t, rk = ck.shape[2], ck.shape[3], ck.shape[4]
+            qb = self.key_compressor.basis(cold_k).reshape(b, h, nb * rk, d) @ qf.transpose(-1, -2)  # [B, H, NB*rk, GTq]
+            cold_scores = ck @ qb.reshape(b, h, nb, rk, g * tq)  # [B, H, NB, T, GTq]
+            cold_scores = cold_scores.reshape(b, h, nb * t, g * tq) * scaling
             if cold_valid is not None:
-                keep = cold_valid[:, None, None, :, None].expand(b, 1, 1, nb, t).reshape(b, 1, 1, nb * t)
+                keep = cold_valid[:, None, :, None, None].expand(b, 1, nb, t, 1).reshape(b, 1, nb * t, 1)
                 cold_scores = cold_scores.masked_fill(~keep, float("-inf"))
-            parts.insert(0, cold_scores)
-        scores = torch.cat(parts, dim=-1)
-        m = scores.amax(dim=-1, keepdim=True)
+            m = torch.maximum(m, cold_scores.amax(dim=-2, keepdim=True))
         seen = torch.isfinite(m)
-        p = torch.exp(scores - torch.where(seen, m, torch.zeros_like(m)))
-        p = p / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        n_cold_tokens = scores.shape[-1] - exact_scores.shape[-1]
-        out = p[..., n_cold_tokens:] @ exact_v.float()
+        m = torch.where(seen, m, torch.zeros_like(m))
+        p = torch.exp(exact_scores - m)
+        denom = p.sum(dim=-2, keepdim=True)
+        out = p.transpose(-1, -2) @ exact_v.float()  # [B, H, GTq, D]
         if nb:
             cv = self.value_compressor.coefficients(cold_v)  # [B, H, NB, T, rv]
-            p_cold = p[..., :n_cold_tokens].reshape(b, h, g * tq, nb, t)
-            pc = torch.einsum("bhqnt,bhntr->bhnqr", p_cold, cv)
-            out = out + torch.einsum("bhnqr,bhnrd->bhqd", pc, cold_v["basis"].float())
-        out = out.masked_fill(~seen, 0.0)
+            rv = cv.shape[-1]
+            p_cold = torch.exp(cold_scores - m)
+            denom = denom + p_cold.sum(dim=-2, keepdim=True)
+            pc = cv.transpose(-1, -2) @ p_cold.reshape(b, h, nb, t, g * tq)  # [B, H, NB, rv, GTq]
+            bv = self.value_compressor.basis(cold_v).reshape(b, h, nb * rv, d)
+            out = out + pc.reshape(b, h, nb * rv, g * tq).transpose(-1, -2) @ bv
+        out = out / denom.clamp_min(torch.finfo(torch.float32).tiny).transpose(-1, -2)
+        out = out.masked_fill(~seen.transpose(-1, -2), 0.0)
         return out.reshape(b, hq, tq, d).to(q.dtype)

@@ -1,14 +1,19 @@
 """Compressors: the registry and the built-in entries (importing registers them)."""
 
-from .base import COMPRESSORS, Compressor, LowRankCompressor, register_compressor
+from .base import COMPRESSORS, Compressor, FactoredCompressor, LowRankCompressor, register_compressor
 from .exact import ExactSVD
+from .grouped import GroupQuantCompressor, HadamardCompressor
 from .kivi import Kivi2, Kivi4, KiviCompressor
 from .randomized import RandomizedSVD, randomized_svd
+from .triton_rsvd import TritonRSVD
 
 __all__ = [
     "COMPRESSORS",
     "Compressor",
+    "FactoredCompressor",
     "LowRankCompressor",
+    "GroupQuantCompressor",
+    "HadamardCompressor",
     "register_compressor",
     "ExactSVD",
     "KiviCompressor",
@@ -16,4 +21,5 @@ __all__ = [
     "Kivi2",
     "RandomizedSVD",
     "randomized_svd",
+    "TritonRSVD",
 ]

@@ -11,7 +11,7 @@ from ..config import DTYPES, SpectralConfig
 from ..quant import dequantize, quantize
 from ..registry import Registry
 
-__all__ = ["Compressor", "LowRankCompressor", "COMPRESSORS", "register_compressor"]
+__all__ = ["Compressor", "FactoredCompressor", "LowRankCompressor", "COMPRESSORS", "register_compressor"]
 
 COMPRESSORS: Registry["Compressor"] = Registry("compressor")
 
@@ -39,11 +39,26 @@ class Compressor(ABC):
 
     name: ClassVar[str]
     low_rank: ClassVar[bool] = False
+    # Coefficient bit widths this compressor accepts (``None`` = unquantized); empty = it
+    # ignores the config's bits (e.g. KIVI, whose width is in its name).
+    supported_bits: ClassVar[tuple] = ()
 
     def __init__(self, config: SpectralConfig, role: str, rank: int) -> None:
         self.config = config
         self.role = role
         self.rank = rank
+        self.bits = config.bits(role)
+
+    @classmethod
+    def check_config(cls, config: SpectralConfig, role: str) -> None:
+        """Raise ``ValueError`` if ``config`` asks ``role`` for something this compressor can't do."""
+        bits = config.bits(role)
+        if cls.supported_bits and bits not in cls.supported_bits:
+            field = "coeff_bits" if role == "keys" or config.value_bits == "same" else "value_bits"
+            raise ValueError(
+                f"{field}={bits!r} is not supported by compressor {config.compressor_name(role)!r} "
+                f"({role}); choose one of {list(cls.supported_bits)}"
+            )
 
     @abstractmethod
     def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -54,17 +69,45 @@ class Compressor(ABC):
         """Rebuild ``[..., T, D]`` in ``dtype`` from tensors with any leading dims."""
 
 
-class LowRankCompressor(Compressor):
+class FactoredCompressor(Compressor):
+    """A compressor whose blocks are ``coefficients @ basis``, so attention can run in the
+    compressed space (the ``spectral`` strategy): scores ``(q @ basisᵀ) @ coefficientsᵀ``,
+    outputs ``(p @ coefficients) @ basis``."""
+
+    low_rank: ClassVar[bool] = True
+
+    @abstractmethod
+    def coefficients(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dequantized coefficients, float32 ``[..., T, r]``."""
+
+    @abstractmethod
+    def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The basis ``[..., r, D]`` (float32; may be an expanded view of a shared matrix)."""
+
+    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return (self.coefficients(parts) @ self.basis(parts)).to(dtype)
+
+
+class LowRankCompressor(FactoredCompressor):
     """A block as ``coeffs @ basis``: coefficients quantized per component, basis in ``basis_dtype``.
 
     Stored parts: ``coeffs`` (int8 ``[N, T, r]``, or uint8 ``[N, T, r/2]`` for 4 bits, or
-    unquantized float32 when ``coeff_bits`` is None), ``scales`` float32 ``[N, r]`` (absent
+    unquantized float32 when the role's bits are None), ``scales`` float32 ``[N, r]`` (absent
     when unquantized) and ``basis`` ``[N, r, D]`` with orthonormal rows, so the singular
     values live in the coefficients and one scale per component fits them.
     Subclasses implement :meth:`factorize`.
     """
 
-    low_rank: ClassVar[bool] = True
+    supported_bits: ClassVar[tuple] = (8, 4, None)
+
+    @classmethod
+    def check_config(cls, config: SpectralConfig, role: str) -> None:
+        super().check_config(config, role)
+        name = "k_rank_keys" if role == "keys" else "k_rank_values"
+        if config.rank(role) > config.block_size:
+            raise ValueError(f"{name}={config.rank(role)} exceeds block_size={config.block_size}")
+        if config.bits(role) == 4 and config.rank(role) % 2:
+            raise ValueError(f"{name}={config.rank(role)} must be even with 4-bit coefficients (two per byte)")
 
     @abstractmethod
     def factorize(self, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,16 +116,16 @@ class LowRankCompressor(Compressor):
     def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         coeffs, basis = self.factorize(x, self.rank)
         basis = basis.to(DTYPES[self.config.basis_dtype])
-        if self.config.coeff_bits is None:
+        if self.bits is None:
             return {"coeffs": coeffs.float(), "basis": basis}
-        codes, scales = quantize(coeffs, self.config.coeff_bits)
+        codes, scales = quantize(coeffs, self.bits)
         return {"coeffs": codes, "scales": scales, "basis": basis}
 
     def coefficients(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Dequantized coefficients, float32 ``[..., T, r]``."""
-        if self.config.coeff_bits is None:
+        if self.bits is None:
             return parts["coeffs"].float()
-        return dequantize(parts["coeffs"], parts["scales"], self.config.coeff_bits)
+        return dequantize(parts["coeffs"], parts["scales"], self.bits)
 
-    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return (self.coefficients(parts) @ parts["basis"].float()).to(dtype)
+    def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["basis"].float()

@@ -35,7 +35,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..attention import ATTENTION_STRATEGIES
+from ..attention.compiled import compile_attend
 from ..config import SpectralConfig
+from ..persist import load_cache, model_identity, save_cache
 from ..tiers import TierManager
 
 __all__ = [
@@ -92,6 +94,8 @@ class SpectralLayer(CacheLayerMixin):
         # the same function (tested), the cold part is transient there, and SDPA's fused
         # kernels beat a Tq x L float32 score matrix by ~6x on a 3K-token CPU prefill.
         self.prefill_strategy = ATTENTION_STRATEGIES["reconstruct"](*comps)
+        # Decode steps only: a prompt is attended once, compiling it would cost more than it saves.
+        self.decode_attend = compile_attend(self.strategy) if config.compile else self.strategy.attend
         self.attention_calls = 0
         self._staged = False
 
@@ -155,10 +159,12 @@ class SpectralLayer(CacheLayerMixin):
         self.tiers.select_rows(torch.arange(b).repeat_interleave(repeats))
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "SpectralCache.crop (used by assisted/speculative decoding) is not supported: tokens already "
-            "folded into a compressed block cannot be removed one by one"
-        )
+        """Exact when only tokens of the exact tiers are removed (see `TierManager.crop`), else
+        `NotImplementedError` naming the boundary."""
+        try:
+            self.tiers.crop(max_length)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"SpectralCache.crop: {exc}") from None
 
     def offload(self):
         raise NotImplementedError("SpectralCache does not support offloading layers to the CPU")
@@ -187,7 +193,10 @@ class SpectralLayer(CacheLayerMixin):
                     f"SpectralCache layer {self.layer_idx}: attention mask covers {mask.shape[-1]} positions, "
                     f"the cache expects {self.tiers.seen + tq}"
                 )
-            chunk_mask = mask[:, :1, :, -tq:].expand(b, 1, tq, tq)
+            # A decode query is the newest token and always sees itself, so it needs no chunk
+            # mask; leaving it None keeps exact_mask None in unpadded batches, which lets the
+            # fused kernel run without a host-side mask check (a sync and a graph break).
+            chunk_mask = mask[:, :1, :, -tq:].expand(b, 1, tq, tq) if tq > 1 else None
             valid_new = mask[:, 0, -1, -tq:].expand(b, tq)
         else:
             chunk_mask = None
@@ -213,8 +222,8 @@ class SpectralLayer(CacheLayerMixin):
                     )
                     new = chunk_mask if chunk_mask is not None else torch.ones(b, 1, tq, tq, dtype=torch.bool, device=query.device)
                     exact_mask = torch.cat((past, new), dim=-1)
-        strategy = self.strategy if tq == 1 else self.prefill_strategy
-        out = strategy.attend(query, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
+        attend = self.decode_attend if tq == 1 else self.prefill_strategy.attend
+        out = attend(query, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
         self.tiers.append(key, value, None if valid_new is None or bool(valid_new.all()) else valid_new.contiguous())
         return out
 
@@ -251,6 +260,7 @@ class SpectralCache(Cache):
             config = config.replace(**overrides)
         self.config = config
         self.exact_layer_indices: list[int] = []
+        self.model_identity = None if model_config is None else model_identity(model_config)
         if model_config is None:
             super().__init__(layer_class_to_replicate=lambda: SpectralLayer(config, len(self.layers)))
             return
@@ -302,6 +312,17 @@ class SpectralCache(Cache):
         total["ratio"] = total.get("dense_bytes", 0) / total["total_bytes"] if total.get("total_bytes") else 1.0
         total["per_layer"] = per_layer
         return total
+
+    def save(self, path) -> str:
+        """Write every tier of every layer to a safetensors file (see `spectral_kv.persist`);
+        returns the file's sha256."""
+        return save_cache(self, path)
+
+    @classmethod
+    def load(cls, path, model_or_config, *, config: SpectralConfig | None = None, device=None) -> "SpectralCache":
+        """Read a cache written by `save`, validated against ``model_or_config`` (and ``config``
+        when given); a `ValueError` names whatever mismatched."""
+        return load_cache(path, model_or_config, config=config, device=device)
 
     def attention_calls(self) -> int:
         """Times the spectral attention ran over this cache's layers."""
@@ -421,10 +442,8 @@ def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -
     if verbose:
         probe = SpectralCache(config.replace(verbose=False), model.config)
         n = len(probe.spectral_layers)
-        bits = "fp" if config.coeff_bits is None else f"int{config.coeff_bits}"
         print(
             f"spectral_kv: patched {type(model).__name__}: {n}/{len(probe.layers)} layers compressed "
-            f"(block {config.block_size}, rank k{config.k_rank_keys}/v{config.k_rank_values} {bits}, "
-            f"{config.sink_tokens} sinks, hot {config.hot_buffer_size}, attention={config.attention_name})"
+            f"({config.summary()})"
         )
     return handle

@@ -309,8 +309,9 @@ def patch_unsloth_attention(
         is printed at once, and after the first ``generate`` whether the spectral attention ran.
     **more
         Any other `SpectralConfig` field (``sink_tokens``, ``coeff_bits``, ``compressor``...),
-        or ``config=SpectralConfig(...)`` to pass a whole config (the named arguments then
-        override its fields only where they differ from their defaults).
+        or ``config=SpectralConfig(...)`` to pass a whole config, or ``preset="balanced"``
+        (``original``, ``fast``, ``max-compression``; see `spectral_kv.presets`); the named
+        arguments then override its fields only where they differ from their defaults.
 
     Returns
     -------
@@ -325,7 +326,8 @@ def patch_unsloth_attention(
     RuntimeError
         If the model is already patched.
     """
-    base = more.pop("config", None) or SpectralConfig()
+    preset = more.pop("preset", None)
+    base = more.pop("config", None) or (SpectralConfig.preset(preset) if preset else SpectralConfig())
     named = dict(
         block_size=block_size,
         k_rank_keys=k_rank_keys,

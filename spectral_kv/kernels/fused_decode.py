@@ -457,8 +457,12 @@ def fused_decode(
         )
     _check_inputs(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,
                   n_cold, exact_k, exact_v, n_exact)
-    return torch.ops.spectral_kv.fused_decode(
-        q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,
-        n_cold, exact_k, exact_v, n_exact, float(scaling),
-        blocks_per_split, block_t, num_warps, num_stages, pv_half,
-    )
+    args = (q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,
+            n_cold, exact_k, exact_v, n_exact, float(scaling),
+            blocks_per_split, block_t, num_warps, num_stages, pv_half)
+    if q.is_cuda and q.get_device() != torch.cuda.current_device():
+        # Triton launches on the *current* device: a layer on another GPU (device_map split)
+        # must make its own device current for the launch.
+        with torch.cuda.device(q.device):
+            return torch.ops.spectral_kv.fused_decode(*args)
+    return torch.ops.spectral_kv.fused_decode(*args)

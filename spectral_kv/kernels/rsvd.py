@@ -121,6 +121,7 @@ def randomized_svd_lowrank(
     seed: int = 0,
     sketch: torch.Tensor | None = None,
     jacobi_sweeps: int = 6,
+    eigh=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``rank`` factorization x ~= coeffs @ basis, capturable in a CUDA graph.
 
@@ -134,6 +135,8 @@ def randomized_svd_lowrank(
     sketch : optional pre-drawn float32 [N, D, l] test matrix; pass it when capturing a
         graph so that no generator is used inside the capture.
     jacobi_sweeps : fixed sweep count of the small eigensolver.
+    eigh : the small symmetric eigensolver, ``(a, sweeps) -> (w desc, v)``; default
+        :func:`jacobi_eigh` (torch ops); `kernels.jacobi.jacobi_eigh_triton` is one launch.
 
     Returns
     -------
@@ -152,7 +155,7 @@ def randomized_svd_lowrank(
     gram = bm @ bm.transpose(1, 2)  # [N, l, l]
     # Normalize so Jacobi works on O(1) numbers whatever the data scale.
     tr = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)[:, None, None]
-    _, w = jacobi_eigh(gram / tr, sweeps=jacobi_sweeps)
+    _, w = (eigh or jacobi_eigh)(gram / tr, jacobi_sweeps)
     vt = w[:, :, :rank].transpose(1, 2) @ bm  # [N, r, D], rows ~ sigma_i v_i^T
     # Normalize rows and remove residual non-orthogonality (Gram eigvecs lose ~cond digits).
     vt = vt * torch.rsqrt((vt * vt).sum(-1, keepdim=True).clamp_min(1e-30))

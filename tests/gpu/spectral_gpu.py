@@ -42,7 +42,7 @@ def greedy(model, ids, n, **kw):
 
 print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}")
 lossless = sk.SpectralConfig(block_size=16, k_rank_keys=16, k_rank_values=16, hot_buffer_size=4, sink_tokens=2,
-                             coeff_bits=None, basis_dtype="float32", verbose=False)
+                             compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
 for arch in ("llama", "qwen3", "mistral"):
     model = tiny(arch).cuda()
     ids = torch.randint(1, 96, (2, 70), generator=torch.Generator().manual_seed(0)).cuda()
@@ -54,7 +54,7 @@ for arch in ("llama", "qwen3", "mistral"):
         blocks = sum(sum(layer.tiers.n_cold) for layer in patch.last_cache.spectral_layers)
         check(f"{arch} fp32 cuda lossless {attention} (fused: torch fallback, unquantized) == DynamicCache", torch.equal(out, ref), f"cold blocks={blocks}")
 
-lossy = sk.SpectralConfig(block_size=32, k_rank_keys=8, k_rank_values=12, hot_buffer_size=8, sink_tokens=4, verbose=False)
+lossy = sk.SpectralConfig.preset("fast", block_size=32, k_rank_keys=8, k_rank_values=12, hot_buffer_size=8, sink_tokens=4, verbose=False)
 model = tiny("llama").cuda().to(torch.bfloat16)
 ids = torch.randint(1, 96, (3, 150), generator=torch.Generator().manual_seed(1)).cuda()
 results = {}

@@ -100,7 +100,7 @@ def run(kind: str, root: str) -> None:
     check(any("paged_attention" in a.__dict__ for a in attn), "fast path ran: paged_attention buffers on attention modules")
 
     lossless = dict(block_size=32, hot_buffer_size=4, k_rank_keys=32, k_rank_values=32, sink_tokens=1,
-                    coeff_bits=None, basis_dtype="float32")
+                    compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
     patch = patch_unsloth_attention(model, verbose=True, **lossless)
     check(patch.path == "unsloth_gated", "patch took the gated path")
     check(all(m.__dict__.get("_unsloth_fast_path") is False for m in model.modules()), "flags cleared on every module")

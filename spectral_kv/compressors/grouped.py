@@ -1,0 +1,145 @@
+"""Grouped asymmetric quantization of blocks in a fixed orthonormal basis.
+
+``x ~= C @ R`` with ``R`` a fixed ``D x D`` orthonormal matrix (identity for KIVI, a
+Hadamard matrix for ``hadamard``) and ``C = x @ Rᵀ`` quantized asymmetrically (min/max,
+float16 scale and zero point) in groups:
+
+* keys: one scale and zero per channel over ``group`` consecutive tokens (keys have
+  outlier *channels*, KIVI's observation);
+* values: one scale and zero per token over ``group`` consecutive channels.
+
+Codes of any width 1..8 are bit-packed (3-bit codes cost 3 bits). A rotation spreads
+outlier channels over all channels before quantizing (QuaRot, SpinQuant): on the embedded
+SmolLM2, 3-bit values after a Hadamard rotation lose less than 4-bit values without one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from ..config import SpectralConfig
+from ..quant import pack_bits, quantize_groups, unpack_bits
+from .base import Compressor, FactoredCompressor, register_compressor
+
+__all__ = ["GroupQuantCompressor", "HadamardCompressor", "rotation_matrix", "hadamard_matrix"]
+
+
+def hadamard_matrix(d: int) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix ``[d, d]`` float32 (``d`` a power of two)."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"a Hadamard matrix needs a power-of-two size, got {d}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / math.sqrt(d)
+
+
+def rotation_matrix(d: int, seed: int) -> torch.Tensor:
+    """Hadamard for power-of-two ``d``, else a seeded random orthogonal matrix (QR)."""
+    if d & (d - 1) == 0:
+        return hadamard_matrix(d)
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+class GroupQuantCompressor(Compressor):
+    """Rotate by ``R`` (subclass: :meth:`rotation`), quantize in groups, bit-pack.
+
+    Stored parts: ``codes`` uint8 ``[N, T, D*bits/8]``; keys: ``scale`` / ``zero`` float16
+    ``[N, T/g, D]``; values: ``[N, T, D/g]`` (``g = min(group, T or D)``). With unquantized
+    bits (``None``) the rotated coefficients are stored as float32 ``coeffs``.
+    """
+
+    fixed_bits: ClassVar[int | None] = None  # KIVI: the width is part of the name
+
+    def __init__(self, config: SpectralConfig, role: str, rank: int) -> None:
+        super().__init__(config, role, rank)
+        if self.fixed_bits is not None:
+            self.bits = self.fixed_bits
+        self.group = config.quant_group
+        self._rot: dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ rotation
+    def rotation(self, d: int) -> torch.Tensor | None:
+        """``R`` ``[d, d]`` float32, or ``None`` for the identity."""
+        return None
+
+    def _rotation(self, d: int, device: torch.device) -> torch.Tensor | None:
+        key = (d, str(device))
+        if key not in self._rot:
+            r = self.rotation(d)
+            self._rot[key] = None if r is None else r.to(device)
+        return self._rot[key]
+
+    # ------------------------------------------------------------------ codec
+    def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, t, d = x.shape
+        x = x.float()
+        r = self._rotation(d, x.device)
+        c = x if r is None else x @ r.T
+        if self.bits is None:
+            return {"coeffs": c}
+        if self.role == "keys":
+            g = min(self.group, t)
+            if t % g:
+                raise ValueError(f"{type(self).__name__} keys: a block of {t} tokens is not a multiple of quant_group={g}")
+            codes, scale, zero = quantize_groups(c.reshape(n, t // g, g, d), self.bits, dim=2)
+            scale, zero = scale.squeeze(2), zero.squeeze(2)  # [N, T/g, D]
+        else:
+            g = min(self.group, d)
+            if d % g:
+                raise ValueError(f"{type(self).__name__} values: head_dim {d} is not a multiple of quant_group={g}")
+            codes, scale, zero = quantize_groups(c.reshape(n, t, d // g, g), self.bits, dim=3)
+            scale, zero = scale.squeeze(3), zero.squeeze(3)  # [N, T, D/g]
+        return {"codes": pack_bits(codes.reshape(n, t, d), self.bits), "scale": scale, "zero": zero}
+
+    def coefficients(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Dequantized rotated coefficients, float32 ``[..., T, D]``."""
+        if self.bits is None:
+            return parts["coeffs"].float()
+        codes = unpack_bits(parts["codes"], self.bits).float()  # [..., T, D]
+        scale, zero = parts["scale"].float(), parts["zero"].float()
+        *lead, t, d = codes.shape
+        if self.role == "keys":
+            g = t // scale.shape[-2]
+            x = codes.reshape(*lead, t // g, g, d) * scale.unsqueeze(-2) + zero.unsqueeze(-2)
+        else:
+            g = d // scale.shape[-1]
+            x = codes.reshape(*lead, t, d // g, g) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        return x.reshape(*lead, t, d)
+
+    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        c = self.coefficients(parts)
+        r = self._rotation(c.shape[-1], c.device)
+        return (c if r is None else c @ r).to(dtype)
+
+
+@register_compressor("hadamard")
+class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
+    """Hadamard-rotated grouped quantization (full rank, no stored basis).
+
+    A factored compressor with a fixed basis ``R`` shared by every block (nothing stored
+    per block), so the ``spectral`` strategy attends in the rotated space. ``head_dim``
+    that is not a power of two gets a seeded random orthogonal rotation instead.
+    """
+
+    supported_bits: ClassVar[tuple] = (2, 3, 4, 8, None)
+
+    def rotation(self, d: int) -> torch.Tensor:
+        return rotation_matrix(d, self.config.seed)
+
+    def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        ref = parts["codes"] if "codes" in parts else parts["coeffs"]
+        r = self._rotation(self._head_dim(parts), ref.device)
+        return r.expand(*ref.shape[:-2], *r.shape)
+
+    def _head_dim(self, parts: dict[str, torch.Tensor]) -> int:
+        if self.bits is None:
+            return parts["coeffs"].shape[-1]
+        return parts["codes"].shape[-1] * 8 // self.bits
+
+    decompress = GroupQuantCompressor.decompress
