@@ -138,3 +138,17 @@ def add_eval_arguments_parse(argv):
     from spectral_kv.eval.run import add_eval_arguments
 
     return add_eval_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_spectral_spec_presets_and_options():
+    orig = make_method("spectral:preset=original").describe()["settings"]
+    assert (orig["compressor"], orig["sink_tokens"], orig["coeff_bits"]) == ("exact_svd", 0, 8)
+    from spectral_kv import SpectralConfig
+
+    default = make_method("spectral").describe()["settings"]
+    assert default["compressor"] == SpectralConfig().compressor and default["preset"] == "default"
+    assert make_method("spectral:preset=fast,sink=0").describe()["settings"]["sink_tokens"] == 0
+    with pytest.raises(ValueError, match="nope"):
+        make_method("spectral:preset=nope")
+    with pytest.raises(ValueError, match="k='abc'"):
+        make_method("spectral:k=abc")

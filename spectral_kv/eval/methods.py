@@ -5,8 +5,10 @@ A spec is ``name`` or ``name:key=value,key=value``; for example ``exact``,
 ``snapkv:ratio=0.75``.  Families:
 
 * ``exact`` - transformers ``DynamicCache``.
-* ``spectral`` - this library (options ``k``, ``v``, ``sink``, ``bits``, ``block``, ``hot``,
-  ``compressor``).
+* ``spectral`` - this library: ``preset=`` (``original``, ``fast``, ``balanced``,
+  ``max-compression``; default: the library default `SpectralConfig()`) then options ``k``,
+  ``v``, ``sink``, ``bits``, ``vbits``, ``group``, ``block``, ``hot``, ``compressor``.
+  ``spectral:preset=original`` is the original design (``spectral:sink=0`` before the presets).
 * ``kivi4`` / ``kivi2`` - the KIVI reference quantizer of ``spectral_kv.compressors.kivi``
   on the same tiers (options ``sink``, ``block``, ``hot``).
 * ``quanto`` / ``hqq`` - transformers ``QuantizedCache`` (options ``bits``, ``group``,
@@ -29,7 +31,7 @@ __all__ = ["CacheMethod", "parse_spec", "positions", "make_method", "DEFAULT_MET
 
 DEFAULT_METHODS = [
     "exact",
-    "spectral:sink=0",
+    "spectral:preset=original",
     "spectral",
     "kivi4",
     "kivi2",
@@ -93,19 +95,7 @@ class CacheMethod:
         if self.family in ("spectral", "kivi"):
             from spectral_kv import patch_unsloth_attention
 
-            s = self.settings
-            self._handle = patch_unsloth_attention(
-                model,
-                verbose=False,
-                block_size=s["block"],
-                k_rank_keys=s["k"],
-                k_rank_values=s["v"],
-                hot_buffer_size=s["hot"],
-                sink_tokens=s["sink"],
-                coeff_bits=s.get("bits", 8),
-                compressor=s["compressor"],
-                use_spectral_attention=s["spectral_attention"],
-            )
+            self._handle = patch_unsloth_attention(model, config=self.settings["_config"], verbose=False)
 
     def teardown(self, model) -> None:
         """Undo :meth:`setup`."""
@@ -197,20 +187,44 @@ class CacheMethod:
 _PRESSES = {"streaming": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress"}
 
 
-def _spectral_settings(opts: dict[str, str], compressor: str, spectral_attention: bool) -> dict[str, Any]:
+# spec option -> SpectralConfig field
+_SPECTRAL_OPTIONS = {
+    "k": "k_rank_keys", "v": "k_rank_values", "sink": "sink_tokens", "bits": "coeff_bits",
+    "vbits": "value_bits", "group": "quant_group", "block": "block_size", "hot": "hot_buffer_size",
+    "compressor": "compressor",
+}
+
+
+def _option_value(field: str, text: str):
+    if field == "compressor":
+        return text
+    if text.lower() == "none":
+        return None
+    if field == "value_bits" and text == "same":
+        return text
+    return int(text)
+
+
+def _spectral_settings(opts: dict[str, str], base_fields: dict[str, Any], spectral_attention: bool) -> dict[str, Any]:
+    """Resolved settings of a spectral-tier method: ``preset=`` (default: the library default
+    `SpectralConfig()`), then ``base_fields``, then the spec's options (``_SPECTRAL_OPTIONS``)."""
+    from dataclasses import asdict
+
     from spectral_kv import SpectralConfig
 
-    d = SpectralConfig()
-    return {
-        "k": int(opts.pop("k", d.k_rank_keys)),
-        "v": int(opts.pop("v", d.k_rank_values)),
-        "sink": int(opts.pop("sink", d.sink_tokens)),
-        "bits": int(opts.pop("bits", d.coeff_bits)),
-        "block": int(opts.pop("block", d.block_size)),
-        "hot": int(opts.pop("hot", d.hot_buffer_size)),
-        "compressor": opts.pop("compressor", compressor),
-        "spectral_attention": spectral_attention,
-    }
+    preset = opts.pop("preset", None)
+    config = SpectralConfig.preset(preset) if preset else SpectralConfig()
+    changes = dict(base_fields)
+    for key, field_name in _SPECTRAL_OPTIONS.items():
+        if key in opts:
+            text = opts.pop(key)
+            try:
+                changes[field_name] = _option_value(field_name, text)
+            except ValueError:
+                raise ValueError(f"option {key}={text!r}: want an integer or 'none'") from None
+    config = config.replace(**changes, use_spectral_attention=spectral_attention, verbose=False)
+    fields = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {"preset": preset or "default", **fields, "_config": config}
 
 
 def positions(cache, true_pos: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,15 +312,13 @@ def make_method(spec: str) -> CacheMethod:
     if name == "exact":
         method = CacheMethod(spec, "exact", {"cache": "DynamicCache"})
     elif name == "spectral":
-        s = _spectral_settings(opts, "exact_svd", True)
+        s = _spectral_settings(opts, {}, True)
         method = CacheMethod(spec, "spectral", s)
     elif name in ("kivi4", "kivi2"):
         import spectral_kv.compressors.kivi  # noqa: F401  (registers kivi4 / kivi2)
 
         # The rank is not used by KIVI; a small even value passes the config's checks.
-        opts.setdefault("k", "2")
-        opts.setdefault("v", "2")
-        s = _spectral_settings(opts, name, False)
+        s = _spectral_settings(opts, dict(compressor=name, value_compressor=None, k_rank_keys=2, k_rank_values=2), False)
         method = CacheMethod(spec, "kivi", s)
     elif name in ("quanto", "hqq"):
         import importlib.util
