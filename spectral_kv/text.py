@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pydoc
 import re
@@ -23,6 +24,7 @@ CORPUS_MODULES = (
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
+@functools.lru_cache(maxsize=8)  # every run_eval in a test process renders it
 def stdlib_text(modules=CORPUS_MODULES) -> str:
     """Plain-text pydoc of ``modules``, joined (deterministic for a given Python version).
 

@@ -114,3 +114,41 @@ def test_harness_end_to_end(tmp_path):
     assert set(res["niah"]["methods"]) == set(res["methods_run"])
     assert (tmp_path / "README_table.md").read_text().count("| ci |") == 3
     assert (tmp_path / "ci_frontier.png").exists() and (tmp_path / "ci_niah.png").exists()
+    assert (tmp_path / "ci_niah_kivi2-block-64-hot-16.png").exists()  # one heatmap per method too
+    assert set(res["seconds"]) == {"model_load", "corpus", "quality", "niah"}
+    assert f"- `ci`: {res['seconds_total']:.0f} s on" in (tmp_path / "README_table.md").read_text()
+
+
+def test_quick_preset_exercises_every_measurement():
+    """--quick stays small but still compresses a block, probes fidelity and runs NIAH."""
+    from spectral_kv import SpectralConfig
+    from spectral_kv.eval.methods import QUICK_METHODS
+    from spectral_kv.eval.run import _resolve
+
+    args = add_eval_arguments_parse(["--quick"])
+    cfg = _resolve(args)
+    d = SpectralConfig()
+    assert cfg["context"] >= d.sink_tokens + d.hot_buffer_size + d.block_size  # >= 1 cold block after prefill
+    assert cfg["segments"] == 1 and cfg["continuation"] > cfg["chunk"] >= args.fidelity_queries
+    assert cfg["niah_lengths"] and cfg["niah_depths"]
+    assert {"exact", "spectral"} <= set(QUICK_METHODS) and len(QUICK_METHODS) >= 3  # + a baseline
+
+
+def add_eval_arguments_parse(argv):
+    from spectral_kv.eval.run import add_eval_arguments
+
+    return add_eval_arguments(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_spectral_spec_presets_and_options():
+    orig = make_method("spectral:preset=original").describe()["settings"]
+    assert (orig["compressor"], orig["sink_tokens"], orig["coeff_bits"]) == ("exact_svd", 0, 8)
+    from spectral_kv import SpectralConfig
+
+    default = make_method("spectral").describe()["settings"]
+    assert default["compressor"] == SpectralConfig().compressor and default["preset"] == "default"
+    assert make_method("spectral:preset=fast,sink=0").describe()["settings"]["sink_tokens"] == 0
+    with pytest.raises(ValueError, match="nope"):
+        make_method("spectral:preset=nope")
+    with pytest.raises(ValueError, match="k='abc'"):
+        make_method("spectral:k=abc")

@@ -2,7 +2,8 @@
 
 The context is prefilled into the method's cache, then the continuation is fed in chunks
 of ``chunk`` tokens *through the same cache* (so the cache keeps compressing during
-decode), with explicit positions.  Eviction methods are fed one token at a time.
+decode), with explicit positions (:func:`spectral_kv.eval.methods.positions`, which also makes
+chunks correct after eviction).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .bytes import cache_bytes
-from .methods import CacheMethod, model_kv_shape
+from .methods import CacheMethod, model_kv_shape, positions
 
 __all__ = ["SegmentRun", "run_segment"]
 
@@ -85,13 +86,13 @@ def run_segment(
     if on_prefill is not None:
         on_prefill(cache)
     b_prefill = cache_bytes(cache, tc, kv_heads, head_dim)
-    step = 1 if method.evicts else max(1, chunk)
+    step = max(1, chunk)
     feed = continuation[:-1]
     pos = tc
     for i in range(0, feed.numel(), step):
         piece = feed[i : i + step]
-        cp = torch.arange(pos, pos + piece.numel())
-        out = model(piece[None], past_key_values=cache, use_cache=True, cache_position=cp, position_ids=cp[None])
+        cp, pid = positions(cache, pos, piece.numel())
+        out = model(piece[None], past_key_values=cache, use_cache=True, cache_position=cp, position_ids=pid)
         rows.append(out.logits[0].float())
         pos += piece.numel()
     logits = torch.cat(rows, 0)

@@ -115,7 +115,7 @@ def run_quality(
                 "bytes_end": run.bytes_end,
                 "fidelity_per_layer": fid or None,
                 "fidelity": summarize_layers(fid) if fid else None,
-                "decode_chunk": 1 if method.evicts else chunk,
+                "decode_chunk": chunk,
                 "seconds": run.seconds,
                 **run.extra,
             }

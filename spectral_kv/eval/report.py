@@ -8,7 +8,7 @@ import math
 import os
 from typing import Any
 
-__all__ = ["write_json", "plot_frontier", "plot_niah", "render_table", "write_table"]
+__all__ = ["write_json", "plot_frontier", "plot_niah", "plot_niah_per_method", "render_table", "render_runs", "write_table"]
 
 
 def write_json(result: dict[str, Any], path: str) -> None:
@@ -58,8 +58,24 @@ def plot_frontier(result: dict[str, Any], path: str) -> bool:
     return True
 
 
+def _slug(spec: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in spec).strip("-")
+
+
+def plot_niah_per_method(result: dict[str, Any], stem: str) -> list[str]:
+    """``{stem}_niah_{method}.png``: one heatmap file per method; returns the paths written."""
+    n = result.get("niah")
+    made = []
+    for spec in (n or {}).get("methods", {}):
+        one = dict(result, niah=dict(n, methods={spec: n["methods"][spec]}))
+        path = f"{stem}_niah_{_slug(spec)}.png"
+        if plot_niah(one, path):
+            made.append(path)
+    return made
+
+
 def plot_niah(result: dict[str, Any], path: str) -> bool:
-    """One recall heatmap (lengths x depths) per method; False without matplotlib or NIAH results."""
+    """Recall heatmaps (lengths x depths), one panel per method; False without matplotlib or NIAH results."""
     try:
         import matplotlib
 
@@ -123,6 +139,33 @@ def render_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_runs(results: list[dict[str, Any]]) -> str:
+    """Notes under the table: each run's measured wall time, machine, corpus, skipped methods, notes."""
+    lines = ["Runs (wall time measured by the run itself, model load included):", ""]
+    for res in results:
+        c, m = res.get("config", {}), res.get("machine", {})
+        secs = res.get("seconds") or {}
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+        load = m.get("load_average_at_end")
+        what = []
+        if res.get("quality"):
+            what.append(f"{c.get('segments')} segment(s) of {c.get('context')} + {c.get('continuation')} tokens, chunk {c.get('chunk')}")
+        if res.get("niah"):
+            n = res["niah"]
+            what.append(f"NIAH {'/'.join(map(str, n['lengths']))} tokens x depths "
+                        f"{'/'.join(f'{int(d * 100)}%' for d in n['depths'])}")
+        line = (f"- `{res['tag']}`: {res.get('seconds_total', float('nan')):.0f} s on {m.get('cpus')} CPUs"
+                + (f" (load average at the end {load[0]:.1f})" if load else "")
+                + (f" [{parts}]" if parts else "") + "; " + "; ".join(what)
+                + f"; corpus: {res.get('corpus', {}).get('name')}.")
+        for spec, why in (res.get("methods_skipped") or {}).items():
+            line += f" Not run: `{spec}` ({why})."
+        for note in res.get("notes", []):
+            line += " " + note
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def write_table(results_dir: str, path: str | None = None) -> str:
     """Regenerate ``results/README_table.md`` from every ``*.json`` in ``results_dir``."""
     results = []
@@ -138,7 +181,7 @@ def write_table(results_dir: str, path: str | None = None) -> str:
         "DynamicCache bytes / that, after the prefill. Fidelity: exact queries of the first continuation "
         "positions over the context K/V as each cache holds it after the prefill, mean over layers.\n\n"
     )
-    text = head + render_table(results)
+    text = head + render_table(results) + "\n" + render_runs(results)
     with open(path or os.path.join(results_dir, "README_table.md"), "w") as fh:
         fh.write(text)
     return text
