@@ -65,7 +65,7 @@ def test_full_rank_lossless_equals_exact_attention(name, batch, kv_heads, group,
 
 
 def test_query_that_sees_nothing_gets_zeros_not_nan():
-    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=2, hot_buffer_size=2)
+    cfg = SpectralConfig.preset("fast", block_size=8, k_rank_keys=2, k_rank_values=2, hot_buffer_size=2)
     tm, g = _filled(cfg, 1, 1, 4, [20], 0.0, 0)
     for name in ("spectral", "reconstruct"):
         strat = ATTENTION_STRATEGIES[name](cfg, tm.key_compressor, tm.value_compressor)
@@ -87,7 +87,7 @@ def test_fused_decode_strategy_equals_spectral(batch, kv_heads, group, sizes, se
     if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs triton's CPU interpreter (the GPU path is checked by tests/gpu/spectral_gpu.py)")
     d = 16
-    cfg = SpectralConfig(block_size=16, k_rank_keys=4, k_rank_values=6, hot_buffer_size=2, sink_tokens=1)
+    cfg = SpectralConfig.preset("fast", block_size=16, k_rank_keys=4, k_rank_values=6, hot_buffer_size=2, sink_tokens=1)
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, 0.0, seed)
     q = torch.randn(batch, kv_heads * group, 1, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, 1, d, generator=g), torch.randn(batch, kv_heads, 1, d, generator=g)

@@ -114,7 +114,7 @@ MALFORMED = {
 
 @given(case=st.sampled_from(sorted(MALFORMED)), b=st.integers(1, 3), h=st.integers(1, 3), d=st.sampled_from([4, 8]))
 def test_malformed_updates_raise_clear_errors_and_change_nothing(case, b, h, d):
-    cfg = SpectralConfig(block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, verbose=False)
+    cfg = SpectralConfig.preset("fast", block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, verbose=False)
     tm = TierManager(cfg, name="layer 9")
     tm.append(torch.randn(b, h, 11, d), torch.randn(b, h, 11, d))
     before = (tm.tokens(), tm.seen, [t.clone() for t in tm.held_tensors()])
@@ -127,6 +127,6 @@ def test_malformed_updates_raise_clear_errors_and_change_nothing(case, b, h, d):
 
 
 def test_head_dim_smaller_than_rank_is_named():
-    tm = TierManager(SpectralConfig(block_size=8, k_rank_keys=6, k_rank_values=2, hot_buffer_size=2, verbose=False))
+    tm = TierManager(SpectralConfig.preset("fast", block_size=8, k_rank_keys=6, k_rank_values=2, hot_buffer_size=2, verbose=False))
     with pytest.raises(ValueError, match="k_rank_keys=6 exceeds the model's head_dim=4"):
         tm.append(torch.randn(1, 1, 3, 4), torch.randn(1, 1, 3, 4))

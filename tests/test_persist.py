@@ -10,8 +10,9 @@ from test_integration import LOSSY, greedy, tiny
 import spectral_kv as sk
 from spectral_kv.persist import FORMAT
 
-# Lossy defaults (int8 coefficients, fp16 bases) at a block size the tiny model fills.
-SAVED = sk.SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, k_rank_keys=4, k_rank_values=6, verbose=False)
+# The SVD layout (int8 coefficients, fp16 bases) at a block size the tiny model fills; the
+# default (hadamard) layout is checked by test_default_layout_round_trips.
+SAVED = sk.SpectralConfig.preset("fast", block_size=16, hot_buffer_size=4, sink_tokens=2, k_rank_keys=4, k_rank_values=6, verbose=False)
 
 
 def _generated_cache(model, n_prompt=75, n_new=20):
@@ -51,6 +52,21 @@ def test_reloaded_cache_continues_token_identically(saved):
     assert torch.equal(original, reloaded)
     # ...and the continuation differs from a fresh lossless run somewhere in the cache (lossy really used)
     assert loaded.memory_report()["ratio"] > 1.5
+
+
+def test_default_layout_round_trips(tmp_path):
+    model = tiny("llama")
+    model.set_attn_implementation("spectral_kv")
+    ids = torch.randint(1, 96, (2, 75), generator=torch.Generator().manual_seed(11))
+    cfg = sk.SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, verbose=False)
+    cache = sk.SpectralCache(cfg, model.config)
+    out = greedy(model, ids, n=20, past_key_values=cache)
+    cache.save(tmp_path / "d.safetensors")
+    loaded = sk.SpectralCache.load(tmp_path / "d.safetensors", model)
+    assert "zero" in loaded.spectral_layers[0].tiers.cold_v.parts and min(loaded.spectral_layers[0].tiers.n_cold) >= 5
+    for a, b in zip(_tier_tensors(cache), _tier_tensors(loaded), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(greedy(model, out, n=8, past_key_values=cache), greedy(model, out, n=8, past_key_values=loaded))
 
 
 def test_bf16_cache_round_trips(tmp_path):

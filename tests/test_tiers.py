@@ -63,7 +63,7 @@ def test_long_prompt_compressed_at_prefill():
 
 
 def test_nan_never_enters_a_cold_block():
-    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=2, hot_buffer_size=2, sink_tokens=0, verbose=False)
+    cfg = SpectralConfig.preset("fast", block_size=8, k_rank_keys=2, k_rank_values=2, hot_buffer_size=2, sink_tokens=0, verbose=False)
     tm = TierManager(cfg, name="layer 7")
     k = torch.randn(2, 1, 12, 4)
     k[1, 0, 3, 2] = float("nan")

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 import spectral_kv.tiers as tiers
 from spectral_kv import SpectralConfig, TierManager
 
-CFG = SpectralConfig(block_size=32, k_rank_keys=4, k_rank_values=4, hot_buffer_size=4, sink_tokens=4, verbose=False)
+CFG = SpectralConfig.preset("fast", block_size=32, k_rank_keys=4, k_rank_values=4, hot_buffer_size=4, sink_tokens=4, verbose=False)
 B, H, D, BLOCKS, CHUNK = 1, 2, 16, 40, 4
 
 
