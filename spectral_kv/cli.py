@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from .presets import PRESETS
+
 __all__ = ["main", "build_prompt"]
 
 NEEDLE = "Note to the reader: the archive password is {secret}. Remember it."
@@ -62,6 +64,13 @@ def _generate(model, ids, max_new_tokens, desc, **kwargs):
     return out[0, ids.shape[1] :], seconds
 
 
+def _config(args, verbose: bool):
+    from . import SpectralConfig
+
+    extra = {} if args.sink_tokens is None else {"sink_tokens": args.sink_tokens}
+    return SpectralConfig.preset(args.preset, verbose=verbose, **extra)
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -81,7 +90,7 @@ def cmd_demo(args) -> int:
     from transformers import DynamicCache
 
     exact, t_exact = _generate(model, ids, args.max_new_tokens, "exact cache", past_key_values=DynamicCache())
-    config = SpectralConfig(verbose=True, sink_tokens=args.sink_tokens)
+    config = _config(args, verbose=True)
     patch = patch_unsloth_attention(model, config=config)
     try:
         spectral, t_spec = _generate(model, ids, args.max_new_tokens, "spectral cache")
@@ -129,7 +138,8 @@ def cmd_memory(args) -> int:
     from . import SpectralConfig
     from .memory import SHAPES, format_table, measure_memory
 
-    config = SpectralConfig(verbose=False, sink_tokens=args.sink_tokens)
+    config = _config(args, verbose=False)
+    print(f"preset {args.preset}: {config.summary()}\n")
     for name in args.model:
         shape = SHAPES[name]
         print(format_table(shape, measure_memory(shape, tuple(args.contexts), config)))
@@ -144,14 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="exact vs spectral cache on the embedded SmolLM2, long prompt")
     demo.add_argument("--context", type=int, default=3300, help="tokens of documentation in the prompt")
     demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--sink-tokens", type=int, default=4)
+    demo.add_argument("--sink-tokens", type=int, default=None, help="override the preset's sink tokens")
+    demo.add_argument("--preset", default="balanced", choices=sorted(PRESETS), help="compression preset (default: balanced)")
     demo.add_argument("--no-table", action="store_true", help="skip the memory table")
     demo.set_defaults(func=cmd_demo)
 
-    mem = sub.add_parser("memory", help="the original design's memory table, measured")
+    mem = sub.add_parser("memory", help="memory table of a preset (default balanced), measured from the tensors held")
     mem.add_argument("--model", nargs="+", choices=["smollm2", "mistral-7b"], default=["smollm2", "mistral-7b"])
     mem.add_argument("--contexts", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
-    mem.add_argument("--sink-tokens", type=int, default=4)
+    mem.add_argument("--sink-tokens", type=int, default=None, help="override the preset's sink tokens")
+    mem.add_argument("--preset", default="balanced", choices=sorted(PRESETS), help="compression preset (default: balanced)")
     mem.set_defaults(func=cmd_memory)
 
     try:
