@@ -3,8 +3,9 @@
 Regression guard, not a goal: on this fixed prompt (pydoc text from token 5000, 1100 tokens
 of context = 4 sinks + 2 cold blocks + exact tail, then 100 tokens teacher-forced through the
 same cache) `python tests/test_real_model.py` prints PPL and top-1 agreement with the exact
-cache per preset. Measured: ``fast`` (SVD k16/v32 int8 + 4 sinks, the default before the
-presets) PPL 3.576 -> 4.094 (+14.5%), agreement 0.87; the default (``balanced``) see BOUNDS.
+cache per preset. Measured (exact PPL 3.576): ``original`` 4.061 (+13.6%), agreement 0.84;
+``fast`` (SVD k16/v32 int8 + 4 sinks, the default before the presets) 4.094 (+14.5%), 0.87;
+``balanced`` (the default) 3.578 (+0.1%), 0.98; ``max-compression`` 3.664 (+2.5%), 0.97.
 The bounds leave room for BLAS rounding only; a real regression moves them far more.
 """
 
