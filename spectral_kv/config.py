@@ -32,8 +32,8 @@ class SpectralConfig:
     quantization, 4-bit keys and 3-bit values, which on the embedded SmolLM2 loses far less
     perplexity per byte saved than the original rank-16/32 SVD with int8 coefficients
     (``SpectralConfig.preset("original")``; numbers in the README). The rank fields apply to
-    the SVD compressors. ``sink_tokens`` defaults to 4 rather than the original 0: the first tokens of a sequence receive a
-    large share of attention in every layer ("attention sinks"), so the error of a
+    the SVD compressors. ``sink_tokens`` defaults to 4 rather than the original 0: the first
+    tokens of a sequence receive a large share of attention in every layer ("attention sinks"), so the error of a
     low-rank approximation there is amplified; keeping them exact roughly halves the
     perplexity cost of the original defaults on the embedded SmolLM2 for 4 x 64 x 2 x 2
     bytes per head. ``sink_tokens=0`` reproduces the original design exactly.
@@ -52,8 +52,8 @@ class SpectralConfig:
     verbose : bool
         Print one confirmation line when patching and notices for layers kept exact.
     compressor : str
-        Name in the compressor registry (``exact_svd``, ``randomized_svd``, ``triton_rsvd``,
-        ``kivi4``, ``kivi2``, or your own).
+        Name in the compressor registry (``hadamard``, the default; ``exact_svd``,
+        ``randomized_svd``, ``triton_rsvd``, ``kivi4``, ``kivi2``, or your own).
     attention : str or None
         Name in the attention-strategy registry; ``None`` derives it from
         ``use_spectral_attention``.
@@ -65,7 +65,7 @@ class SpectralConfig:
     value_compressor : str or None
         Compressor of the values; ``None`` uses ``compressor`` for both.
     value_bits : int, None or "same"
-        ``coeff_bits`` of the values; ``"same"`` (default) follows ``coeff_bits``.
+        Bits of the value coefficients (default 3); ``"same"`` follows ``coeff_bits``.
     quant_group : int
         Group size of grouped quantizers (``hadamard``): keys share a scale and zero point
         per channel over ``quant_group`` tokens, values per token over ``quant_group`` channels.
