@@ -133,9 +133,10 @@ def run(kind: str, root: str) -> None:
     same, diff, agree, margin = compare(out, control)
     print(f"    [info] lossless spectral vs exact DynamicCache (fast path off): equal={same}, max |logit diff| up to "
           f"the first differing token {diff:.3g}, agreement {agree:.3f}")
-    check(same or (diff <= noise and margin is not None and margin <= noise),
-          "lossless spectral == exact cache, or differs only where the exact reference's top-2 margin is within "
-          "Unsloth's own fast-vs-slow bf16 noise (a rounding tie, not a defect)")
+    # In bf16 a near-tie (top-2 margin ~0.06-0.1 here) flips under any change of summation order,
+    # so bf16 token equality is reported, not required; run_fp32 requires it where it is meaningful.
+    tie = diff <= noise and margin is not None and margin <= noise
+    print(f"    [info] bf16: tokens equal={same}; a rounding tie within Unsloth's own fast-vs-slow noise: {tie}")
     same, diff, agree, _ = compare(out, fast)
     print(f"    [info] lossless spectral vs Unsloth fast path: equal={same}, max |logit diff| {diff:.3g}, agreement {agree:.3f}")
 
@@ -172,6 +173,34 @@ def run(kind: str, root: str) -> None:
     check(any("paged_attention" in a.__dict__ for a in attn), "after unpatch: the fast path runs again (paged buffers back)")
 
 
+def run_fp32(kind: str, root: str) -> None:
+    """Strict token equality where it is numerically meaningful: the same tiny model loaded in
+    float32 through FastLanguageModel (bf16 near-ties flip argmax under any reordering)."""
+    print(f"\n=== {kind} fp32 ===")
+    model, _ = FastLanguageModel.from_pretrained(
+        save_tiny(kind, root), max_seq_length=2048, dtype=torch.float32, load_in_4bit=False, local_files_only=True
+    )
+    FastLanguageModel.for_inference(model)
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    print(f"  parameter dtypes after load: {dtypes}")
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(4, 256, (1, 40), generator=g).cuda()
+    kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=48, do_sample=False,
+              eos_token_id=None)
+    fast = model.generate(**kw)
+    fast_ran = any("paged_attention" in a.__dict__ for a in attn_modules(model))
+    lossless = dict(block_size=32, hot_buffer_size=4, k_rank_keys=32, k_rank_values=32, sink_tokens=1,
+                    compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
+    patch = patch_unsloth_attention(model, verbose=False, **lossless)
+    out = model.generate(**kw)
+    cold = sum(sum(layer.tiers.n_cold) for layer in patch.last_cache.spectral_layers)
+    patch.unpatch()
+    agree = (out[0, 40:] == fast[0, 40:]).float().mean().item()
+    check(fast_ran and cold > 0 and torch.equal(out, fast),
+          f"fp32: lossless spectral tokens == Unsloth fast path tokens (agreement {agree:.3f}, {cold} cold blocks, "
+          f"fast path ran: {fast_ran})")
+
+
 def main() -> int:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"unsloth {unsloth.__version__}; python {sys.version.split()[0]}")
@@ -182,6 +211,12 @@ def main() -> int:
             except Exception:
                 traceback.print_exc(file=sys.stdout)
                 FAILED.append(f"{kind}: exception")
+        for kind in ("llama", "qwen3", "mistral"):
+            try:
+                run_fp32(kind, root)
+            except Exception:
+                traceback.print_exc(file=sys.stdout)
+                FAILED.append(f"{kind} fp32: exception")
     print(f"\n{'ALL CHECKS PASSED' if not FAILED else 'FAILED: ' + '; '.join(FAILED)}")
     return 1 if FAILED else 0
 
