@@ -17,12 +17,6 @@ def _positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _low_rank_svd():
-    from .compressors import LowRankCompressor
-
-    return LowRankCompressor
-
-
 @dataclass(frozen=True)
 class SpectralConfig:
     """Configuration of the spectral KV cache.
@@ -171,12 +165,10 @@ class SpectralConfig:
     def summary(self) -> str:
         """One line: what each role is compressed with."""
 
-        def role(r: str) -> str:
-            from .compressors import COMPRESSORS
+        from .compressors import COMPRESSORS
 
-            name, bits = self.compressor_name(r), self.bits(r)
-            rank = f" r{self.rank(r)}" if issubclass(COMPRESSORS[name], _low_rank_svd()) else ""
-            return f"{r} {name}{rank} {'fp' if bits is None else f'int{bits}'}"
+        def role(r: str) -> str:
+            return f"{r} {COMPRESSORS[self.compressor_name(r)].describe(self, r)}"
 
         return (
             f"{role('keys')}, {role('values')}; block {self.block_size}, {self.sink_tokens} sinks, "
@@ -184,18 +176,12 @@ class SpectralConfig:
         )
 
     def check_head_dim(self, head_dim: int) -> None:
-        """Raise if a rank cannot be served by heads of ``head_dim`` channels (SVD compressors)."""
+        """Raise if a role's compressor cannot store heads of ``head_dim`` channels (an SVD rank
+        above it, packed codes that do not fill whole bytes)."""
         from .compressors import COMPRESSORS
 
-        for role, name in (("keys", "k_rank_keys"), ("values", "k_rank_values")):
-            if issubclass(COMPRESSORS[self.compressor_name(role)], _low_rank_svd()) and self.rank(role) > head_dim:
-                raise ValueError(f"{name}={self.rank(role)} exceeds the model's head_dim={head_dim}")
-            bits = self.bits(role)
-            if self.compressor_name(role) == "hadamard" and bits is not None and head_dim * bits % 8:
-                raise ValueError(
-                    f"{role}: {bits}-bit codes of head_dim={head_dim} channels do not fill whole bytes; "
-                    "use 4 or 8 bits (or a head_dim that is a multiple of 8)"
-                )
+        for role in ("keys", "values"):
+            COMPRESSORS[self.compressor_name(role)].check_head_dim(self, role, head_dim)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SpectralConfig":

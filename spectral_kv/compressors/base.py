@@ -47,7 +47,22 @@ class Compressor(ABC):
         self.config = config
         self.role = role
         self.rank = rank
-        self.bits = config.bits(role)
+        self.bits = self.effective_bits(config, role)
+
+    @classmethod
+    def effective_bits(cls, config: SpectralConfig, role: str) -> int | None:
+        """Coefficient bits this compressor stores for ``role`` (``None``: unquantized)."""
+        return config.bits(role)
+
+    @classmethod
+    def describe(cls, config: SpectralConfig, role: str) -> str:
+        """Short label for one-line summaries, e.g. ``hadamard int4``."""
+        bits = cls.effective_bits(config, role)
+        return f"{config.compressor_name(role)} {'fp' if bits is None else f'int{bits}'}"
+
+    @classmethod
+    def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
+        """Raise ``ValueError`` if heads of ``head_dim`` channels cannot be stored for ``role``."""
 
     @classmethod
     def check_config(cls, config: SpectralConfig, role: str) -> None:
@@ -108,6 +123,17 @@ class LowRankCompressor(FactoredCompressor):
             raise ValueError(f"{name}={config.rank(role)} exceeds block_size={config.block_size}")
         if config.bits(role) == 4 and config.rank(role) % 2:
             raise ValueError(f"{name}={config.rank(role)} must be even with 4-bit coefficients (two per byte)")
+
+    @classmethod
+    def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
+        if config.rank(role) > head_dim:
+            name = "k_rank_keys" if role == "keys" else "k_rank_values"
+            raise ValueError(f"{name}={config.rank(role)} exceeds the model's head_dim={head_dim}")
+
+    @classmethod
+    def describe(cls, config: SpectralConfig, role: str) -> str:
+        name, _, bits = super().describe(config, role).rpartition(" ")
+        return f"{name} r{config.rank(role)} {bits}"
 
     @abstractmethod
     def factorize(self, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

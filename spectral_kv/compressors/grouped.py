@@ -58,10 +58,22 @@ class GroupQuantCompressor(Compressor):
 
     def __init__(self, config: SpectralConfig, role: str, rank: int) -> None:
         super().__init__(config, role, rank)
-        if self.fixed_bits is not None:
-            self.bits = self.fixed_bits
         self.group = config.quant_group
         self._rot: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def effective_bits(cls, config: SpectralConfig, role: str) -> int | None:
+        return cls.fixed_bits if cls.fixed_bits is not None else config.bits(role)
+
+    @classmethod
+    def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
+        # Each token's codes are packed on their own, so they must fill whole bytes.
+        bits = cls.effective_bits(config, role)
+        if bits is not None and head_dim * bits % 8:
+            raise ValueError(
+                f"{role}: {bits}-bit codes of head_dim={head_dim} channels do not fill whole bytes; "
+                "use 4 or 8 bits (or a head_dim that is a multiple of 8)"
+            )
 
     # ------------------------------------------------------------------ rotation
     def rotation(self, d: int) -> torch.Tensor | None:
@@ -141,5 +153,3 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
         if self.bits is None:
             return parts["coeffs"].shape[-1]
         return parts["codes"].shape[-1] * 8 // self.bits
-
-    decompress = GroupQuantCompressor.decompress

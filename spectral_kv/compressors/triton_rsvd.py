@@ -12,9 +12,10 @@ Householder QR and a small exact SVD; `randomized_svd_lowrank_reference`): the s
 to rounding (tests/test_kernels_rsvd.py checks the two agree). ``TritonRSVD.cpu_capturable``
 forces the capturable ops on CPU too (tests).
 
-On CUDA the small l x l eigensolver is the Triton kernel `kernels/jacobi.py` (one launch instead
-of ~2,000 tiny torch ops, which dominated the graph); the GEMMs stay in cuBLAS.
-``TritonRSVD.triton_jacobi = False`` selects the torch-ops Jacobi instead (the benchmark times both).
+The small l x l eigensolver is the torch-ops Jacobi, captured in the same graph. The Triton
+kernel `kernels/jacobi.py` (one launch instead of ~2,000 tiny ops) is opt-in with
+``TritonRSVD.triton_jacobi = True``: on the H100 it failed its accuracy check at l = 40
+(benchmarks/NOTES_kernels.md); the benchmark times both. The GEMMs stay in cuBLAS.
 """
 
 from __future__ import annotations
