@@ -44,6 +44,11 @@ hf_logging.disable_progress_bar()
 FAILED: list[str] = []
 
 
+# Full rank, unquantized, fp32 bases: the cache is exact up to rounding.
+LOSSLESS = dict(block_size=32, hot_buffer_size=4, k_rank_keys=32, k_rank_values=32, sink_tokens=1,
+                compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
+
+
 def check(ok: bool, what: str) -> None:
     print(f"  [{'PASS' if ok else 'FAIL'}] {what}")
     if not ok:
@@ -105,9 +110,7 @@ def run(kind: str, root: str) -> None:
     fast = model.generate(**kw)
     check(any("paged_attention" in a.__dict__ for a in attn), "fast path ran: paged_attention buffers on attention modules")
 
-    lossless = dict(block_size=32, hot_buffer_size=4, k_rank_keys=32, k_rank_values=32, sink_tokens=1,
-                    compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
-    patch = patch_unsloth_attention(model, verbose=True, **lossless)
+    patch = patch_unsloth_attention(model, verbose=True, **LOSSLESS)
     check(patch.path == "unsloth_gated", "patch took the gated path")
     check(all(m.__dict__.get("_unsloth_fast_path") is False for m in model.modules()), "flags cleared on every module")
     check(not any("paged_attention" in a.__dict__ for a in attn), f"stale buffers dropped ({patch.dropped_buffers} attributes)")
@@ -195,9 +198,7 @@ def run_fp32(kind: str, root: str) -> None:
               eos_token_id=None)
     fast = model.generate(**kw)
     fast_ran = any("paged_attention" in a.__dict__ for a in attn_modules(model))
-    lossless = dict(block_size=32, hot_buffer_size=4, k_rank_keys=32, k_rank_values=32, sink_tokens=1,
-                    compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
-    patch = patch_unsloth_attention(model, verbose=False, **lossless)
+    patch = patch_unsloth_attention(model, verbose=False, **LOSSLESS)
     out = model.generate(**kw)
     cold = sum(sum(layer.tiers.n_cold) for layer in patch.last_cache.spectral_layers)
     patch.unpatch()
@@ -211,18 +212,13 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name(0)}; torch {torch.__version__}; transformers {transformers.__version__}; "
           f"unsloth {unsloth.__version__}; python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as root:
-        for kind in ("llama", "qwen3", "mistral"):
-            try:
-                run(kind, root)
-            except Exception:
-                traceback.print_exc(file=sys.stdout)
-                FAILED.append(f"{kind}: exception")
-        for kind in ("llama", "qwen3", "mistral"):
-            try:
-                run_fp32(kind, root)
-            except Exception:
-                traceback.print_exc(file=sys.stdout)
-                FAILED.append(f"{kind} fp32: exception")
+        for runner, label in ((run, ""), (run_fp32, " fp32")):
+            for kind in ("llama", "qwen3", "mistral"):
+                try:
+                    runner(kind, root)
+                except Exception:
+                    traceback.print_exc(file=sys.stdout)
+                    FAILED.append(f"{kind}{label}: exception")
     print(f"\n{'ALL CHECKS PASSED' if not FAILED else 'FAILED: ' + '; '.join(FAILED)}")
     return 1 if FAILED else 0
 
