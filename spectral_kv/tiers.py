@@ -344,7 +344,8 @@ class TierManager:
         """Keep the first ``max_length`` positions (negative: drop ``-max_length``), like ``DynamicLayer.crop``.
 
         Exact whenever every removed position is a real token held in the exact tiers, which
-        always holds for the ``hot_buffer_size`` newest tokens right after an update.
+        always holds for the ``hot_buffer_size`` newest tokens right after an update, and when
+        everything is removed (``max_length <= 0``: the tiers are reset).
         Otherwise raises `NotImplementedError` naming the boundary: a token folded into a
         compressed block cannot be removed on its own.
         """
@@ -356,6 +357,9 @@ class TierManager:
             max_length = self.seen + max_length
         drop = self.seen - max(max_length, 0)
         if drop <= 0 or not self.initialized:
+            return
+        if max_length <= 0:  # everything goes: exact whatever the tiers hold
+            self.reset()
             return
         s = self.config.sink_tokens
         for i in range(self.batch_size):

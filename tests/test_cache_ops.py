@@ -131,3 +131,21 @@ def test_crop_into_a_compressed_block_or_across_padding_is_refused():
         padded.crop(3)
     with pytest.raises(TypeError, match="needs an int"):
         padded.crop(2.0)
+
+
+@pytest.mark.parametrize("zero_removes_nothing", [True, False])
+def test_crop_zero_follows_the_installed_transformers_convention(monkeypatch, zero_removes_nothing):
+    # transformers >= 5.17 calls crop(-n) after every assisted step, n possibly 0 (remove nothing);
+    # up to 5.1x crop(0) means "keep 0 positions" (everything goes, which is exact too).
+    import spectral_kv.integrations.transformers as integ
+
+    monkeypatch.setattr(integ, "CROP_ZERO_REMOVES_NOTHING", zero_removes_nothing)
+    layer = integ.SpectralLayer(LOSSY, 0)
+    layer.tiers.append(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16))
+    assert layer.tiers.n_cold == [2]
+    layer.crop(torch.tensor(0))
+    if zero_removes_nothing:
+        assert layer.tiers.tokens() == [40] and layer.get_seq_length() == 40
+    else:
+        assert not layer.tiers.initialized and layer.get_seq_length() == 0
+        assert layer.tiers.memory_report()["total_bytes"] == 0

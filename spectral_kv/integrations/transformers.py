@@ -23,6 +23,7 @@ registered mask function transformers silently passes *no* causal mask to a cust
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from typing import Any
 
@@ -52,6 +53,11 @@ __all__ = [
 ]
 
 ATTENTION_NAME = "spectral_kv"
+# transformers changed what a layer's ``crop(n)`` argument means: up to 5.1x it is the length
+# to keep (negative: tokens to remove), so ``crop(0)`` empties the cache; later versions name it
+# ``tokens_to_remove`` and assisted decoding calls ``crop(-n)`` after every step, ``n`` possibly
+# 0, which must remove nothing. Follow whichever the installed DynamicLayer implements.
+CROP_ZERO_REMOVES_NOTHING = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
 MIN_TRANSFORMERS = Version("5.2.0")
 if Version(transformers.__version__) < MIN_TRANSFORMERS:
     raise ImportError(
@@ -161,6 +167,10 @@ class SpectralLayer(CacheLayerMixin):
     def crop(self, max_length: int) -> None:
         """Exact when only tokens of the exact tiers are removed (see `TierManager.crop`), else
         `NotImplementedError` naming the boundary."""
+        if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
+            max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
+        if max_length == 0 and CROP_ZERO_REMOVES_NOTHING:
+            return
         try:
             self.tiers.crop(max_length)
         except NotImplementedError as exc:
