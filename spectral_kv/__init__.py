@@ -8,6 +8,7 @@ from .attention import ATTENTION_STRATEGIES, AttentionStrategy, register_attenti
 from .compressors import COMPRESSORS, Compressor, LowRankCompressor, register_compressor
 from .config import SpectralConfig
 from .integrations.transformers import ATTENTION_NAME, SpectralCache, SpectralPatch, patch_model
+from .graphs import StaticDecoder
 from .integrations.unsloth import patch_unsloth_attention
 from .tiers import TierManager
 
@@ -21,6 +22,7 @@ __all__ = [
     "patch_model",
     "ATTENTION_NAME",
     "TierManager",
+    "StaticDecoder",
     "Compressor",
     "LowRankCompressor",
     "AttentionStrategy",

@@ -71,6 +71,11 @@ class SpectralConfig:
         Seed of randomized compressors, so runs are reproducible.
     rsvd_oversample, rsvd_power_iters : int
         Randomized SVD's oversampling and power iterations.
+    compress_lag : int
+        Static (frozen) caches only (`SpectralCache.freeze`): ``0`` compresses a block on the
+        decode step that fills it; ``n > 0`` compresses it in the background (a side CUDA
+        stream on GPUs) and swaps it into the cold tier ``n`` steps later, its tokens served
+        exactly meanwhile. Must be smaller than ``block_size``.
     compile : bool
         Run each layer's decode attention through ``torch.compile(fullgraph=True,
         dynamic=True)`` (`spectral_kv.attention.compiled.compile_attend`): two graphs per
@@ -95,11 +100,12 @@ class SpectralConfig:
     rsvd_oversample: int = 8
     rsvd_power_iters: int = 2
     compile: bool = False
+    compress_lag: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "k_rank_keys", "k_rank_values", "quant_group"):
             _positive_int(name, getattr(self, name))
-        for name in ("hot_buffer_size", "sink_tokens", "seed", "rsvd_oversample", "rsvd_power_iters"):
+        for name in ("hot_buffer_size", "sink_tokens", "seed", "rsvd_oversample", "rsvd_power_iters", "compress_lag"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -107,6 +113,8 @@ class SpectralConfig:
             raise ValueError(
                 f"hot_buffer_size={self.hot_buffer_size} must be smaller than block_size={self.block_size}"
             )
+        if self.compress_lag >= self.block_size:
+            raise ValueError(f"compress_lag={self.compress_lag} must be smaller than block_size={self.block_size}")
         if isinstance(self.value_bits, str) and self.value_bits != "same":
             raise ValueError(f"value_bits must be an int, None or 'same', got {self.value_bits!r}")
         if self.basis_dtype not in DTYPES:

@@ -76,6 +76,7 @@ def save_cache(cache, path: str | os.PathLike) -> str:
             if layer._staged:
                 raise RuntimeError(f"SpectralCache.save: layer {i} holds staged tokens (called inside a forward pass)")
             tm = layer.tiers
+            tm.thaw()  # a frozen cache is saved in the dynamic layout (no spare capacity)
             meta = {"kind": "spectral", "initialized": tm.initialized}
             if tm.initialized:
                 dtype = dtype or tm.exact_k.dtype
@@ -182,12 +183,6 @@ def _expect(cond: bool, path, what: str) -> None:
         raise ValueError(f"{str(path)!r}: {what}")
 
 
-def _part_specs(compressor, block_size: int, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Names, per-block shapes and dtypes of the parts ``compressor`` stores."""
-    probe = compressor.compress(torch.randn(1, block_size, head_dim, generator=torch.Generator().manual_seed(0)))
-    return {name: (tuple(t.shape[1:]), t.dtype) for name, t in probe.items()}
-
-
 def _layer_devices(model, n: int, device) -> list[torch.device]:
     if device is not None:
         return [torch.device(device)] * n
@@ -258,7 +253,7 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
             continue
         tm = layer.tiers
         if specs is None:
-            specs = {role: _part_specs(comp, cfg.block_size, head_dim)
+            specs = {role: comp.part_specs(head_dim)
                      for role, comp in (("cold_k", tm.key_compressor), ("cold_v", tm.value_compressor))}
         ek, ev = get("exact_k"), get("exact_v")
         n_exact, n_cold, tail, seen = meta["n_exact"], meta["n_cold"], meta["tail_valid"], meta["seen"]

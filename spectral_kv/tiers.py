@@ -21,6 +21,7 @@ import torch
 from .blocks import ColdPool
 from .compressors import COMPRESSORS, Compressor
 from .config import SpectralConfig
+from .static import StaticTiersMixin
 
 __all__ = ["TierManager", "TierView"]
 
@@ -59,8 +60,11 @@ def _valid_mask(counts: list[int], width: int, device: torch.device) -> torch.Te
     return torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
 
 
-class TierManager:
+class TierManager(StaticTiersMixin):
     """Tiers of one layer for a batch of sequences.
+
+    Dynamic by default (tensors grow as tokens arrive); `freeze` switches to static
+    preallocated storage for CUDA-graph decode steps (`spectral_kv.static`).
 
     Parameters
     ----------
@@ -80,6 +84,11 @@ class TierManager:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
+        for p in getattr(self, "pending", ()):  # a side stream may still write into the pools being dropped
+            if p.event is not None:
+                torch.cuda.current_stream(self.exact_k.device).wait_event(p.event)
+        self._init_static()
+        self.version += 1
         self.exact_k: torch.Tensor | None = None
         self.exact_v: torch.Tensor | None = None
         self.n_exact: list[int] = []
@@ -169,6 +178,7 @@ class TierManager:
             False marks padding positions: they are dropped, never stored or compressed.
         """
         self._check(k, v, valid)
+        self.thaw()
         b, h, t, d = k.shape
         if not self.initialized:
             self.exact_k = k.new_zeros(b, h, 0, d)
@@ -227,19 +237,25 @@ class TierManager:
             self._compress_pairs(pairs[start : start + MAX_BLOCKS_PER_CALL])
         self._drop_compressed(ready)
 
-    def _compress_pairs(self, pairs: list[tuple[int, int]]) -> None:
+    def _compress_pairs(self, pairs: list[tuple[int, int]], check: bool = True) -> None:
+        """Compress block ``j`` (after the sinks) of row ``row`` for each pair into its cold slot.
+
+        Makes no host sync when ``check`` is False (static storage checks finiteness itself),
+        so it can run on a side stream without waiting for the main one.
+        """
         c = self.config
         s, bs = c.sink_tokens, c.block_size
         b, h, _, d = self.exact_k.shape
         dev = self.exact_k.device
-        rows = torch.tensor([row for row, _ in pairs], device=dev)
-        slots = torch.tensor([self.n_cold[row] + j for row, j in pairs], device=dev)
+        host_slots = [self.n_cold[row] + j for row, j in pairs]
+        rows = torch.tensor([row for row, _ in pairs]).to(dev, non_blocking=True)
+        slots = torch.tensor(host_slots).to(dev, non_blocking=True)
         for pool, exact, comp in (
             (self.cold_k, self.exact_k, self.key_compressor),
             (self.cold_v, self.exact_v, self.value_compressor),
         ):
             blocks = torch.stack([exact[row, :, s + j * bs : s + (j + 1) * bs] for row, j in pairs])
-            if not bool(torch.isfinite(blocks).all()):
+            if check and not bool(torch.isfinite(blocks).all()):
                 bad = sorted({row for (row, j), blk in zip(pairs, blocks) if not bool(torch.isfinite(blk).all())})
                 raise ValueError(
                     f"{self.name}: {comp.role} of batch row(s) {bad} hold NaN/Inf in a block about to be "
@@ -248,7 +264,7 @@ class TierManager:
                 )
             parts = comp.compress(blocks.reshape(len(pairs) * h, bs, d).float())
             parts = {name: t.reshape(len(pairs), h, *t.shape[1:]) for name, t in parts.items()}
-            pool.write(b, rows, slots, parts)
+            pool.write(b, rows, slots, parts, needed=max(host_slots) + 1)
 
     def _drop_compressed(self, ready: list[int]) -> None:
         s, bs = self.config.sink_tokens, self.config.block_size
@@ -323,6 +339,7 @@ class TierManager:
         """Reorder / select / repeat batch rows (beam search and batch expansion)."""
         if not self.initialized:
             return
+        self.thaw()
         idx = index.to(self.exact_k.device).long()
         if idx.dim() != 1:
             raise ValueError(f"{self.name}: row index must be 1-D, got shape {tuple(idx.shape)}")
@@ -361,6 +378,7 @@ class TierManager:
         if max_length <= 0:  # everything goes: exact whatever the tiers hold
             self.reset()
             return
+        self.thaw()
         s = self.config.sink_tokens
         for i in range(self.batch_size):
             if drop > self.tail_valid[i]:

@@ -79,6 +79,34 @@ class AttentionStrategy(ABC):
         """
 
 
+    def attend_counts(
+        self,
+        q: torch.Tensor,
+        cold_k: dict[str, torch.Tensor],
+        cold_v: dict[str, torch.Tensor],
+        n_cold: torch.Tensor,
+        exact_k: torch.Tensor,
+        exact_v: torch.Tensor,
+        n_exact: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """`attend` for static storage: validity given as per-row counts on the device.
+
+        Row ``b`` holds its first ``n_cold[b]`` blocks and first ``n_exact[b]`` exact tokens
+        (int ``[B]`` tensors), every one visible to every query. Builds the masks with tensor
+        ops only (no host sync, fixed shapes), so the call can be captured in a CUDA graph.
+        """
+        b, _, tq, _ = q.shape
+        width = exact_k.shape[2]
+        exact_mask = (torch.arange(width, device=q.device)[None, :] < n_exact[:, None])[:, None, None, :]
+        exact_mask = exact_mask.expand(b, 1, tq, width)
+        cold_valid = None
+        if cold_k:
+            nb = next(iter(cold_k.values())).shape[2]
+            cold_valid = torch.arange(nb, device=q.device)[None, :] < n_cold[:, None]
+        return self.attend(q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
+
+
 def expand_cold_mask(cold_valid: torch.Tensor | None, tq: int, block_size: int) -> torch.Tensor | None:
     """[B, NB] block validity -> [B, 1, Tq, NB * block_size] token mask (None stays None)."""
     if cold_valid is None:

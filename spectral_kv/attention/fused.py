@@ -49,6 +49,25 @@ class FusedAttention(SpectralAttention):
             and exact_mask is None
         )
 
+    def attend_counts(self, q, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact, scaling):
+        # The kernel takes the per-row counts directly (blocks past n_cold are never read).
+        if not self._kernel_ok(q, cold_k, None) or not cold_k:
+            return super().attend_counts(q, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact, scaling)
+        self.kernel_calls += 1
+        return self._launch(q, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact, scaling)
+
+    def _launch(self, q, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact, scaling):
+        out = fused_decode(
+            q[:, :, 0].contiguous(),
+            cold_k["coeffs"], cold_k["scales"], cold_k["basis"],
+            cold_v["coeffs"], cold_v["scales"], cold_v["basis"],
+            n_cold.to(torch.int32),
+            exact_k, exact_v,
+            n_exact.to(torch.int32),
+            scaling,
+        )
+        return out.unsqueeze(2)
+
     def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):
         if not self._kernel_ok(q, cold_k, exact_mask):
             self.fallback_calls += 1
@@ -66,13 +85,4 @@ class FusedAttention(SpectralAttention):
             cold_k = {"coeffs": empty(t, rk, dt=torch.int8), "scales": empty(rk, dt=torch.float32), "basis": empty(rk, d, dt=torch.float16)}
             cold_v = {"coeffs": empty(t, rv, dt=torch.int8), "scales": empty(rv, dt=torch.float32), "basis": empty(rv, d, dt=torch.float16)}
             n_cold = torch.zeros(b, device=dev)
-        out = fused_decode(
-            q[:, :, 0].contiguous(),
-            cold_k["coeffs"], cold_k["scales"], cold_k["basis"],
-            cold_v["coeffs"], cold_v["scales"], cold_v["basis"],
-            n_cold.to(torch.int32),
-            exact_k, exact_v,
-            torch.full((b,), te, dtype=torch.int32, device=dev),
-            scaling,
-        )
-        return out.unsqueeze(2)
+        return self._launch(q, cold_k, cold_v, n_cold, exact_k, exact_v, torch.full((b,), te, device=dev), scaling)

@@ -49,6 +49,12 @@ class Compressor(ABC):
         self.rank = rank
         self.bits = self.effective_bits(config, role)
 
+    def part_specs(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names, per-block shapes and dtypes of the parts :meth:`compress` stores for one block
+        of ``block_size`` tokens (found by compressing a seeded random block on the CPU)."""
+        probe = torch.randn(1, self.config.block_size, head_dim, generator=torch.Generator().manual_seed(0))
+        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in self.compress(probe).items()}
+
     @classmethod
     def effective_bits(cls, config: SpectralConfig, role: str) -> int | None:
         """Coefficient bits this compressor stores for ``role`` (``None``: unquantized)."""

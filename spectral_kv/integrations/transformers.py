@@ -39,6 +39,7 @@ from ..attention import ATTENTION_STRATEGIES
 from ..attention.compiled import compile_attend
 from ..config import SpectralConfig
 from ..persist import load_cache, model_identity, save_cache
+from ..static import advance_deferred
 from ..tiers import TierManager
 
 __all__ = [
@@ -195,6 +196,8 @@ class SpectralLayer(CacheLayerMixin):
         self._staged = False
         self.attention_calls += 1
         b, _, tq, _ = query.shape
+        if self.tiers.static and tq == 1:
+            return self._static_decode(query, key, value, mask, scaling)
         if mask is not None:
             if mask.dtype != torch.bool:  # an additive float mask: 0 = attend
                 mask = mask > torch.finfo(mask.dtype).min / 2
@@ -235,6 +238,29 @@ class SpectralLayer(CacheLayerMixin):
         attend = self.decode_attend if tq == 1 else self.prefill_strategy.attend
         out = attend(query, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
         self.tiers.append(key, value, None if valid_new is None or bool(valid_new.all()) else valid_new.contiguous())
+        return out
+
+    def _static_decode(self, query, key, value, mask, scaling) -> torch.Tensor:
+        """One decode step on static storage (`spectral_kv.static`): no host sync and fixed
+        addresses, so it can be captured in a CUDA graph. The mask is not read: padding was
+        dropped when the prompt was stored, and a decode token is a real token seeing every
+        held one. Checks that need the host (finite values, a padded decode token) run only
+        when the step is not being captured; a graph driver checks the logits instead."""
+        t = self.tiers
+        deferred = advance_deferred()
+        if not deferred:
+            t._check(key, value, None)
+            if mask is not None and not bool(mask[:, 0, -1, -1].all()):
+                raise ValueError(
+                    f"SpectralCache layer {self.layer_idx}: a frozen (static) cache takes decode tokens that are "
+                    f"real tokens; the attention mask marks the new token of some row as padding"
+                )
+        t.append_static(key, value)
+        out = self.strategy.attend_counts(
+            query, t.cold_k.parts, t.cold_v.parts, t.n_cold_t, t.exact_k, t.exact_v, t.n_exact_t, scaling
+        )
+        if not deferred:
+            t.advance()
         return out
 
     def memory_report(self) -> dict[str, int]:
@@ -333,6 +359,44 @@ class SpectralCache(Cache):
         """Read a cache written by `save`, validated against ``model_or_config`` (and ``config``
         when given); a `ValueError` names whatever mismatched."""
         return load_cache(path, model_or_config, config=config, device=device)
+
+    # -------------------------------------------------------------- static storage
+    def freeze(self, new_tokens: int) -> None:
+        """Switch every layer to static storage with room for ``new_tokens`` more decode tokens.
+
+        Decode steps then write into preallocated buffers and read device-side counts, so a
+        step can be captured in a CUDA graph (`spectral_kv.graphs.StaticDecoder`); blocks are
+        compressed between steps (in the background with ``compress_lag > 0``). Call it after
+        the prompt. Layers kept exact (sliding window) grow by concatenation and cannot be
+        frozen: a `ValueError` names them.
+        """
+        if self.exact_layer_indices:
+            raise ValueError(
+                f"SpectralCache.freeze: layers {self.exact_layer_indices} are kept exact (sliding-window or not "
+                f"full attention) and grow by concatenation; static storage needs every layer compressed"
+            )
+        for layer in self.spectral_layers:
+            layer.tiers.freeze(new_tokens)
+
+    def thaw(self) -> None:
+        """Back to the dynamic layout (any operation other than a decode step does this itself)."""
+        for layer in self.spectral_layers:
+            layer.tiers.thaw()
+
+    def advance(self) -> None:
+        """The host side of a static decode step whose `advance` was deferred (graph replay)."""
+        for layer in self.spectral_layers:
+            layer.tiers.advance()
+
+    def drain(self) -> None:
+        """Wait for blocks compressed in the background and swap them in."""
+        for layer in self.spectral_layers:
+            layer.tiers.drain()
+
+    @property
+    def storage_version(self) -> tuple[int, ...]:
+        """Changes whenever a layer's buffers move (a CUDA graph over them must be re-captured)."""
+        return tuple(layer.tiers.version for layer in self.spectral_layers)
 
     def attention_calls(self) -> int:
         """Times the spectral attention ran over this cache's layers."""

@@ -22,17 +22,11 @@ from transformers import DynamicCache  # noqa: E402
 
 import spectral_kv as sk  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from checks import check, finish  # noqa: E402
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from test_integration import tiny  # noqa: E402
-
-failures = []
-
-
-def check(name, ok, detail=""):
-    print(f"{'PASS' if ok else 'FAIL'}  {name}  {detail}")
-    if not ok:
-        failures.append(name)
-
 
 def greedy(model, ids, n, **kw):
     with torch.no_grad():
@@ -74,5 +68,4 @@ check("bf16 fused tokens agree with spectral", same >= 0.9, f"agreement={same:.3
 rel = max(((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a.scores, b.scores))
 check("bf16 fused logits close to spectral", rel < 2e-2, f"max rel err={rel:.2e}")
 print(f"memory ratio (fp16-equivalent dense / held) after 210 tokens: {results['fused'][1].memory_report()['ratio']:.2f}x")
-print("FAILED: " + ", ".join(failures) if failures else "ALL PASSED")
-sys.exit(1 if failures else 0)
+finish()

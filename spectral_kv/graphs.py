@@ -1,0 +1,154 @@
+"""`StaticDecoder`: greedy decoding on a frozen `SpectralCache`, each decode step one CUDA graph.
+
+transformers' compiled generate needs a cache whose every operation is traceable; ours plans
+block compression on the host. So the captured region is exactly the model's decode forward
+(embedding, every layer's static decode step, the head and the argmax), and everything that
+changes the cache's layout runs between replays in `SpectralCache.advance`:
+
+1. prefill the prompt eagerly (any length, left padding allowed: padding is dropped then);
+2. `SpectralCache.freeze(max_new_tokens)`: preallocated buffers, device-side counters;
+3. one eager decode step on a side stream (warms up cuBLAS / Triton), then capture one step
+   into a `torch.cuda.CUDAGraph` reading static input buffers (token, position);
+4. per token: copy the token and position in, replay, ``cache.advance()``; re-capture only
+   when a cold pool had to grow (``cache.storage_version`` changed).
+
+Without CUDA (or with ``use_cuda_graph=False``) the same steps run eagerly, which is how the
+CPU tests check that a captured step computes what the dynamic cache computes.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .static import deferred_advance
+
+__all__ = ["StaticDecoder"]
+
+
+class StaticDecoder:
+    """Greedy generation with a frozen cache, optionally replayed as CUDA graphs.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+        Running the ``"spectral_kv"`` attention (``attn_implementation="spectral_kv"`` or
+        `spectral_kv.patch_unsloth_attention`).
+    cache : SpectralCache
+        An empty cache for this model; it is prefilled, frozen and filled by `generate`.
+    use_cuda_graph : bool or None
+        ``None``: when the model runs on CUDA.
+    record_step_times : bool
+        On CUDA, time every decode step (replay plus the host work after it) with CUDA
+        events into `step_ms` (no host sync until the end).
+
+    Attributes
+    ----------
+    captures : int
+        CUDA graphs captured by the latest `generate` (1 unless a pool had to grow).
+    step_ms : list of float
+        Per-step times of the latest `generate` when ``record_step_times``.
+    """
+
+    def __init__(self, model, cache, use_cuda_graph: bool | None = None, record_step_times: bool = False) -> None:
+        self.model = model
+        self.cache = cache
+        device = next(model.parameters()).device
+        self.use_cuda_graph = device.type == "cuda" if use_cuda_graph is None else bool(use_cuda_graph)
+        if self.use_cuda_graph and device.type != "cuda":
+            raise ValueError(f"use_cuda_graph=True needs the model on a CUDA device, it is on {device}")
+        self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
+        self.captures = 0
+        self.record_step_times = record_step_times and device.type == "cuda"
+        self.step_ms: list[float] = []
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32) -> torch.Tensor:
+        """Prompt plus ``max_new_tokens`` greedy tokens, ``[B, L + max_new_tokens]`` (no EOS stop).
+
+        ``attention_mask`` [B, L] marks left padding (1 = real token), as for ``generate``.
+        Raises `ValueError` if the model produced non-finite logits at any step.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if self.cache.get_seq_length() != 0:
+            raise ValueError("StaticDecoder.generate needs an empty cache (call cache.reset() to reuse one)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        length = input_ids.shape[1]
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True).logits
+        self._bad = ~torch.isfinite(logits[:, -1]).all()
+        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        if max_new_tokens > 1:
+            self._decode(tokens, attention_mask, length, max_new_tokens)
+        if bool(self._bad):
+            raise ValueError("StaticDecoder: the model produced NaN/Inf logits")
+        return torch.cat((input_ids, *tokens), dim=1)
+
+    def _decode(self, tokens: list[torch.Tensor], attention_mask: torch.Tensor, length: int, max_new_tokens: int) -> None:
+        self.cache.freeze(max_new_tokens)
+        b, dev = attention_mask.shape[0], attention_mask.device
+        self._ids = tokens[0].clone()
+        self._pos = attention_mask.long().sum(1, keepdim=True)  # the next token's position per row
+        self._cache_pos = torch.tensor([length], device=dev)
+        self._mask = torch.ones(b, 1, 1, 1, dtype=torch.bool, device=dev)  # 4-D: transformers uses it as is
+        self.captures = 0
+        graph, version, warmed = None, None, False
+        events = []
+        with deferred_advance():
+            for _ in range(1, max_new_tokens):
+                if self.record_step_times:
+                    events.append(torch.cuda.Event(enable_timing=True))
+                    events[-1].record()
+                if self.use_cuda_graph and warmed and (graph is None or version != self.cache.storage_version):
+                    graph = self._capture()
+                    version = self.cache.storage_version
+                if graph is not None:
+                    graph.replay()
+                    out = self._out
+                elif self.use_cuda_graph:
+                    out = self._warm_up()
+                    warmed = True
+                else:
+                    out = self._step()
+                self.cache.advance()
+                tokens.append(out.clone())
+                self._ids.copy_(out)
+                self._pos.add_(1)
+                self._cache_pos.add_(1)
+            self.cache.drain()
+        if events:
+            events.append(torch.cuda.Event(enable_timing=True))
+            events[-1].record()
+            events[-1].synchronize()
+            self.step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+
+    # ------------------------------------------------------------------ one step
+    def _step(self) -> torch.Tensor:
+        kwargs = dict(input_ids=self._ids, attention_mask=self._mask, position_ids=self._pos,
+                      past_key_values=self.cache, use_cache=True)
+        if self._takes_cache_position:
+            kwargs["cache_position"] = self._cache_pos
+        logits = self.model(**kwargs).logits[:, -1]
+        self._bad |= ~torch.isfinite(logits).all()
+        return logits.argmax(-1, keepdim=True)
+
+    def _warm_up(self) -> torch.Tensor:
+        """A real eager step on a side stream (cuBLAS / Triton set up before any capture)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """Record one decode step (nothing runs while capturing; every replay runs it)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._out = self._step()
+        self.captures += 1
+        return graph

@@ -1,0 +1,213 @@
+"""Static (frozen) storage: decode steps on preallocated buffers with device-side counters, the
+layout a CUDA graph replays (spectral_kv/static.py, spectral_kv/graphs.py). On the CPU we check
+what capture needs and what it must not change: the same tokens and tiers as the dynamic cache,
+no host sync or host-to-device tensor inside a step, fixed addresses between steps, and blocks
+compressed in the background (compress_lag) landing exactly where synchronous ones do."""
+
+import pytest
+import torch
+from test_integration import LOSSLESS, LOSSY, greedy, tiny
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
+
+import spectral_kv as sk
+from spectral_kv import SpectralConfig, StaticDecoder, TierManager
+from spectral_kv.static import deferred_advance
+
+CFG = SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, quant_group=16, verbose=False)
+
+
+def _same_tokens(a, b):
+    """Both tier managers hold the same tokens, bit for bit (materialize: keys, values, valid)."""
+    for x, y in zip(a.materialize(), b.materialize()):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+def _decode_both(cfg, new_tokens, capacity, valid=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dyn, st = TierManager(cfg), TierManager(cfg)
+    k, v = torch.randn(3, 2, 37, 8, generator=g), torch.randn(3, 2, 37, 8, generator=g)
+    dyn.append(k, v, valid)
+    st.append(k, v, valid)
+    st.freeze(capacity)
+    for _ in range(new_tokens):
+        nk, nv = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
+        dyn.append(nk, nv)
+        st.append_static(nk, nv)
+        st.advance()
+        assert st.n_exact_t.tolist() == st.n_exact and st.n_cold_t.tolist() == st.n_cold
+    return dyn, st
+
+
+@pytest.mark.parametrize("lag", [0, 5])
+def test_static_decode_holds_what_the_dynamic_cache_holds(lag):
+    valid = torch.ones(3, 37, dtype=torch.bool)
+    valid[1, :9] = False  # left padding: rows fill their blocks at different steps
+    valid[2, :20] = False
+    dyn, st = _decode_both(CFG.replace(compress_lag=lag), new_tokens=70, capacity=70, valid=valid)
+    st.drain()
+    assert st.n_cold == dyn.n_cold and st.n_exact == dyn.n_exact and st.seen == dyn.seen
+    assert min(st.n_cold) >= 3 and len(set(st.n_cold)) > 1
+    _same_tokens(dyn, st)  # same blocks compressed from the same tokens: bit for bit
+
+
+def test_compress_lag_serves_the_block_exactly_until_it_is_swapped_in():
+    cfg = CFG.replace(compress_lag=5)
+    st = TierManager(cfg)
+    st.append(torch.randn(1, 2, 2 + 4 + 15, 8), torch.randn(1, 2, 2 + 4 + 15, 8))
+    st.freeze(40)
+    width = st.exact_k.shape[2]
+    assert width == 2 + 4 + 16 + 5
+    st.append_static(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    st.advance()  # fills the block: launched, not yet swapped in
+    assert st.n_cold == [0] and st.n_exact == [22] and len(st.pending) == 1
+    for step in range(5):
+        st.append_static(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+        st.advance()
+        assert st.n_cold == ([1] if step == 4 else [0])
+    assert st.n_exact == [22 + 5 - 16] and not st.pending
+    assert st.exact_k.shape[2] == width  # never outgrew its static width
+
+
+def test_pools_grow_outside_a_step_and_say_so():
+    dyn, st = _decode_both(CFG, new_tokens=0, capacity=0)
+    version, capacity = st.version, st.cold_k.n_blocks
+    ptrs = [t.data_ptr() for t in st.held_tensors()]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(60):  # more blocks than reserved
+        nk, nv = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
+        dyn.append(nk, nv)
+        st.append_static(nk, nv)
+        if st.cold_k.n_blocks == capacity:
+            assert [t.data_ptr() for t in st.held_tensors()] == ptrs  # fixed addresses until growth
+        st.advance()
+    assert st.cold_k.n_blocks > capacity and st.version > version
+    _same_tokens(dyn, st)
+
+
+def test_any_other_operation_thaws_first():
+    dyn, st = _decode_both(CFG.replace(compress_lag=3), new_tokens=20, capacity=40)
+    version = st.version
+    st.select_rows(torch.tensor([2, 0]))
+    dyn.select_rows(torch.tensor([2, 0]))
+    assert not st.static and st.version > version and not st.pending
+    assert st.exact_k.shape[2] == max(st.n_exact) and st.cold_k.n_blocks == max(st.n_cold)
+    _same_tokens(dyn, st)
+    with pytest.raises(ValueError, match="non-negative int, got -1"):
+        st.freeze(-1)
+    with pytest.raises(RuntimeError, match="needs a prefilled cache"):
+        TierManager(CFG).freeze(8)
+
+
+# ---------------------------------------------------------------- through a model
+@pytest.fixture(scope="module")
+def model():
+    m = tiny("llama")
+    m.set_attn_implementation("spectral_kv")
+    return m
+
+
+def _left_padded(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (2, 41), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("lag", [0, 4])
+def test_static_decoder_equals_dynamic_cache_at_lossless_settings(model, lag):
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, past_key_values=DynamicCache())
+    cache = sk.SpectralCache(LOSSLESS.replace(compress_lag=lag), model.config)
+    got = StaticDecoder(model, cache).generate(ids, mask, max_new_tokens=30)
+    assert torch.equal(got, expected)
+    assert all(layer.tiers.static and min(layer.tiers.n_cold) >= 3 for layer in cache.spectral_layers)
+
+
+@pytest.mark.parametrize("attention", ["spectral", "reconstruct"])
+def test_static_decoder_equals_the_dynamic_spectral_cache_when_lossy(model, attention):
+    ids, mask = _left_padded(seed=4)
+    cfg = LOSSY.replace(attention=attention)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                                  past_key_values=sk.SpectralCache(cfg, model.config))
+    got = StaticDecoder(model, sk.SpectralCache(cfg, model.config)).generate(ids, mask, max_new_tokens=30)
+    assert torch.equal(got, expected)
+
+
+def test_generate_with_a_frozen_cache_continues_like_a_dynamic_one(model):
+    # Without the driver: transformers' own generate loop on a cache frozen after the prompt.
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    dynamic = sk.SpectralCache(LOSSY, model.config)
+    frozen = sk.SpectralCache(LOSSY, model.config)
+    first = greedy(model, ids, n=1, past_key_values=dynamic)
+    assert torch.equal(greedy(model, ids, n=1, past_key_values=frozen), first)
+    frozen.freeze(40)
+    expected = greedy(model, first, n=35, past_key_values=dynamic)
+    assert torch.equal(greedy(model, first, n=35, past_key_values=frozen), expected)
+    assert all(layer.tiers.static for layer in frozen.spectral_layers)
+
+
+class _HostTraffic(TorchDispatchMode):
+    """Records ops that would sync the host or copy host data to the device on a GPU."""
+
+    FORBIDDEN = ("_local_scalar_dense", "nonzero", "lift_fresh", "masked_select", "unique", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if any(f in name for f in self.FORBIDDEN):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["spectral", "reconstruct"])
+def test_a_deferred_decode_step_is_capturable(model, attention):
+    """What CUDA-graph capture needs from one step of the whole model: no host sync, no tensor
+    made from host data, and every cache tensor at the same address with the same shape."""
+    ids, mask = _left_padded(seed=6)
+    cache = sk.SpectralCache(LOSSY.replace(attention=attention), model.config)
+    dec = StaticDecoder(model, cache)
+    dec.generate(ids, mask, max_new_tokens=20)  # prefill, freeze and decode (past 2 blocks)
+    held = lambda: [(t.data_ptr(), t.shape) for layer in cache.spectral_layers for t in layer.tiers.held_tensors()]  # noqa: E731
+    before = held()
+    with deferred_advance(), _HostTraffic() as mode, torch.no_grad():
+        dec._step()
+    assert mode.seen == [], f"host traffic inside a decode step: {mode.seen}"
+    assert held() == before
+    cache.advance()  # a deferred step's host side, as the graph driver runs it after a replay
+    # The control: an eager (not deferred) static step does sync (finite checks), and the mode sees it.
+    with _HostTraffic() as mode, torch.no_grad():
+        dec._step()
+    assert "_local_scalar_dense" in " ".join(mode.seen)
+
+
+def test_freeze_refuses_layers_it_cannot_serve(model):
+    mistral = tiny("mistral", sliding_window=8)
+    mistral.set_attn_implementation("spectral_kv")
+    cache = sk.SpectralCache(LOSSY, mistral.config)
+    greedy(mistral, torch.randint(1, 96, (1, 20)), n=1, past_key_values=cache)
+    with pytest.raises(ValueError, match=r"layers \[0, 1\] are kept exact"):
+        cache.freeze(8)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive int, got 0"):
+        StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=0)
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        StaticDecoder(model, sk.SpectralCache(LOSSY, model.config), use_cuda_graph=True)
+
+
+def test_a_frozen_cache_saves_and_reloads_in_the_dynamic_layout(model, tmp_path):
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(8))
+    cache = sk.SpectralCache(LOSSY.replace(compress_lag=3), model.config)
+    dec = StaticDecoder(model, cache)
+    out = dec.generate(ids, max_new_tokens=12)
+    cache.save(tmp_path / "c.safetensors")
+    loaded = sk.SpectralCache.load(tmp_path / "c.safetensors", model)
+    for a, b in zip(cache.spectral_layers, loaded.spectral_layers):
+        assert a.tiers.n_cold == b.tiers.n_cold
+        _same_tokens(a.tiers, b.tiers)
+    assert out.shape == (1, 52)
