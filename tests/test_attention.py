@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 
 from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig, TierManager
 from spectral_kv.attention import reference_attention
+from spectral_kv.compressors import COMPRESSORS
+from spectral_kv.compressors.grouped import HadamardCompressor
 
 
 def _filled(cfg, batch, h, d, sizes, pad_p, seed):
@@ -25,18 +27,31 @@ def _attend(name, cfg, tm, q, new_k, new_v, chunk_mask, scaling):
     return strat.attend(q, view.cold_k, view.cold_v, view.cold_valid, torch.cat((view.exact_k, new_k), 2), torch.cat((view.exact_v, new_v), 2), mask, scaling)
 
 
+# Key / value compressor pairings: per-block SVD bases, hadamard's shared rotation, and mixed.
+LAYOUTS = {
+    "exact_svd": dict(compressor="exact_svd"),
+    "hadamard": dict(compressor="hadamard"),
+    "svd_keys_hadamard_values": dict(compressor="exact_svd", value_compressor="hadamard"),
+    "hadamard_keys_svd_values": dict(compressor="hadamard", value_compressor="exact_svd"),
+}
+
+
+def _values_hadamard(layout):
+    return "hadamard" in (LAYOUTS[layout].get("value_compressor") or LAYOUTS[layout]["compressor"])
+
+
 shapes = dict(
     batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.integers(1, 3), d=st.sampled_from([4, 8, 12, 16]),
     sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), tq=st.integers(1, 4), pad_p=st.floats(0, 0.3), seed=st.integers(0, 10**6),
 )
 
 
-@given(bits=st.sampled_from([None, 8, 4]), comp=st.sampled_from(["exact_svd", "hadamard"]), **shapes)
-def test_spectral_equals_reconstruct(bits, comp, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
-    vbits = "same" if comp == "exact_svd" else 3
-    assume(comp == "exact_svd" or d % 8 == 0)  # 3-bit codes of a token must fill whole bytes
+@given(bits=st.sampled_from([None, 8, 4]), layout=st.sampled_from(sorted(LAYOUTS)), **shapes)
+def test_spectral_equals_reconstruct(bits, layout, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
+    vbits = 3 if _values_hadamard(layout) else 8
+    assume(not _values_hadamard(layout) or d % 8 == 0)  # 3-bit codes of a token must fill whole bytes
     cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits,
-                         compressor=comp, value_bits=vbits)
+                         value_bits=vbits, **LAYOUTS[layout])
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
@@ -47,9 +62,11 @@ def test_spectral_equals_reconstruct(bits, comp, batch, kv_heads, group, d, size
     assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
-@given(name=st.sampled_from(["spectral", "reconstruct"]), **shapes)
-def test_full_rank_lossless_equals_exact_attention(name, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
-    cfg = SpectralConfig(block_size=16, k_rank_keys=d, k_rank_values=d, hot_buffer_size=2, sink_tokens=1, compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32")
+@given(name=st.sampled_from(["spectral", "reconstruct"]), layout=st.sampled_from(sorted(LAYOUTS)), **shapes)
+def test_full_rank_lossless_equals_exact_attention(name, layout, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
+    # Full-rank SVD with float32 bases and unquantized hadamard coefficients are both lossless.
+    cfg = SpectralConfig(block_size=16, k_rank_keys=d, k_rank_values=d, hot_buffer_size=2, sink_tokens=1, coeff_bits=None,
+                         value_bits="same", basis_dtype="float32", **LAYOUTS[layout])
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
@@ -62,6 +79,45 @@ def test_full_rank_lossless_equals_exact_attention(name, batch, kv_heads, group,
     mask = torch.cat((vmask[:, None, None, :].expand(batch, 1, tq, n), causal), dim=-1)
     ref = reference_attention(q, torch.cat((keys, nk), 2), torch.cat((values, nv), 2), mask, 0.3)
     assert torch.allclose(out.double(), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["hadamard", "svd_keys_hadamard_values", "hadamard_keys_svd_values"])
+def test_spectral_applies_a_shared_basis_once_not_per_block(layout, monkeypatch):
+    # hadamard's rotation is the basis of every block: spectral attention must apply it once per
+    # step (shared_basis), never as basis()'s per-block [B, H, NB, D, D] expansion, which the
+    # old code copied (reshape) at every decode step. Ragged rows, GQA and a mask included.
+    d, batch, kv_heads, group, tq = 12, 2, 2, 3, 2  # 12: a non-symmetric rotation (Sylvester-Hadamard is)
+    cfg = SpectralConfig(block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=None,
+                         value_bits="same", basis_dtype="float32", **LAYOUTS[layout])
+    g = torch.Generator().manual_seed(1)
+    tm = TierManager(cfg)
+    valid = torch.arange(40) >= torch.tensor([[0], [20]])  # row 1 is left-padded by 20 tokens
+    tm.append(torch.randn(batch, kv_heads, 40, d, generator=g), torch.randn(batch, kv_heads, 40, d, generator=g), valid)
+    assert tm.n_cold == [4, 2]  # ragged: cold_valid masks row 1's missing blocks
+    q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
+    nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
+    causal = torch.ones(tq, tq, dtype=torch.bool).tril().expand(batch, 1, tq, tq)
+    expected = _attend("reconstruct", cfg, tm, q, nk, nv, causal, d**-0.5)
+
+    def per_block_basis(self, parts):
+        raise AssertionError("spectral attention expanded a shared basis per block")
+
+    monkeypatch.setattr(HadamardCompressor, "basis", per_block_basis)
+    out = _attend("spectral", cfg, tm, q, nk, nv, causal, d**-0.5)
+    assert torch.allclose(out, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_shared_basis_is_the_basis_of_every_block():
+    cfg = SpectralConfig(block_size=8, hot_buffer_size=2, quant_group=8)
+    for name in ("hadamard", "exact_svd"):
+        comp = COMPRESSORS[name](cfg, "keys", 4)
+        parts = {k: v.reshape(2, 3, *v.shape[1:]) for k, v in comp.compress(torch.randn(6, 8, 16)).items()}
+        shared = comp.shared_basis(parts)
+        if name == "exact_svd":
+            assert shared is None  # a basis per block
+        else:
+            assert shared.shape == (16, 16) and shared.dtype == torch.float32
+            assert torch.equal(comp.basis(parts), shared.expand(2, 3, 16, 16))
 
 
 def test_query_that_sees_nothing_gets_zeros_not_nan():

@@ -10,14 +10,19 @@ from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig, TierManager
 from spectral_kv.attention.compiled import compile_attend
 
 CFG = SpectralConfig.preset("fast", block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=3, sink_tokens=2)
+# The default layout: one rotation shared by all blocks (the spectral strategy's shared-basis path).
+HADAMARD = SpectralConfig(block_size=8, hot_buffer_size=3, sink_tokens=2, quant_group=8)
+# Per-block SVD basis for the keys, the shared rotation for the values.
+MIXED = CFG.replace(value_compressor="hadamard", value_bits=3, quant_group=8)
 B, H, G, D = 2, 2, 3, 8
 
 
-def grow_and_attend(name, attend, steps, prompt=5, seed=0):
-    """Decode `steps` tokens through a TierManager; returns (max abs diff vs eager, cold blocks)."""
+def grow_and_attend(name, attend, steps, prompt=5, seed=0, cfg=CFG, tm=None):
+    """Decode `steps` tokens through a TierManager (a fresh one unless `tm`); returns
+    (max abs diff vs eager, cold blocks)."""
     g = torch.Generator().manual_seed(seed)
-    tm = TierManager(CFG)
-    eager = ATTENTION_STRATEGIES[name](CFG, tm.key_compressor, tm.value_compressor)
+    tm = TierManager(cfg) if tm is None else tm
+    eager = ATTENTION_STRATEGIES[name](cfg, tm.key_compressor, tm.value_compressor)
     tm.append(torch.randn(B, H, prompt, D, generator=g), torch.randn(B, H, prompt, D, generator=g))
     worst = 0.0
     for _ in range(steps):
@@ -31,6 +36,15 @@ def grow_and_attend(name, attend, steps, prompt=5, seed=0):
     return worst, tm.n_cold[0]
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Dynamo caches graphs per code object (all strategies share SpectralAttention.attend's)
+    # up to a recompile limit of 8: each test counts its own graphs from an empty cache.
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def fused_fallback(monkeypatch):
     # On CPU the `fused` strategy compiles its torch fallback (the kernel itself is a
@@ -39,16 +53,24 @@ def fused_fallback(monkeypatch):
 
 
 @pytest.mark.slow  # ~5-20 s each on 2 shared cores: Dynamo traces two graphs
-@pytest.mark.parametrize("name", ["spectral", "reconstruct", "fused"])
-def test_attend_fullgraph_and_bounded_recompiles(name, request):
+@pytest.mark.parametrize(
+    "name, cfg",
+    [("spectral", CFG), ("reconstruct", CFG), ("fused", CFG), ("spectral", HADAMARD), ("spectral", MIXED)],
+    ids=["spectral", "reconstruct", "fused", "spectral-hadamard", "spectral-svd-keys-hadamard-values"],
+)
+def test_attend_fullgraph_and_bounded_recompiles(name, cfg, request):
     if name == "fused":
         request.getfixturevalue("fused_fallback")
-    strategy = ATTENTION_STRATEGIES[name](CFG, *(lambda t: (t.key_compressor, t.value_compressor))(TierManager(CFG)))
+    # The strategy shares the compressors that fill the tiers, as in SpectralCache: hadamard's
+    # rotation is built (and cached) by the first compress, before a cold block reaches attend;
+    # built inside the first trace instead, the cache's new entry would cost one more graph.
+    tm = TierManager(cfg)
+    strategy = ATTENTION_STRATEGIES[name](cfg, tm.key_compressor, tm.value_compressor)
     counter = CompileCounter()
     # fullgraph=True: any graph break raises instead of splitting the frame.
     attend = compile_attend(strategy, backend=counter)
     # 6 cold blocks of 8 tokens and the exact tier growing 3 -> 13 tokens between compressions.
-    worst, n_cold = grow_and_attend(name, attend, steps=6 * 8 + 2)
+    worst, n_cold = grow_and_attend(name, attend, steps=6 * 8 + 2, cfg=cfg, tm=tm)
     assert n_cold == 6
     assert worst < 1e-5
     # One graph before the first cold block, one after: none per block or per token.

@@ -13,6 +13,11 @@ traces):
 What is left is one graph without cold blocks (the ``if cold_k:`` branch) and one with them,
 plus one per distinct non-shape input structure (``cold_valid`` / ``exact_mask`` None or a
 tensor: ragged batches). tests/test_compile.py asserts that bound.
+
+Constants a compressor builds lazily and caches (``hadamard``'s rotation, per head_dim and
+device) are read as graph constants; the first ``compress`` builds them, before any cold block
+reaches ``attend``. If the first trace builds one instead (e.g. a cache restored from disk onto
+another device), its new cache entry costs one more graph, once.
 """
 
 from __future__ import annotations

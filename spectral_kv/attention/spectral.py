@@ -16,6 +16,11 @@ class SpectralAttention(AttentionStrategy):
     tokens; cold values as ``((p @ C_v) * s_v) @ B_v``. GQA folds the ``G`` query heads of a
     KV head into the query axis, so K/V are never repeated.
 
+    A compressor whose basis is shared by all blocks (``shared_basis``, e.g. ``hadamard``'s
+    rotation) gets it applied once per step: ``q @ Bᵀ`` once for the keys, and for the values
+    ``p @ C_v`` summed over every block before one ``@ B``. Keys and values choose
+    independently; a per-block basis (SVD layouts) is applied block by block.
+
     This is the readable torch version (the reference the fused kernel is tested against);
     it reads the compressed bytes a few times, so on GPUs it is slower than SDPA.
     """
@@ -55,9 +60,14 @@ class SpectralAttention(AttentionStrategy):
         if cold_k:
             ck = self.key_compressor.coefficients(cold_k)  # [B, H, NB, T, rk]
             nb, t, rk = ck.shape[2], ck.shape[3], ck.shape[4]
-            qb = self.key_compressor.basis(cold_k).reshape(b, h, nb * rk, d) @ qf.transpose(-1, -2)  # [B, H, NB*rk, GTq]
-            cold_scores = ck @ qb.reshape(b, h, nb, rk, g * tq)  # [B, H, NB, T, GTq]
-            cold_scores = cold_scores.reshape(b, h, nb * t, g * tq) * scaling
+            shared_k = self.key_compressor.shared_basis(cold_k)  # [rk, D] or None
+            if shared_k is not None:  # one basis for all blocks: rotate q once, not per block
+                qb = qf @ shared_k.transpose(-1, -2)  # [B, H, GTq, rk]
+                cold_scores = ck.reshape(b, h, nb * t, rk) @ qb.transpose(-1, -2)  # [B, H, NB*T, GTq]
+            else:
+                qb = self.key_compressor.basis(cold_k).reshape(b, h, nb * rk, d) @ qf.transpose(-1, -2)  # [B, H, NB*rk, GTq]
+                cold_scores = (ck @ qb.reshape(b, h, nb, rk, g * tq)).reshape(b, h, nb * t, g * tq)
+            cold_scores = cold_scores * scaling
             if cold_valid is not None:
                 keep = cold_valid[:, None, :, None, None].expand(b, 1, nb, t, 1).reshape(b, 1, nb * t, 1)
                 cold_scores = cold_scores.masked_fill(~keep, float("-inf"))
@@ -72,9 +82,14 @@ class SpectralAttention(AttentionStrategy):
             rv = cv.shape[-1]
             p_cold = torch.exp(cold_scores - m)
             denom = denom + p_cold.sum(dim=-2, keepdim=True)
-            pc = cv.transpose(-1, -2) @ p_cold.reshape(b, h, nb, t, g * tq)  # [B, H, NB, rv, GTq]
-            bv = self.value_compressor.basis(cold_v).reshape(b, h, nb * rv, d)
-            out = out + pc.reshape(b, h, nb * rv, g * tq).transpose(-1, -2) @ bv
+            shared_v = self.value_compressor.shared_basis(cold_v)  # [rv, D] or None
+            if shared_v is not None:  # sum over all blocks in coefficient space, then one @ basis
+                pc = p_cold.transpose(-1, -2) @ cv.reshape(b, h, nb * t, rv)  # [B, H, GTq, rv]
+                out = out + pc @ shared_v
+            else:
+                pc = cv.transpose(-1, -2) @ p_cold.reshape(b, h, nb, t, g * tq)  # [B, H, NB, rv, GTq]
+                bv = self.value_compressor.basis(cold_v).reshape(b, h, nb * rv, d)
+                out = out + pc.reshape(b, h, nb * rv, g * tq).transpose(-1, -2) @ bv
         out = out / denom.clamp_min(torch.finfo(torch.float32).tiny).transpose(-1, -2)
         out = out.masked_fill(~seen.transpose(-1, -2), 0.0)
         return out.reshape(b, hq, tq, d).to(q.dtype)

@@ -105,6 +105,14 @@ class FactoredCompressor(Compressor):
     def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The basis ``[..., r, D]`` (float32; may be an expanded view of a shared matrix)."""
 
+    def shared_basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The basis ``[r, D]`` float32 if every block shares it, else ``None`` (the default).
+
+        A shared basis lets attention apply it once per step (``q @ basisᵀ``, and the value
+        output's ``@ basis`` after summing over blocks) instead of once per block.
+        """
+        return None
+
     def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return (self.coefficients(parts) @ self.basis(parts)).to(dtype)
 

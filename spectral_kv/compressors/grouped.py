@@ -145,9 +145,16 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
         return rotation_matrix(d, self.config.seed)
 
     def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        ref = parts["codes"] if "codes" in parts else parts["coeffs"]
-        r = self._rotation(self._head_dim(parts), ref.device)
-        return r.expand(*ref.shape[:-2], *r.shape)
+        r = self.shared_basis(parts)
+        return r.expand(*self._ref(parts).shape[:-2], *r.shape)
+
+    def shared_basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rotation ``R`` ``[D, D]`` float32 on the parts' device: every block's basis."""
+        return self._rotation(self._head_dim(parts), self._ref(parts).device)
+
+    @staticmethod
+    def _ref(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["codes"] if "codes" in parts else parts["coeffs"]
 
     def _head_dim(self, parts: dict[str, torch.Tensor]) -> int:
         if self.bits is None:
