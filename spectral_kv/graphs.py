@@ -52,6 +52,12 @@ class StaticDecoder:
     """
 
     def __init__(self, model, cache, use_cuda_graph: bool | None = None, record_step_times: bool = False) -> None:
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if impl != "spectral_kv":
+            raise ValueError(
+                f"StaticDecoder needs the model to run the 'spectral_kv' attention, it runs {impl!r}: load it with "
+                f"attn_implementation='spectral_kv' or call model.set_attn_implementation('spectral_kv')"
+            )
         self.model = model
         self.cache = cache
         device = next(model.parameters()).device

@@ -37,6 +37,16 @@ import torch
 __all__ = ["StaticTiersMixin", "deferred_advance", "advance_deferred"]
 
 _state = threading.local()
+# One side stream per device for the whole process: the caching allocator keeps blocks per
+# stream, so a fresh stream per cache would cudaMalloc (a device-wide sync) at every compression.
+_SIDE_STREAMS: dict = {}
+
+
+def side_stream(device: torch.device):
+    """The process-wide background-compression stream of ``device``."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 @contextlib.contextmanager
@@ -75,7 +85,6 @@ class StaticTiersMixin:
         self.n_cold_t: torch.Tensor | None = None
         self.pending: list[_Pending] = []
         self.steps = 0
-        self._side_stream = None
 
     # ------------------------------------------------------------------ layout
     def static_width(self) -> int:
@@ -162,14 +171,12 @@ class StaticTiersMixin:
         finite = torch.stack([torch.isfinite(t[rows][block]).all() for t in (self.exact_k, self.exact_v)]).all()
         event = None
         if self.exact_k.is_cuda and self.config.compress_lag:
-            main = torch.cuda.current_stream(self.exact_k.device)
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(self.exact_k.device)
-            self._side_stream.wait_stream(main)  # the tokens of the block are written
-            with torch.cuda.stream(self._side_stream):
+            side = side_stream(self.exact_k.device)
+            side.wait_stream(torch.cuda.current_stream(self.exact_k.device))  # the block's tokens are written
+            with torch.cuda.stream(side):
                 self._compress_pairs([(r, 0) for r in rows], check=False)
                 event = torch.cuda.Event()
-                event.record(self._side_stream)
+                event.record(side)
         else:
             self._compress_pairs([(r, 0) for r in rows], check=False)
         self.pending.append(_Pending(rows, self.steps + self.config.compress_lag, event, finite))

@@ -11,6 +11,7 @@
    the time above the median step, overlap = 1 - stall(async) / stall(sync).
 
     python tests/gpu/graphs_gpu.py | tee tests/gpu/results_graphs_<card>.txt
+    SECTIONS=overlap OVERLAP_PRESETS=balanced python tests/gpu/graphs_gpu.py   # correctness + one section only
 """
 
 from __future__ import annotations
@@ -51,6 +52,25 @@ def left_padded(batch, length, vocab, pad=7, seed=0):
     return ids.to(dev), mask.to(dev)
 
 
+def forced_logit_diff(model, cfg, tokens, prompt_mask):
+    """Max |logit difference| between a dynamic and a frozen cache fed the same tokens."""
+    n = prompt_mask.shape[1]
+    caches = [sk.SpectralCache(cfg, model.config) for _ in range(2)]
+    worst = 0.0
+    with torch.no_grad():
+        for i, cache in enumerate(caches):
+            model(tokens[:, :n], attention_mask=prompt_mask, past_key_values=cache)
+            if i:
+                cache.freeze(tokens.shape[1] - n)
+        m = prompt_mask
+        for t in range(n, tokens.shape[1]):
+            m = torch.cat((m, torch.ones_like(m[:, :1])), dim=1)
+            pos = m.sum(1, keepdim=True) - 1
+            a, b = (model(tokens[:, t : t + 1], attention_mask=m, position_ids=pos, past_key_values=c).logits for c in caches)
+            worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
 # ---------------------------------------------------------------- 1. correctness
 model = tiny("llama").to(dev)
 model.set_attn_implementation("spectral_kv")
@@ -63,21 +83,32 @@ for lag in (0, 4):
     check(f"fp32 lossless, graphed == DynamicCache (compress_lag={lag})", torch.equal(got, expected),
           f"captures={dec.captures}, cold blocks={cache.spectral_layers[0].tiers.n_cold}")
 
-model = model.to(torch.bfloat16)
-for preset, extra in (("fast", dict(k_rank_keys=8, k_rank_values=8)), ("balanced", dict(quant_group=16))):
-    for lag in (0, 4):
-        cfg = SpectralConfig.preset(preset, block_size=16, hot_buffer_size=4, sink_tokens=2, compress_lag=lag,
-                                    verbose=False, **extra)
-        graphed = StaticDecoder(model, sk.SpectralCache(cfg, model.config)).generate(ids, mask, max_new_tokens=40)
-        eager = StaticDecoder(model, sk.SpectralCache(cfg, model.config), use_cuda_graph=False).generate(ids, mask, 40)
-        ok = check(f"bf16 {preset} lag={lag}: graphed == eager static steps", torch.equal(graphed, eager))
-        if lag == 0:
-            dynamic = hf_generate(model, ids, mask, 40, sk.SpectralCache(cfg, model.config))
-            same = (dynamic[:, ids.shape[1]:] == graphed[:, ids.shape[1]:]).float().mean().item()
-            check(f"bf16 {preset}: graphed == dynamic SpectralCache generate", same == 1.0, f"token agreement {same:.3f}")
+# Lossy layouts: the graphed steps must replay exactly what the same steps compute eagerly, and
+# in fp32 equal the dynamic cache's tokens. In bf16 the torch path's masked reductions over the
+# static width round differently from the dynamic cache's (same math, other summation blocking),
+# and this random tiny model is full of near-ties, so there the agreement is reported only.
+for dtype in (torch.float32, torch.bfloat16):
+    model = model.to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    for preset, extra in (("fast", dict(k_rank_keys=8, k_rank_values=8)), ("balanced", dict(quant_group=16))):
+        for lag in (0, 4):
+            cfg = SpectralConfig.preset(preset, block_size=16, hot_buffer_size=4, sink_tokens=2, compress_lag=lag,
+                                        verbose=False, **extra)
+            graphed = StaticDecoder(model, sk.SpectralCache(cfg, model.config)).generate(ids, mask, max_new_tokens=40)
+            eager = StaticDecoder(model, sk.SpectralCache(cfg, model.config), use_cuda_graph=False).generate(ids, mask, 40)
+            check(f"{name} {preset} lag={lag}: graphed == eager static steps", torch.equal(graphed, eager))
+            if lag == 0:
+                dynamic = hf_generate(model, ids, mask, 40, sk.SpectralCache(cfg, model.config))
+                same = (dynamic[:, ids.shape[1]:] == graphed[:, ids.shape[1]:]).float().mean().item()
+                print(f"info  {name} {preset}: graphed vs dynamic SpectralCache greedy token agreement {same:.3f}")
+                if dtype == torch.float32:
+                    diff = forced_logit_diff(model, cfg, graphed, mask)
+                    check(f"{name} {preset}: frozen cache logits == dynamic cache logits (same forced tokens)",
+                          diff < 1e-3, f"max |diff| {diff:.2e}")
 del model
 torch.cuda.empty_cache()
 
+SECTIONS = os.environ.get("SECTIONS", "speed,overlap").split(",")
 # ---------------------------------------------------------------- 2. speed
 torch.manual_seed(0)
 smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -114,7 +145,7 @@ def per_token_static(cfg, ids, mask, graphs):
 
 
 rows = []
-for batch in (1, 8):
+for batch in ((1, 8) if "speed" in SECTIONS else ()):
     ids, mask = left_padded(batch, PROMPT, smol.vocab_size, seed=1)
     model.set_attn_implementation("sdpa")
     dyn = per_token_generate(DynamicCache, ids, mask)
@@ -130,24 +161,26 @@ print(f"{'batch':>5} {'preset':>9} {'Dynamic gen':>11} {'Spectral gen':>12} {'st
 for batch, preset, dyn, spec, eager, graphed, capture in rows:
     print(f"{batch:>5} {preset:>9} {dyn:>11.2f} {spec:>12.2f} {eager:>12.2f} {graphed:>8.2f} {capture:>10.1f} "
           f"{eager / graphed:>12.2f}x {dyn / graphed:>14.2f}x")
-check("graphed decode is faster than the same static steps run eagerly", all(r[5] < r[4] for r in rows))
+if rows:
+    check("graphed decode is faster than the same static steps run eagerly", all(r[5] < r[4] for r in rows))
 
 # ---------------------------------------------------------------- 3. overlap
-print("\noverlap: graphed decode across block compressions, batch 4, prompt 4096, 1200 new tokens")
+print("\noverlap: graphed decode across block compressions, batch 4, prompt 4096, 1100 new tokens")
 ids, mask = left_padded(4, PROMPT, smol.vocab_size, pad=0, seed=2)
-for preset in ("balanced", "fast"):
+model.set_attn_implementation("spectral_kv")
+for preset in (os.environ.get("OVERLAP_PRESETS", "balanced,fast").split(",") if "overlap" in SECTIONS else ()):
     stalls, outs = {}, {}
     for lag in (0, 32):
         cfg = SpectralConfig.preset(preset, compress_lag=lag, verbose=False)
-        for _ in range(2):  # the first run warms up
-            dec = StaticDecoder(model, sk.SpectralCache(cfg, model.config), record_step_times=True)
-            outs[lag] = dec.generate(ids, mask, max_new_tokens=1200)
+        StaticDecoder(model, sk.SpectralCache(cfg, model.config)).generate(ids, mask, max_new_tokens=80)  # warm-up
+        dec = StaticDecoder(model, sk.SpectralCache(cfg, model.config), record_step_times=True)
+        outs[lag] = dec.generate(ids, mask, max_new_tokens=1100)
         steps = dec.step_ms[2:]  # skip warm-up and capture
         med = statistics.median(steps)
         spikes = sorted(steps, reverse=True)[:3]
         stalls[lag] = sum(max(0.0, s - med) for s in steps)
         print(f"{preset:>9} compress_lag={lag:>2}: median step {med:.3f} ms, 3 slowest {[round(s, 2) for s in spikes]} ms, "
-              f"total {sum(steps):.1f} ms, stall above median {stalls[lag]:.2f} ms")
+              f"total {sum(steps):.1f} ms, stall above median {stalls[lag]:.2f} ms", flush=True)
     overlap = 1 - stalls[32] / stalls[0] if stalls[0] > 0 else float("nan")
     print(f"{preset:>9}: compress_lag=32 hides {overlap:.0%} of the on-step compression stall")
     if preset == "balanced":  # the default; SVD compressors sync the host (cuSOLVER), see the notes
