@@ -167,8 +167,9 @@ class StaticTiersMixin:
             self._commit(due_only=False)  # nothing may still write into the pools being replaced
             self._reserve_cold(2 * self.cold_k.n_blocks)
         s, bs = self.config.sink_tokens, self.config.block_size
-        block = (slice(None), slice(s, s + bs))
-        finite = torch.stack([torch.isfinite(t[rows][block]).all() for t in (self.exact_k, self.exact_v)]).all()
+        # Slices only: indexing with a host list would copy it to the device and sync, draining
+        # the queue of replays that is meant to hide this launch.
+        finite = torch.stack([torch.isfinite(t[r, :, s : s + bs]).all() for t in (self.exact_k, self.exact_v) for r in rows]).all()
         event = None
         if self.exact_k.is_cuda and self.config.compress_lag:
             side = side_stream(self.exact_k.device)
