@@ -211,3 +211,33 @@ def test_a_frozen_cache_saves_and_reloads_in_the_dynamic_layout(model, tmp_path)
         assert a.tiers.n_cold == b.tiers.n_cold
         _same_tokens(a.tiers, b.tiers)
     assert out.shape == (1, 52)
+
+
+def test_non_finite_tokens_are_refused_in_static_steps():
+    st = TierManager(CFG.replace(compress_lag=2), name="layer 4")
+    st.append(torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8))
+    st.freeze(40)
+    bad = torch.randn(1, 2, 1, 8)
+    bad[0, 1, 0, 3] = float("nan")
+    # A captured step cannot look: the token (position 10, inside the first block) is stored, and
+    # its block is refused when it would be swapped in (the graph driver also flags the logits).
+    st.append_static(bad, torch.randn(1, 2, 1, 8))
+    st.advance()
+    with pytest.raises(ValueError, match=r"layer 4: keys/values of batch row\(s\) \[0\] hold NaN/Inf"):
+        for _ in range(11 + 2):  # the block fills at 22 tokens, then 2 steps of lag
+            st.append_static(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+            st.advance()
+    assert st.n_cold == [0]
+
+
+def test_eager_static_steps_check_each_token_before_storing_it(model):
+    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(9))
+    cache = sk.SpectralCache(LOSSY, model.config)
+    greedy(model, ids, n=1, past_key_values=cache)
+    cache.freeze(8)
+    layer = cache.spectral_layers[0]
+    before = layer.tiers.n_exact_t.clone()
+    k = torch.full((1, layer.tiers.exact_k.shape[1], 1, layer.tiers.exact_k.shape[3]), float("inf"))
+    with pytest.raises(ValueError, match="layer 0: keys of batch row"):
+        layer.attend_and_commit(torch.randn(1, model.config.num_attention_heads, 1, k.shape[3]), k, torch.zeros_like(k), None, 1.0)
+    assert torch.equal(layer.tiers.n_exact_t, before)  # nothing stored
