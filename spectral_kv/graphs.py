@@ -24,7 +24,10 @@ import torch
 
 from .static import deferred_advance
 
-__all__ = ["StaticDecoder"]
+__all__ = ["StaticDecoder", "STOP_CHECK_EVERY"]
+
+# With an EOS id, how often (in steps) the host checks whether every row has finished.
+STOP_CHECK_EVERY = 16
 
 
 class StaticDecoder:
@@ -70,14 +73,32 @@ class StaticDecoder:
         self.step_ms: list[float] = []
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32) -> torch.Tensor:
-        """Prompt plus ``max_new_tokens`` greedy tokens, ``[B, L + max_new_tokens]`` (no EOS stop).
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Prompt plus up to ``max_new_tokens`` greedy tokens, ``[B, L + n]``.
 
         ``attention_mask`` [B, L] marks left padding (1 = real token), as for ``generate``.
-        Raises `ValueError` if the model produced non-finite logits at any step.
+        With ``eos_token_id``, a row that emitted it gets ``pad_token_id`` (default: the first
+        EOS id) afterwards, and decoding stops once every row has finished (checked every
+        `STOP_CHECK_EVERY` steps, one host sync each; the output is trimmed to the step where
+        the last row finished), as transformers' ``generate`` does. Without it, exactly
+        ``max_new_tokens`` tokens. Raises `ValueError` if the model produced non-finite logits.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
+        if pad_token_id is None and eos:
+            pad_token_id = eos[0]
+        self._eos = torch.tensor(eos, device=input_ids.device) if eos else None
+        self._pad = pad_token_id
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         if self.cache.get_seq_length() != 0:
@@ -87,12 +108,26 @@ class StaticDecoder:
         length = input_ids.shape[1]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True).logits
         self._bad = ~torch.isfinite(logits[:, -1]).all()
-        tokens = [logits[:, -1].argmax(-1, keepdim=True)]
+        self._done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
+        tokens = [self._finish(logits[:, -1].argmax(-1, keepdim=True))]
         if max_new_tokens > 1:
             self._decode(tokens, attention_mask, length, max_new_tokens)
         if bool(self._bad):
             raise ValueError("StaticDecoder: the model produced NaN/Inf logits")
-        return torch.cat((input_ids, *tokens), dim=1)
+        out = torch.cat(tokens, dim=1)
+        if self._eos is not None:  # trim to the step where the last row finished
+            finished = torch.cumsum((out[:, :, None] == self._eos).any(-1), dim=1).bool().all(0)
+            if bool(finished.any()):
+                out = out[:, : int(finished.nonzero()[0]) + 1]
+        return torch.cat((input_ids, out), dim=1)
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        """Rows that already emitted EOS get padding; rows emitting it now are marked done."""
+        if self._eos is None:
+            return out
+        out = torch.where(self._done, torch.full_like(out, self._pad), out)
+        self._done |= (out[:, :, None] == self._eos).any(-1)
+        return out
 
     def _decode(self, tokens: list[torch.Tensor], attention_mask: torch.Tensor, length: int, max_new_tokens: int) -> None:
         self.cache.freeze(max_new_tokens)
@@ -105,7 +140,9 @@ class StaticDecoder:
         graph, version, warmed = None, None, False
         events = []
         with deferred_advance():
-            for _ in range(1, max_new_tokens):
+            for step in range(1, max_new_tokens):
+                if self._eos is not None and step % STOP_CHECK_EVERY == 0 and bool(self._done.all()):
+                    break
                 if self.record_step_times:
                     events.append(torch.cuda.Event(enable_timing=True))
                     events[-1].record()
@@ -140,7 +177,7 @@ class StaticDecoder:
             kwargs["cache_position"] = self._cache_pos
         logits = self.model(**kwargs).logits[:, -1]
         self._bad |= ~torch.isfinite(logits).all()
-        return logits.argmax(-1, keepdim=True)
+        return self._finish(logits.argmax(-1, keepdim=True))
 
     def _warm_up(self) -> torch.Tensor:
         """A real eager step on a side stream (cuBLAS / Triton set up before any capture)."""

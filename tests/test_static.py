@@ -241,3 +241,23 @@ def test_eager_static_steps_check_each_token_before_storing_it(model):
     with pytest.raises(ValueError, match="layer 0: keys of batch row"):
         layer.attend_and_commit(torch.randn(1, model.config.num_attention_heads, 1, k.shape[3]), k, torch.zeros_like(k), None, 1.0)
     assert torch.equal(layer.tiers.n_exact_t, before)  # nothing stored
+
+
+def test_eos_stops_rows_like_generate(model):
+    ids, mask = _left_padded(seed=10)
+    free = StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, max_new_tokens=40)
+    new = free[:, ids.shape[1]:]
+    both = set(new[0, 3:].tolist()) & set(new[1, 3:].tolist()) - set(new[:, :3].flatten().tolist())
+    eos = min(both)  # a token both rows emit, not in their first 3 steps: make it the EOS id
+    first = [int((new[r] == eos).nonzero()[0]) for r in range(2)]
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                                  pad_token_id=0, past_key_values=sk.SpectralCache(LOSSY, model.config))
+    got = StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(
+        ids, mask, max_new_tokens=40, eos_token_id=[eos], pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert got.shape[1] == ids.shape[1] + max(first) + 1  # stopped when the last row finished
+    for r in range(2):
+        assert (got[r, ids.shape[1] + first[r] + 1 :] == 0).all()  # padded after its EOS
+    with pytest.raises(ValueError, match="eos_token_id must be a token id or a list of them, got 'x'"):
+        StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, 4, eos_token_id="x")
