@@ -83,6 +83,18 @@ for lag in (0, 4):
     check(f"fp32 lossless, graphed == DynamicCache (compress_lag={lag})", torch.equal(got, expected),
           f"captures={dec.captures}, cold blocks={cache.spectral_layers[0].tiers.n_cold}")
 
+# EOS inside the graph: finished rows padded on the device, early stop, trimmed like generate.
+free = StaticDecoder(model, sk.SpectralCache(LOSSLESS, model.config)).generate(ids, mask, max_new_tokens=40)
+new = free[:, ids.shape[1]:]
+eos = min(set(new[0, 3:].tolist()) & set(new[1, 3:].tolist()) - set(new[:, :3].flatten().tolist()) or {0})
+with torch.no_grad():
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, past_key_values=DynamicCache())
+dec = StaticDecoder(model, sk.SpectralCache(LOSSLESS, model.config))
+got = dec.generate(ids, mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
+check("fp32 lossless, graphed with eos_token_id == DynamicCache generate", torch.equal(got, expected),
+      f"eos={eos}, new tokens {got.shape[1] - ids.shape[1]} of 40, captures={dec.captures}")
+
 # Lossy layouts: the graphed steps must replay exactly what the same steps compute eagerly, and
 # in fp32 equal the dynamic cache's tokens. In bf16 the torch path's masked reductions over the
 # static width round differently from the dynamic cache's (same math, other summation blocking),
