@@ -86,7 +86,9 @@ for lag in (0, 4):
 # EOS inside the graph: finished rows padded on the device, early stop, trimmed like generate.
 free = StaticDecoder(model, sk.SpectralCache(LOSSLESS, model.config)).generate(ids, mask, max_new_tokens=40)
 new = free[:, ids.shape[1]:]
-eos = min(set(new[0, 3:].tolist()) & set(new[1, 3:].tolist()) - set(new[:, :3].flatten().tolist()) or {0})
+# a token both rows emit after step 3 (early stop), else one row 0 emits (its padding)
+eos = min(set(new[0, 3:].tolist()) & set(new[1, 3:].tolist()) - set(new[:, :3].flatten().tolist())
+          or {int(new[0, 5])})
 with torch.no_grad():
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=eos,
                               pad_token_id=0, past_key_values=DynamicCache())
