@@ -261,3 +261,21 @@ def test_eos_stops_rows_like_generate(model):
         assert (got[r, ids.shape[1] + first[r] + 1 :] == 0).all()  # padded after its EOS
     with pytest.raises(ValueError, match="eos_token_id must be a token id or a list of them, got 'x'"):
         StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, 4, eos_token_id="x")
+
+
+def test_eager_static_steps_read_bool_and_additive_masks(model):
+    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(11))
+    cache = sk.SpectralCache(LOSSY, model.config)
+    greedy(model, ids, n=1, past_key_values=cache)
+    cache.freeze(8)
+    layer = cache.spectral_layers[0]
+    h, d = layer.tiers.exact_k.shape[1], layer.tiers.exact_k.shape[3]
+    q, k = torch.randn(1, model.config.num_attention_heads, 1, d), torch.randn(1, h, 1, d)
+    width = layer.tiers.seen + 1
+    padded = torch.ones(1, 1, 1, width, dtype=torch.bool)
+    padded[..., -1] = False
+    with pytest.raises(ValueError, match="takes decode tokens that are real tokens"):
+        layer.attend_and_commit(q, k, k, padded, d**-0.5)
+    additive = torch.zeros(1, 1, 1, width)  # transformers' float form: 0 = attend
+    out = layer.attend_and_commit(q, k, k, additive, d**-0.5)
+    assert out.shape == q.shape and layer.tiers.tokens() == [31]

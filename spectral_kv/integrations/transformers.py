@@ -196,11 +196,11 @@ class SpectralLayer(CacheLayerMixin):
         self._staged = False
         self.attention_calls += 1
         b, _, tq, _ = query.shape
+        if mask is not None and mask.dtype != torch.bool:  # an additive float mask: 0 = attend
+            mask = mask > torch.finfo(mask.dtype).min / 2
         if self.tiers.static and tq == 1:
             return self._static_decode(query, key, value, mask, scaling)
         if mask is not None:
-            if mask.dtype != torch.bool:  # an additive float mask: 0 = attend
-                mask = mask > torch.finfo(mask.dtype).min / 2
             if mask.shape[-1] != self.tiers.seen + tq:
                 raise ValueError(
                     f"SpectralCache layer {self.layer_idx}: attention mask covers {mask.shape[-1]} positions, "
