@@ -178,7 +178,6 @@ class TierManager(StaticTiersMixin):
             False marks padding positions: they are dropped, never stored or compressed.
         """
         self._check(k, v, valid)
-        self.thaw()
         b, h, t, d = k.shape
         if not self.initialized:
             self.exact_k = k.new_zeros(b, h, 0, d)
@@ -189,6 +188,7 @@ class TierManager(StaticTiersMixin):
         self.seen += t
         if t == 0:
             return
+        self.thaw()  # a frozen cache takes more than one token at a time in the dynamic layout
         self._track_tail(valid, t)
         width = self.exact_k.shape[2]
         if (valid is None or bool(valid.all())) and all(n == width for n in self.n_exact):

@@ -242,10 +242,11 @@ class SpectralLayer(CacheLayerMixin):
 
     def _static_decode(self, query, key, value, mask, scaling) -> torch.Tensor:
         """One decode step on static storage (`spectral_kv.static`): no host sync and fixed
-        addresses, so it can be captured in a CUDA graph. The mask is not read: padding was
+        addresses, so it can be captured in a CUDA graph. Attention needs no mask: padding was
         dropped when the prompt was stored, and a decode token is a real token seeing every
-        held one. Checks that need the host (finite values, a padded decode token) run only
-        when the step is not being captured; a graph driver checks the logits instead."""
+        held one. Checks that need the host (finite values, the mask saying the new token is
+        real) run only when `advance` is not deferred (eager steps); a graph driver checks the
+        logits instead, and a block holding NaN/Inf is refused before it is swapped in."""
         t = self.tiers
         deferred = advance_deferred()
         if not deferred:
