@@ -18,9 +18,16 @@ CFG = SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, quant_grou
 
 
 def _same_tokens(a, b):
-    """Both tier managers hold the same tokens, bit for bit (materialize: keys, values, valid)."""
-    for x, y in zip(a.materialize(), b.materialize()):
-        assert (x is None and y is None) or torch.equal(x, y)
+    """Both tier managers hold the same tokens, bit for bit (materialize: keys, values, valid;
+    what lies in masked-out positions does not matter)."""
+    assert a.tokens() == b.tokens()
+    if not a.initialized or not max(a.tokens()):
+        return
+    (ka, va, ma), (kb, vb, mb) = a.materialize(), b.materialize()
+    assert (ma is None) == (mb is None) and (ma is None or torch.equal(ma, mb))
+    keep = torch.ones(ka.shape[0], ka.shape[2], dtype=torch.bool) if ma is None else ma
+    for x, y in ((ka, kb), (va, vb)):
+        assert torch.equal(x.transpose(1, 2)[keep], y.transpose(1, 2)[keep])
 
 
 def _decode_both(cfg, new_tokens, capacity, valid=None, seed=0):
@@ -279,3 +286,66 @@ def test_eager_static_steps_read_bool_and_additive_masks(model):
     additive = torch.zeros(1, 1, 1, width)  # transformers' float form: 0 = attend
     out = layer.attend_and_commit(q, k, k, additive, d**-0.5)
     assert out.shape == q.shape and layer.tiers.tokens() == [31]
+
+
+# ---------------------------------------------------------------- property: any schedule
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as hst  # noqa: E402
+
+
+@given(
+    b=hst.integers(1, 3),
+    prompt=hst.integers(1, 40),
+    pad_p=hst.sampled_from([0.0, 0.3]),
+    capacity=hst.integers(0, 40),
+    lag=hst.integers(0, 6),
+    events=hst.lists(hst.tuples(hst.sampled_from(["decode", "chunk", "reorder", "crop", "refreeze"]),
+                                hst.integers(1, 30)), min_size=1, max_size=6),
+    dtype=hst.sampled_from([torch.float32, torch.bfloat16]),
+    seed=hst.integers(0, 2**16),
+)
+def test_any_static_schedule_holds_what_a_dynamic_twin_holds(b, prompt, pad_p, capacity, lag, events, dtype, seed):
+    """Frozen and dynamic twins fed the same tokens through any mix of decode runs (static steps),
+    prefill chunks, row reorders and crops (which thaw), and re-freezes with too little room (pool
+    growth): always the same tokens, bit for bit, and the static counters agree with the host."""
+    cfg = CFG.replace(block_size=8, hot_buffer_size=3, quant_group=8, compress_lag=min(lag, 7))
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda t: torch.randn(b, 2, t, 8, generator=g).to(dtype)  # noqa: E731
+    dyn, st = TierManager(cfg), TierManager(cfg)
+    k, v, valid = rand(prompt), rand(prompt), torch.rand(b, prompt, generator=g) >= pad_p
+    valid[:, -1] = True  # every row ends on a real token (as generate's left padding does)
+    for tm in (dyn, st):
+        tm.append(k, v, valid)
+    st.freeze(capacity)
+    for kind, n in events:
+        if kind == "decode":
+            if not st.initialized:  # a crop emptied it: one token prefills it again
+                ck, cv = rand(1), rand(1)
+                for tm in (dyn, st):
+                    tm.append(ck, cv)
+            if not st.static:
+                st.freeze(capacity)
+            for _ in range(n):
+                nk, nv = rand(1), rand(1)
+                dyn.append(nk, nv)
+                st.append_static(nk, nv)
+                st.advance()
+                assert st.n_exact_t.tolist() == st.n_exact and st.n_cold_t.tolist() == st.n_cold
+        elif kind == "chunk":
+            ck, cv = rand(n), rand(n)
+            for tm in (dyn, st):
+                tm.append(ck, cv)
+        elif kind == "reorder":
+            idx = torch.randint(0, b, (b,), generator=g)
+            for tm in (dyn, st):
+                tm.select_rows(idx)
+        elif kind == "crop":  # as far as crop is exact: real tokens of the exact tiers
+            sinks = [cfg.sink_tokens if c else 0 for c in dyn.n_cold]
+            drop = min(n, *dyn.tail_valid, *(e - s for e, s in zip(dyn.n_exact, sinks)))
+            for tm in (dyn, st):
+                tm.crop(-drop) if drop else None
+        elif st.initialized:
+            st.freeze(n % 3)
+    st.drain()
+    assert (st.tokens(), st.seen) == (dyn.tokens(), dyn.seen)
+    _same_tokens(dyn, st)
