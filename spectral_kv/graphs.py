@@ -1,8 +1,8 @@
-"""`StaticDecoder`: greedy decoding on a frozen `SpectralCache`, each decode step one CUDA graph.
+"""`StaticDecoder`: decoding on a frozen `SpectralCache`, each decode step one CUDA graph.
 
 transformers' compiled generate needs a cache whose every operation is traceable; ours plans
 block compression on the host. So the captured region is exactly the model's decode forward
-(embedding, every layer's static decode step, the head and the argmax), and everything that
+(embedding, every layer's static decode step, the head and the token choice), and everything that
 changes the cache's layout runs between replays in `SpectralCache.advance`:
 
 1. prefill the prompt eagerly (any length, left padding allowed: padding is dropped then);
@@ -22,6 +22,7 @@ import inspect
 
 import torch
 
+from .sampling import Sampling
 from .static import deferred_advance
 
 __all__ = ["StaticDecoder", "STOP_CHECK_EVERY"]
@@ -31,7 +32,7 @@ STOP_CHECK_EVERY = 16
 
 
 class StaticDecoder:
-    """Greedy generation with a frozen cache, optionally replayed as CUDA graphs.
+    """Greedy or sampled generation with a frozen cache, optionally replayed as CUDA graphs.
 
     Parameters
     ----------
@@ -80,8 +81,14 @@ class StaticDecoder:
         max_new_tokens: int = 32,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
     ) -> torch.Tensor:
-        """Prompt plus up to ``max_new_tokens`` greedy tokens, ``[B, L + n]``.
+        """Prompt plus up to ``max_new_tokens`` tokens, ``[B, L + n]``: greedy, or sampled with
+        ``do_sample=True`` (`spectral_kv.sampling.Sampling`: temperature, top-k, top-p as
+        transformers applies them; seed with ``torch.manual_seed``).
 
         ``attention_mask`` [B, L] marks left padding (1 = real token), as for ``generate``.
         With ``eos_token_id``, a row that emitted it gets ``pad_token_id`` (default: the first
@@ -92,6 +99,7 @@ class StaticDecoder:
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        self._select = Sampling(do_sample, temperature, top_k, top_p)
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos):
             raise ValueError(f"eos_token_id must be a token id or a list of them, got {eos_token_id!r}")
@@ -106,10 +114,13 @@ class StaticDecoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         length = input_ids.shape[1]
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=self.cache, use_cache=True).logits
+        # Positions count real tokens only, as generate numbers a left-padded row.
+        positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                            past_key_values=self.cache, use_cache=True).logits
         self._bad = ~torch.isfinite(logits[:, -1]).all()
         self._done = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
-        tokens = [self._finish(logits[:, -1].argmax(-1, keepdim=True))]
+        tokens = [self._finish(self._select(logits[:, -1]))]
         if max_new_tokens > 1:
             self._decode(tokens, attention_mask, length, max_new_tokens)
         if bool(self._bad):
@@ -177,7 +188,7 @@ class StaticDecoder:
             kwargs["cache_position"] = self._cache_pos
         logits = self.model(**kwargs).logits[:, -1]
         self._bad |= ~torch.isfinite(logits).all()
-        return self._finish(logits.argmax(-1, keepdim=True))
+        return self._finish(self._select(logits))
 
     def _warm_up(self) -> torch.Tensor:
         """A real eager step on a side stream (cuBLAS / Triton set up before any capture)."""

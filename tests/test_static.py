@@ -349,3 +349,22 @@ def test_any_static_schedule_holds_what_a_dynamic_twin_holds(b, prompt, pad_p, c
     st.drain()
     assert (st.tokens(), st.seen) == (dyn.tokens(), dyn.seen)
     _same_tokens(dyn, st)
+
+
+def test_sampling_draws_what_generate_draws(model):
+    ids, mask = _left_padded(seed=12)
+    knobs = dict(temperature=0.7, top_k=20, top_p=0.9)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=True, **knobs,
+                                  past_key_values=sk.SpectralCache(LOSSY, model.config))
+    torch.manual_seed(123)
+    got = StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, 30, do_sample=True, **knobs)
+    assert torch.equal(got, expected)
+    greedy_out = StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, 30)
+    assert not torch.equal(got, greedy_out)  # it really sampled
+    for bad, match in ((dict(temperature=0), "temperature must be a positive number, got 0"),
+                       (dict(top_k=-1), "top_k must be a non-negative int"),
+                       (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5")):
+        with pytest.raises(ValueError, match=match):
+            StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, 2, do_sample=True, **bad)

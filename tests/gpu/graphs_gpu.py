@@ -97,6 +97,18 @@ got = dec.generate(ids, mask, max_new_tokens=40, eos_token_id=eos, pad_token_id=
 check("fp32 lossless, graphed with eos_token_id == DynamicCache generate", torch.equal(got, expected),
       f"eos={eos}, new tokens {got.shape[1] - ids.shape[1]} of 40, captures={dec.captures}")
 
+# Sampling inside the graph (the CUDA generator's offset advances at every replay): reproducible
+# under a seed, different under another, and not the greedy path.
+def sampled(seed):
+    torch.manual_seed(seed)
+    return StaticDecoder(model, sk.SpectralCache(LOSSLESS, model.config)).generate(
+        ids, mask, max_new_tokens=40, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+
+
+a, b, c = sampled(1), sampled(1), sampled(2)
+check("graphed sampling: same seed, same tokens; other seed, other tokens; not greedy",
+      torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, expected))
+
 # Lossy layouts: the graphed steps must replay exactly what the same steps compute eagerly, and
 # in fp32 equal the dynamic cache's tokens. In bf16 the torch path's masked reductions over the
 # static width round differently from the dynamic cache's (same math, other summation blocking),
