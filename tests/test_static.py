@@ -237,12 +237,17 @@ def test_non_finite_tokens_are_refused_in_static_steps():
     assert st.n_cold == [0]
 
 
-def test_eager_static_steps_check_each_token_before_storing_it(model):
-    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(9))
+def _frozen_first_layer(model, seed):
+    """Layer 0 of a cache frozen after a 30-token prompt (for direct eager static steps)."""
+    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(seed))
     cache = sk.SpectralCache(LOSSY, model.config)
     greedy(model, ids, n=1, past_key_values=cache)
     cache.freeze(8)
-    layer = cache.spectral_layers[0]
+    return cache.spectral_layers[0]
+
+
+def test_eager_static_steps_check_each_token_before_storing_it(model):
+    layer = _frozen_first_layer(model, seed=9)
     before = layer.tiers.n_exact_t.clone()
     k = torch.full((1, layer.tiers.exact_k.shape[1], 1, layer.tiers.exact_k.shape[3]), float("inf"))
     with pytest.raises(ValueError, match="layer 0: keys of batch row"):
@@ -271,11 +276,7 @@ def test_eos_stops_rows_like_generate(model):
 
 
 def test_eager_static_steps_read_bool_and_additive_masks(model):
-    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(11))
-    cache = sk.SpectralCache(LOSSY, model.config)
-    greedy(model, ids, n=1, past_key_values=cache)
-    cache.freeze(8)
-    layer = cache.spectral_layers[0]
+    layer = _frozen_first_layer(model, seed=11)
     h, d = layer.tiers.exact_k.shape[1], layer.tiers.exact_k.shape[3]
     q, k = torch.randn(1, model.config.num_attention_heads, 1, d), torch.randn(1, h, 1, d)
     width = layer.tiers.seen + 1
