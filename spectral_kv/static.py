@@ -115,6 +115,8 @@ class StaticTiersMixin:
         self.version += 1
 
     def _reserve_cold(self, capacity: int) -> None:
+        if capacity > self.cold_k.n_blocks:
+            self._commit(due_only=False)  # nothing may still write into pools about to be replaced
         b, h, _, d = self.exact_k.shape
         for pool, comp in ((self.cold_k, self.key_compressor), (self.cold_v, self.value_compressor)):
             before = pool.parts and next(iter(pool.parts.values())).data_ptr()
@@ -164,7 +166,6 @@ class StaticTiersMixin:
 
     def _launch(self, rows: list[int]) -> None:
         if max(self.n_cold[r] for r in rows) + 1 > self.cold_k.n_blocks:
-            self._commit(due_only=False)  # nothing may still write into the pools being replaced
             self._reserve_cold(2 * self.cold_k.n_blocks)
         s, bs = self.config.sink_tokens, self.config.block_size
         # Slices only: indexing with a host list would copy it to the device and sync, draining
