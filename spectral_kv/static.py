@@ -167,20 +167,17 @@ class StaticTiersMixin:
     def _launch(self, rows: list[int]) -> None:
         if max(self.n_cold[r] for r in rows) + 1 > self.cold_k.n_blocks:
             self._reserve_cold(2 * self.cold_k.n_blocks)
-        s, bs = self.config.sink_tokens, self.config.block_size
-        # Slices only: indexing with a host list would copy it to the device and sync, draining
-        # the queue of replays that is meant to hide this launch.
-        finite = torch.stack([torch.isfinite(t[r, :, s : s + bs]).all() for t in (self.exact_k, self.exact_v) for r in rows]).all()
+        # check=False: no host sync, which would drain the queue of replays meant to hide this.
         event = None
         if self.exact_k.is_cuda and self.config.compress_lag:
             side = side_stream(self.exact_k.device)
             side.wait_stream(torch.cuda.current_stream(self.exact_k.device))  # the block's tokens are written
             with torch.cuda.stream(side):
-                self._compress_pairs([(r, 0) for r in rows], check=False)
+                finite = self._compress_pairs([(r, 0) for r in rows], check=False)
                 event = torch.cuda.Event()
                 event.record(side)
         else:
-            self._compress_pairs([(r, 0) for r in rows], check=False)
+            finite = self._compress_pairs([(r, 0) for r in rows], check=False)
         self.pending.append(_Pending(rows, self.steps + self.config.compress_lag, event, finite))
 
     def _commit(self, due_only: bool) -> None:

@@ -237,11 +237,12 @@ class TierManager(StaticTiersMixin):
             self._compress_pairs(pairs[start : start + MAX_BLOCKS_PER_CALL])
         self._drop_compressed(ready)
 
-    def _compress_pairs(self, pairs: list[tuple[int, int]], check: bool = True) -> None:
+    def _compress_pairs(self, pairs: list[tuple[int, int]], check: bool = True) -> torch.Tensor:
         """Compress block ``j`` (after the sinks) of row ``row`` for each pair into its cold slot.
 
-        Makes no host sync when ``check`` is False (static storage checks finiteness itself),
-        so it can run on a side stream without waiting for the main one.
+        Returns a 0-d bool tensor: every compressed token was finite. With ``check`` a
+        non-finite block raises at once (a host sync); without, nothing syncs, so it can run
+        on a side stream, and static storage reads the flag when it swaps the blocks in.
         """
         c = self.config
         s, bs = c.sink_tokens, c.block_size
@@ -250,12 +251,14 @@ class TierManager(StaticTiersMixin):
         host_slots = [self.n_cold[row] + j for row, j in pairs]
         rows = torch.tensor([row for row, _ in pairs]).to(dev, non_blocking=True)
         slots = torch.tensor(host_slots).to(dev, non_blocking=True)
+        finite = []
         for pool, exact, comp in (
             (self.cold_k, self.exact_k, self.key_compressor),
             (self.cold_v, self.exact_v, self.value_compressor),
         ):
             blocks = torch.stack([exact[row, :, s + j * bs : s + (j + 1) * bs] for row, j in pairs])
-            if check and not bool(torch.isfinite(blocks).all()):
+            finite.append(torch.isfinite(blocks).all())
+            if check and not bool(finite[-1]):
                 bad = sorted({row for (row, j), blk in zip(pairs, blocks) if not bool(torch.isfinite(blk).all())})
                 raise ValueError(
                     f"{self.name}: {comp.role} of batch row(s) {bad} hold NaN/Inf in a block about to be "
@@ -265,6 +268,7 @@ class TierManager(StaticTiersMixin):
             parts = comp.compress(blocks.reshape(len(pairs) * h, bs, d).float())
             parts = {name: t.reshape(len(pairs), h, *t.shape[1:]) for name, t in parts.items()}
             pool.write(b, rows, slots, parts, needed=max(host_slots) + 1)
+        return torch.stack(finite).all()
 
     def _drop_compressed(self, ready: list[int]) -> None:
         s, bs = self.config.sink_tokens, self.config.block_size
