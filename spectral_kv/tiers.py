@@ -60,6 +60,16 @@ def _valid_mask(counts: list[int], width: int, device: torch.device) -> torch.Te
     return torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
 
 
+def crop_length(max_length, name: str) -> int:
+    """``crop``'s argument as an int (transformers 5.17's assisted decoding passes a 0-d tensor);
+    a `TypeError` naming ``name`` for anything else."""
+    if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
+        max_length = int(max_length)
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(f"{name}: crop(max_length) needs an int, got {max_length!r}")
+    return max_length
+
+
 class TierManager(StaticTiersMixin):
     """Tiers of one layer for a batch of sequences.
 
@@ -370,10 +380,7 @@ class TierManager(StaticTiersMixin):
         Otherwise raises `NotImplementedError` naming the boundary: a token folded into a
         compressed block cannot be removed on its own.
         """
-        if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
-            max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
-        if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise TypeError(f"{self.name}: crop(max_length) needs an int, got {max_length!r}")
+        max_length = crop_length(max_length, self.name)
         if max_length < 0:
             max_length = self.seen + max_length
         drop = self.seen - max(max_length, 0)

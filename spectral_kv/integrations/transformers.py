@@ -40,7 +40,7 @@ from ..attention.compiled import compile_attend
 from ..config import SpectralConfig
 from ..persist import load_cache, model_identity, save_cache
 from ..static import advance_deferred
-from ..tiers import TierManager
+from ..tiers import TierManager, crop_length
 
 __all__ = [
     "ATTENTION_NAME",
@@ -168,8 +168,7 @@ class SpectralLayer(CacheLayerMixin):
     def crop(self, max_length: int) -> None:
         """Exact when only tokens of the exact tiers are removed (see `TierManager.crop`), else
         `NotImplementedError` naming the boundary."""
-        if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
-            max_length = int(max_length)  # transformers 5.17's assisted decoding passes a 0-d tensor
+        max_length = crop_length(max_length, self.tiers.name)
         if max_length == 0 and CROP_ZERO_REMOVES_NOTHING:
             return
         try:
