@@ -21,6 +21,16 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def method_or_skip(spec: str):
+    """`spectral_kv.eval.make_method(spec)`, or skip the test when its optional package is missing."""
+    from spectral_kv.eval import make_method
+
+    try:
+        return make_method(spec)
+    except ImportError as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""

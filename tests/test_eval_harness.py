@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from conftest import method_or_skip
+
 from spectral_kv.eval import make_method
 from spectral_kv.eval.bytes import cache_bytes, count_bytes
 from spectral_kv.eval.methods import parse_spec
@@ -62,10 +64,7 @@ ADAPTERS = [
 @pytest.mark.parametrize("spec", ADAPTERS)
 def test_adapter_round_trip_holds_fewer_bytes(tiny, spec):
     model, _ = tiny
-    try:
-        method = make_method(spec)
-    except ImportError as e:
-        pytest.skip(str(e))
+    method = method_or_skip(spec)
     ids = torch.randint(0, 256, (330,))
     method.setup(model)
     try:

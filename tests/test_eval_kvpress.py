@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from conftest import method_or_skip
+
 from spectral_kv.eval import make_method
 from spectral_kv.eval import methods as methods_mod
 from spectral_kv.eval.perplexity import run_segment
@@ -19,18 +21,11 @@ def tiny():
     return tiny_random_model(seed=0)
 
 
-def _method_or_skip(spec):
-    try:
-        return make_method(spec)
-    except ImportError as e:
-        pytest.skip(str(e))
-
-
 @pytest.mark.parametrize("spec", ["snapkv:ratio=0.5", "kvpress:press=streaming,ratio=0.5"])
 def test_eviction_chunked_equals_token_by_token(tiny, spec):
     """After eviction the cache is shorter than the sequence; chunks must still be causal."""
     model, _ = tiny
-    method = _method_or_skip(spec)
+    method = method_or_skip(spec)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (220,), generator=g)
     one = run_segment(model, method, ids[:200], ids[200:], chunk=1)
@@ -42,7 +37,7 @@ def test_eviction_chunked_equals_token_by_token(tiny, spec):
 def test_kvpress_spec_errors():
     with pytest.raises(ValueError, match="press='nope'"):
         make_method("kvpress:press=nope")
-    _method_or_skip("snapkv:ratio=0.5")
+    method_or_skip("snapkv:ratio=0.5")
     with pytest.raises(ValueError, match="ratio=1.5"):
         make_method("snapkv:ratio=1.5")
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import method_or_skip
+
 from spectral_kv.eval import make_method
 from spectral_kv.eval.niah import build_prompt, exact_prefills, greedy_answer, run_niah
 from spectral_kv.eval.tiny import tiny_random_model
@@ -39,10 +41,7 @@ def test_shared_prefill_equals_full_prefill(tiny):
                                   "hqq:bits=4,group=32,residual=16"])
 def test_seeded_cache_equals_prefilled_cache(tiny, spec):
     model, tok = tiny
-    try:
-        method = make_method(spec)
-    except ImportError as e:
-        pytest.skip(str(e))
+    method = method_or_skip(spec)
     hay = _hay()
     (_, ids, kv, first), = exact_prefills(model, tok, hay, 300, [0.5], "54321")
     method.setup(model)
