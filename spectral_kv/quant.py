@@ -74,9 +74,16 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"{n} codes of {bits} bits do not fill whole bytes")
     if bits == 8:
         return codes.to(torch.uint8)
+    lead = codes.shape[:-1]
+    if n % 8 == 0:
+        # 8 codes fill exactly `bits` bytes: build that word in an int64, then cut it into bytes.
+        c = codes.to(torch.int64).reshape(*lead, n // 8, 8)
+        word = (c << (bits * torch.arange(8, device=codes.device))).sum(-1, keepdim=True)
+        out = (word >> (8 * torch.arange(bits, device=codes.device))) & 0xFF
+        return out.to(torch.uint8).reshape(*lead, n * bits // 8)
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
     stream = ((codes.to(torch.uint8).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., n*bits]
-    stream = stream.reshape(*codes.shape[:-1], n * bits // 8, 8)
+    stream = stream.reshape(*lead, n * bits // 8, 8)
     weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
     return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
@@ -87,9 +94,17 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"bits must be in 1..8, got {bits!r}")
     if bits == 8:
         return packed.to(torch.uint8)
+    lead, p = packed.shape[:-1], packed.shape[-1]
+    if p % bits == 0:
+        # Every `bits` bytes hold 8 codes: one int64 word per 8 codes (the decode hot path of
+        # the default layout; the bit stream below is 8x the bytes in int32).
+        b = packed.to(torch.int64).reshape(*lead, p // bits, bits)
+        word = (b << (8 * torch.arange(bits, device=packed.device))).sum(-1, keepdim=True)
+        codes = (word >> (bits * torch.arange(8, device=packed.device))) & ((1 << bits) - 1)
+        return codes.to(torch.uint8).reshape(*lead, p * 8 // bits)
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     stream = ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., p*8]
-    stream = stream.reshape(*packed.shape[:-1], -1, bits).to(torch.int32)
+    stream = stream.reshape(*lead, -1, bits).to(torch.int32)
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
     return (stream * weights).sum(-1).to(torch.uint8)
 

@@ -1,5 +1,7 @@
 """Bit packing, the Hadamard rotation and the grouped (`hadamard`) compressor."""
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -18,6 +20,19 @@ def test_pack_bits_round_trips_and_uses_bits_bytes(bits, rows, bytes_, seed):
     packed = pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (rows, n * bits // 8)
     assert torch.equal(unpack_bits(packed, bits), codes)
+
+
+@given(bits=st.integers(1, 7), k=st.integers(1, 12), seed=st.integers(0, 10**6))
+def test_pack_bits_lays_codes_out_as_a_little_endian_bit_stream(bits, k, seed):
+    """Both code paths (8 codes per int64 word when n is a multiple of 8, a bit stream
+    otherwise, e.g. 2 or 6 four-bit codes) against the layout computed with Python ints."""
+    n = k * (8 // math.gcd(8, bits))  # the whole-byte code counts
+    codes = torch.randint(0, 2**bits, (2, n), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    for row in range(2):
+        stream = sum(int(c) << (j * bits) for j, c in enumerate(codes[row]))
+        expect = [(stream >> (8 * i)) & 0xFF for i in range(n * bits // 8)]
+        assert pack_bits(codes, bits)[row].tolist() == expect
+    assert torch.equal(unpack_bits(pack_bits(codes, bits), bits), codes)
 
 
 def test_pack_bits_rejects_partial_bytes_and_bad_widths():
