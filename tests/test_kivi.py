@@ -5,19 +5,20 @@ import torch
 
 import spectral_kv.compressors.kivi as K
 from spectral_kv import SpectralConfig
+from spectral_kv.quant import pack_bits, quantize_groups, unpack_bits
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_pack_roundtrip(bits):
     codes = torch.randint(0, 2**bits, (3, 5, 64), dtype=torch.uint8)
-    packed = K.pack_codes(codes, bits)
+    packed = pack_bits(codes, bits)
     assert packed.shape == (3, 5, 64 * bits // 8)
-    assert torch.equal(K.unpack_codes(packed, bits), codes)
+    assert torch.equal(unpack_bits(packed, bits), codes)
 
 
 def test_quantize_groups_hand_case():
     x = torch.tensor([[0.0, 1.0, 2.0, 3.0]])  # one group of 4, 2 bits: scale 1, zero 0
-    codes, scale, zero = K.quantize_groups(x, 2, dim=1)
+    codes, scale, zero = quantize_groups(x, 2, dim=1)
     assert codes.tolist() == [[0, 1, 2, 3]]
     assert float(scale) == 1.0 and float(zero) == 0.0
 

@@ -11,24 +11,12 @@ attention).  Registered names: ``kivi4`` and ``kivi2``; the config's rank is ign
 
 from __future__ import annotations
 
-from ..quant import pack_bits as _pack_bits
-from ..quant import quantize_groups, unpack_bits
 from .base import register_compressor
 from .grouped import GroupQuantCompressor
 
-__all__ = ["GROUP", "pack_codes", "unpack_codes", "quantize_groups", "KiviCompressor", "Kivi4", "Kivi2"]
+__all__ = ["GROUP", "KiviCompressor", "Kivi4", "Kivi2"]
 
 GROUP = 32
-
-
-def pack_codes(codes, bits: int):
-    """Pack unsigned ``bits``-bit codes (``bits`` dividing 8) into bytes, lowest bits first."""
-    if 8 % bits:
-        raise ValueError(f"KIVI packs 1, 2, 4 or 8-bit codes, got {bits}")
-    return _pack_bits(codes, bits)
-
-
-unpack_codes = unpack_bits
 
 
 class KiviCompressor(GroupQuantCompressor):
