@@ -24,6 +24,7 @@ import functools
 import torch
 
 from .fused_decode import _TRITON_IMPORT_ERROR, HAS_TRITON, _is_fake, _pow2
+from .rsvd import _round_robin
 
 __all__ = ["jacobi_eigh_triton", "HAS_TRITON"]
 
@@ -85,14 +86,8 @@ if HAS_TRITON:
 
 @functools.lru_cache(maxsize=16)
 def _schedule(m: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    # Round-robin tournament: m-1 rounds of m/2 disjoint pairs cover every pair once.
-    others = list(range(1, m))
-    P, Q = [], []
-    for _ in range(m - 1):
-        arr = [0] + others
-        P.append([arr[i] for i in range(m // 2)])
-        Q.append([arr[m - 1 - i] for i in range(m // 2)])
-        others = others[-1:] + others[:-1]
+    # The torch Jacobi's round-robin tournament, as int32 tensors for the kernel.
+    P, Q = _round_robin(m)
     return (torch.tensor(P, dtype=torch.int32, device=device), torch.tensor(Q, dtype=torch.int32, device=device))
 
 
