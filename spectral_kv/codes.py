@@ -1,0 +1,89 @@
+"""Token-axis bit planes: how unsigned codes of any width 1..8 are stored in a cold block.
+
+The shared-basis layouts (``hadamard``, ``kivi*``, the learned ``spectral_quant``) store a
+block as codes ``[T, C]`` (``T`` tokens, ``C`` channels of one *segment*, all of one width
+``b``). The fused decode kernel (`spectral_kv.kernels.quant_decode`) reads them; this module
+is the single definition of the layout and its pure-torch reference.
+
+Layout (chosen so a kernel reads every byte once and gets tiles of consecutive tokens, the
+``N``/``K`` axis of its matrix products, whatever the width):
+
+* ``b`` is split into power-of-two *planes*, largest first: 8 -> (8,), 7 -> (4, 2, 1),
+  6 -> (4, 2), 5 -> (4, 1), 4 -> (4,), 3 -> (2, 1), 2 -> (2,), 1 -> (1,). Plane ``p`` holds
+  bits ``[off, off + p)`` of each code, ``off`` the sum of the planes before it.
+* Plane ``p`` is uint8 ``[R_p, C]`` with ``R_p = T * p / 8`` rows (so ``T * p`` must be a
+  multiple of 8). Token ``t`` lives in row ``t % R_p`` at bit shift ``p * (t // R_p)``:
+  a row holds ``8 / p`` tokens ``R_p`` apart.
+
+A kernel walks rows ``r0 .. r0+15`` of the smallest plane (``R_min`` rows); for every other
+plane ``p`` the same tokens sit in rows ``r0 + R_min * k`` (``k < p / p_min``), so each byte is
+loaded once and every sub-index ``i < 8 / p_min`` gives 16 consecutive tokens
+``r0 + R_min * i + (0..15)`` at a constant shift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["planes", "plane_rows", "pack_planes", "unpack_planes", "check_tokens"]
+
+_PLANES = {b: tuple(p for p in (8, 4, 2, 1) if b & p) for b in range(1, 9)}
+
+
+def planes(bits: int) -> tuple[int, ...]:
+    """Plane widths of a ``bits``-bit code, largest first (their sum is ``bits``)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"code width must be an int in 1..8, got {bits!r}")
+    return _PLANES[bits]
+
+
+def plane_rows(tokens: int, p: int) -> int:
+    """Rows of a ``p``-bit plane for ``tokens`` tokens."""
+    return tokens * p // 8
+
+
+def check_tokens(tokens: int, bits: int, name: str = "block_size") -> None:
+    """Raise ``ValueError`` naming ``name`` if ``tokens`` codes of ``bits`` bits do not fill
+    whole bytes in every plane (``tokens * p_min`` must be a multiple of 8)."""
+    p_min = planes(bits)[-1]
+    if tokens * p_min % 8:
+        raise ValueError(
+            f"{name}={tokens}: {bits}-bit codes are packed {8 // p_min} tokens per byte, so {name} "
+            f"must be a multiple of {8 // p_min}"
+        )
+
+
+def pack_planes(codes: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """Pack unsigned codes ``[..., T, C]`` (values < 2**bits) into the planes of `planes(bits)`.
+
+    Returns a list of uint8 tensors ``[..., T * p / 8, C]``, one per plane, in `planes` order.
+    """
+    check_tokens(codes.shape[-2], bits, "tokens")
+    t = codes.shape[-2]
+    c = codes.to(torch.int32)
+    out, off = [], 0
+    for p in planes(bits):
+        rows = plane_rows(t, p)
+        part = (c >> off) & ((1 << p) - 1)  # [..., T, C]
+        # [..., 8/p, R_p, C]: sub-index i = t // R_p holds tokens i*R_p .. (i+1)*R_p - 1.
+        part = part.reshape(*c.shape[:-2], 8 // p, rows, c.shape[-1])
+        shifts = (p * torch.arange(8 // p, device=codes.device, dtype=torch.int32)).reshape(8 // p, 1, 1)
+        out.append((part << shifts).sum(dim=-3).to(torch.uint8))
+        off += p
+    return out
+
+
+def unpack_planes(packed: list[torch.Tensor], bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_planes`: the planes -> uint8 codes ``[..., T, C]``."""
+    widths = planes(bits)
+    if len(packed) != len(widths):
+        raise ValueError(f"{bits}-bit codes have {len(widths)} planes {widths}, got {len(packed)} tensors")
+    code, off = None, 0
+    for p, plane in zip(widths, packed):
+        x = plane.to(torch.int32)
+        shifts = (p * torch.arange(8 // p, device=plane.device, dtype=torch.int32)).reshape(8 // p, 1, 1)
+        part = (x.unsqueeze(-3) >> shifts) & ((1 << p) - 1)  # [..., 8/p, R_p, C]
+        part = part.reshape(*x.shape[:-2], part.shape[-3] * part.shape[-2], x.shape[-1]) << off
+        code = part if code is None else code | part
+        off += p
+    return code.to(torch.uint8)
