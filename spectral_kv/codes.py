@@ -23,9 +23,11 @@ loaded once and every sub-index ``i < 8 / p_min`` gives 16 consecutive tokens
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["planes", "plane_rows", "pack_planes", "unpack_planes", "check_tokens"]
+__all__ = ["CodeLayout", "planes", "plane_rows", "pack_planes", "unpack_planes", "check_tokens"]
 
 _PLANES = {b: tuple(p for p in (8, 4, 2, 1) if b & p) for b in range(1, 9)}
 
@@ -87,3 +89,96 @@ def unpack_planes(packed: list[torch.Tensor], bits: int) -> torch.Tensor:
         code = part if code is None else code | part
         off += p
     return code.to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class CodeLayout:
+    """Where the codes of one block of one role live: segments of channels, each of one width.
+
+    ``segments`` is ``((channels, bits), ...)`` in channel (basis-component) order; ``bits`` 0
+    drops a segment (nothing stored, its coefficients are zero) and may only end the list, so
+    the kept components are a prefix of ``kept`` channels. Every kept segment's planes are
+    flattened row-major into one uint8 buffer per block, segment after segment, planes in
+    `planes` order: `offsets` gives each ``(segment, plane)``'s byte offset, `nbytes` the size.
+    The layout is static per layer and role, so a kernel takes it as compile-time constants.
+    """
+
+    tokens: int
+    segments: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0:
+            raise ValueError(f"tokens must be a positive int, got {self.tokens!r}")
+        if not self.segments:
+            raise ValueError("a code layout needs at least one segment")
+        dropped = False
+        for channels, bits in self.segments:
+            if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
+                raise ValueError(f"segment channels must be positive ints, got {channels!r}")
+            if bits == 0:
+                dropped = True
+                continue
+            if dropped:
+                raise ValueError(f"segments {self.segments}: dropped (0-bit) segments may only come last")
+            check_tokens(self.tokens, bits, "block_size")
+
+    @classmethod
+    def uniform(cls, tokens: int, channels: int, bits: int, group: int | None = None) -> "CodeLayout":
+        """``channels`` channels of one width, in segments of ``group`` channels (default: one)."""
+        group = channels if group is None else group
+        if channels % group:
+            raise ValueError(f"{channels} channels do not split into segments of {group}")
+        return cls(tokens, ((group, bits),) * (channels // group))
+
+    @property
+    def channels(self) -> int:
+        return sum(c for c, _ in self.segments)
+
+    @property
+    def kept(self) -> int:
+        """Channels with at least one bit (a prefix)."""
+        return sum(c for c, b in self.segments if b)
+
+    @property
+    def kept_segments(self) -> tuple[tuple[int, int], ...]:
+        return tuple(s for s in self.segments if s[1])
+
+    @property
+    def offsets(self) -> tuple[tuple[int, ...], ...]:
+        """Byte offset of every plane of every kept segment (``offsets[s][j]``: plane ``j``)."""
+        out, at = [], 0
+        for channels, bits in self.kept_segments:
+            seg = []
+            for p in planes(bits):
+                seg.append(at)
+                at += plane_rows(self.tokens, p) * channels
+            out.append(tuple(seg))
+        return tuple(out)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.tokens * bits * channels // 8 for channels, bits in self.kept_segments)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``[..., T, kept]`` (uint8, each below its segment's ``2**bits``) -> uint8 ``[..., nbytes]``."""
+        if codes.shape[-2:] != (self.tokens, self.kept):
+            raise ValueError(f"codes shaped {tuple(codes.shape)} do not match a layout of [{self.tokens}, {self.kept}]")
+        lead, out, c0 = codes.shape[:-2], [], 0
+        for channels, bits in self.kept_segments:
+            for plane in pack_planes(codes[..., c0 : c0 + channels], bits):
+                out.append(plane.reshape(*lead, -1))
+            c0 += channels
+        return torch.cat(out, dim=-1)
+
+    def unpack(self, buf: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`pack`: uint8 ``[..., nbytes]`` -> codes ``[..., T, kept]``."""
+        if buf.shape[-1] != self.nbytes:
+            raise ValueError(f"a buffer of {buf.shape[-1]} bytes does not match a layout of {self.nbytes}")
+        lead, segs = buf.shape[:-1], []
+        for (channels, bits), offs in zip(self.kept_segments, self.offsets):
+            seg_planes = [
+                buf[..., o : o + plane_rows(self.tokens, p) * channels].reshape(*lead, plane_rows(self.tokens, p), channels)
+                for o, p in zip(offs, planes(bits))
+            ]
+            segs.append(unpack_planes(seg_planes, bits))
+        return torch.cat(segs, dim=-1)
