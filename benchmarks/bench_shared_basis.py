@@ -14,6 +14,7 @@ import torch
 
 from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig
 from spectral_kv.compressors import COMPRESSORS
+from spectral_kv.view import AttendView
 
 B, H, G, D, NB, T, TE = 4, 3, 3, 64, 32, 128, 16
 LAYOUTS = {
@@ -39,7 +40,7 @@ def main(reps=30):
         kc, ck = cold(cfg, "keys", k)
         vc, cv = cold(cfg, "values", v)
         strat = ATTENTION_STRATEGIES["spectral"](cfg, kc, vc)
-        args = (q, ck, cv, None, ek, ev, None, D**-0.5)
+        args = (q, AttendView(ek, ev, ck, cv), D**-0.5)
         full = median_ms(strat.attend, args, reps)
         for comp, parts in ((kc, ck), (vc, cv)):  # instance attribute: dequantize once, up front
             comp.coefficients = lambda _, c=comp.coefficients(parts): c

@@ -12,7 +12,7 @@ from .graphs import StaticDecoder
 from .integrations.unsloth import patch_unsloth_attention
 from .tiers import TierManager
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (re-exported)
 
 __all__ = [
     "SpectralConfig",

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .registry import ATTENTION_STRATEGIES, COMPRESSORS
+
 __all__ = ["SpectralConfig", "DTYPES"]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -122,24 +124,24 @@ class SpectralConfig:
         for name in ("use_spectral_attention", "verbose", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        # Registry names are checked here (not at first use) so a typo fails at once.
-        from .attention import ATTENTION_STRATEGIES
-        from .compressors import COMPRESSORS
-
+        # Registry names are checked here (not at first use) so a typo fails at once. The
+        # registries live in `spectral_kv.registry` (the plug-in modules register into them
+        # when the package is imported), so this needs no import of the plug-ins themselves.
         COMPRESSORS.check(self.compressor)
         if self.value_compressor is not None:
             COMPRESSORS.check(self.value_compressor)
         for role in ("keys", "values"):
             COMPRESSORS[self.compressor_name(role)].check_config(self, role)
-        factored = all(COMPRESSORS[self.compressor_name(r)].low_rank for r in ("keys", "values"))
+        kc, vc = (COMPRESSORS[self.compressor_name(r)] for r in ("keys", "values"))
         if self.attention is not None:
             ATTENTION_STRATEGIES.check(self.attention)
-            if self.attention in ("spectral", "fused") and not factored:
+            strategy = ATTENTION_STRATEGIES[self.attention]
+            if not strategy.serves(kc, vc):
                 raise ValueError(
-                    f"attention={self.attention!r} needs factored (coefficients @ basis) compressors, "
+                    f"attention={self.attention!r} needs {strategy.needs} compressors, "
                     f"{self.compressor_name('keys')!r}/{self.compressor_name('values')!r} are not"
                 )
-        elif self.use_spectral_attention and not factored:
+        elif self.use_spectral_attention and not ATTENTION_STRATEGIES["spectral"].serves(kc, vc):
             raise ValueError(
                 f"compressors {self.compressor_name('keys')!r}/{self.compressor_name('values')!r} are not "
                 "factored: set use_spectral_attention=False (attention='reconstruct')"
@@ -173,8 +175,6 @@ class SpectralConfig:
     def summary(self) -> str:
         """One line: what each role is compressed with."""
 
-        from .compressors import COMPRESSORS
-
         def role(r: str) -> str:
             return f"{r} {COMPRESSORS[self.compressor_name(r)].describe(self, r)}"
 
@@ -186,8 +186,6 @@ class SpectralConfig:
     def check_head_dim(self, head_dim: int) -> None:
         """Raise if a role's compressor cannot store heads of ``head_dim`` channels (an SVD rank
         above it, packed codes that do not fill whole bytes)."""
-        from .compressors import COMPRESSORS
-
         for role in ("keys", "values"):
             COMPRESSORS[self.compressor_name(role)].check_head_dim(self, role, head_dim)
 
@@ -198,6 +196,25 @@ class SpectralConfig:
         from .presets import preset_fields
 
         return cls(**{**preset_fields(name), **overrides})
+
+    @classmethod
+    def resolve(cls, preset: "str | SpectralConfig | None" = None, **overrides) -> "SpectralConfig":
+        """A config from user arguments: ``preset`` (a preset name, a whole `SpectralConfig`, or
+        None for the library default), then ``overrides`` (any fields) on top, validated once.
+
+        The one place that turns user arguments into a config (`SpectralCache(config,
+        **overrides)`, `patch_unsloth_attention`, the eval harness and CLI); an unknown field or
+        preset raises a ValueError naming it.
+        """
+        if preset is None:
+            base = cls()
+        elif isinstance(preset, SpectralConfig):
+            base = preset
+        elif isinstance(preset, str):
+            base = cls.preset(preset)
+        else:
+            raise ValueError(f"preset must be a preset name, a SpectralConfig or None, got {preset!r}")
+        return base.replace(**overrides) if overrides else base
 
     def replace(self, **changes) -> "SpectralConfig":
         """A copy with ``changes`` applied (validated again)."""

@@ -18,14 +18,35 @@ CPU tests check that a captured step computes what the dynamic cache computes.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import threading
 
 import torch
 
 from .sampling import Sampling
-from .static import deferred_advance
 
-__all__ = ["StaticDecoder", "STOP_CHECK_EVERY"]
+__all__ = ["StaticDecoder", "STOP_CHECK_EVERY", "deferred_advance", "advance_deferred"]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_advance():
+    """While active, static decode steps leave their host side (`SpectralCache.advance`) and
+    host checks to the caller: a CUDA-graph driver, for which the Python of a captured step runs
+    once and its kernels at every replay."""
+    previous = getattr(_state, "deferred", False)
+    _state.deferred = True
+    try:
+        yield
+    finally:
+        _state.deferred = previous
+
+
+def advance_deferred() -> bool:
+    """Whether this thread is inside `deferred_advance`."""
+    return getattr(_state, "deferred", False)
 
 # With an EOS id, how often (in steps) the host checks whether every row has finished.
 STOP_CHECK_EVERY = 16

@@ -1,10 +1,16 @@
-"""A tiny name -> class registry filled by a decorator; one per plug point."""
+"""A tiny name -> class registry filled by a decorator; one per plug point.
+
+The registry objects live here (this module imports nothing of the package), and the plug-in
+modules register into them: `spectral_kv.config` can look names up without importing the
+compressors or the attention strategies (no import circle). The built-in plug-ins are
+registered when the package is imported (``spectral_kv/__init__`` imports them first).
+"""
 
 from __future__ import annotations
 
 from typing import Callable, Generic, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "COMPRESSORS", "ATTENTION_STRATEGIES"]
 
 T = TypeVar("T")
 
@@ -51,3 +57,9 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+
+# Filled by `spectral_kv.compressors` / `spectral_kv.attention` (`register_compressor`,
+# `register_attention`) and by user plug-ins.
+COMPRESSORS: Registry = Registry("compressor")
+ATTENTION_STRATEGIES: Registry = Registry("attention strategy")

@@ -7,51 +7,39 @@ Per batch row, tokens live in stream order (padding dropped):
 The exact tokens (sinks + warm + hot) share one right-padded buffer ``exact_k/v``
 ``[B, H, W, D]`` with ``n_exact[b]`` valid tokens in row ``b``; sinks sit at its front.
 When a row's warm tier holds ``block_size`` tokens beyond its hot window, the oldest
-``block_size`` non-sink exact tokens become one cold block. Host-side counts (Python
-ints) decide *when* to compress; the tensors only do the work ("plan on the host, run
-on the device").
+``block_size`` non-sink exact tokens become one cold block (`spectral_kv.blocks.ColdTier`).
+Host-side counts (Python ints) decide *when* to compress; the tensors only do the work
+("plan on the host, run on the device").
+
+One attention call is ``view = tiers.view(k, v, mask)`` (stages the new tokens and returns an
+`AttendView` that includes them), ``strategy.attend(q, view, scaling)``, then
+``tiers.commit()`` (the staged tokens join the tiers; full warm blocks go cold).
+
+Storage is dynamic (tensors grow as tokens arrive) until `freeze` hands the exact buffers to a
+`StaticStorage` (preallocated, device counters: CUDA-graph decode steps) and `thaw` takes them
+back. Any operation other than a one-token decode step thaws first.
+
+Why this module is longer than ~350 lines: the tier manager's state changes (append, compress,
+view/commit, freeze/thaw, row operations, crop, state_dict) all read and write the same host
+counts and are read together; input checks live in `spectral_kv.checks`, the cold side in
+`spectral_kv.blocks`, static storage in `spectral_kv.static`, the view in `spectral_kv.view`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .blocks import ColdPool
-from .compressors import COMPRESSORS, Compressor
+from .blocks import MAX_BLOCKS_PER_CALL, ColdTier
+from .checks import check_update, crop_length
+from .compressors.base import Compressor
 from .config import SpectralConfig
-from .static import StaticTiersMixin
+from .registry import COMPRESSORS
+from .static import StaticStorage
+from .view import AttendView, stage_dynamic
 
-__all__ = ["TierManager", "TierView"]
-
-# Blocks compressed per compressor call: bounds the transient float32 copy made while a
-# long prompt is compressed at prefill (64 blocks x 512 tokens per head).
-MAX_BLOCKS_PER_CALL = 64
-
-
-@dataclass
-class TierView:
-    """What attention reads from one layer (no copies of the pools).
-
-    Attributes
-    ----------
-    exact_k, exact_v : Tensor [B, H, W, D]
-    exact_valid : Tensor [B, W] bool, or None when every row has ``W`` valid tokens
-    cold_k, cold_v : dict of Tensor [B, H, NB, ...]
-    cold_valid : Tensor [B, NB] bool, or None when every row holds ``NB`` blocks
-    """
-
-    exact_k: torch.Tensor
-    exact_v: torch.Tensor
-    exact_valid: torch.Tensor | None
-    cold_k: dict[str, torch.Tensor]
-    cold_v: dict[str, torch.Tensor]
-    cold_valid: torch.Tensor | None
-
-    @property
-    def n_cold_blocks(self) -> int:
-        return next(iter(self.cold_k.values())).shape[2] if self.cold_k else 0
+__all__ = ["TierManager", "AttendView", "crop_length"]
 
 
 def _valid_mask(counts: list[int], width: int, device: torch.device) -> torch.Tensor | None:
@@ -60,21 +48,14 @@ def _valid_mask(counts: list[int], width: int, device: torch.device) -> torch.Te
     return torch.arange(width, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
 
 
-def crop_length(max_length, name: str) -> int:
-    """``crop``'s argument as an int (transformers 5.17's assisted decoding passes a 0-d tensor);
-    a `TypeError` naming ``name`` for anything else."""
-    if isinstance(max_length, torch.Tensor) and max_length.numel() == 1 and not max_length.is_floating_point():
-        max_length = int(max_length)
-    if isinstance(max_length, bool) or not isinstance(max_length, int):
-        raise TypeError(f"{name}: crop(max_length) needs an int, got {max_length!r}")
-    return max_length
+def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is not None and mask.dtype != torch.bool:  # an additive float mask: 0 = attend
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    return mask
 
 
-class TierManager(StaticTiersMixin):
+class TierManager:
     """Tiers of one layer for a batch of sequences.
-
-    Dynamic by default (tensors grow as tokens arrive); `freeze` switches to static
-    preallocated storage for CUDA-graph decode steps (`spectral_kv.static`).
 
     Parameters
     ----------
@@ -90,25 +71,76 @@ class TierManager(StaticTiersMixin):
         self.value_compressor: Compressor = COMPRESSORS[config.compressor_name("values")](
             config, "values", config.k_rank_values
         )
+        self.storage: StaticStorage | None = None
+        self.version = 0  # bumped whenever static buffers are (re)allocated or released
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        for p in getattr(self, "pending", ()):  # a side stream may still write into the pools being dropped
-            if p.event is not None:
-                torch.cuda.current_stream(self.exact_k.device).wait_event(p.event)
-        self._init_static()
+        if self.storage is not None:  # a side stream may still write into the pools being dropped
+            self.storage.wait()
+        self.storage = None
         self.version += 1
-        self.exact_k: torch.Tensor | None = None
-        self.exact_v: torch.Tensor | None = None
+        self._exact_k: torch.Tensor | None = None
+        self._exact_v: torch.Tensor | None = None
         self.n_exact: list[int] = []
         self.n_cold: list[int] = []
-        self.cold_k = ColdPool()
-        self.cold_v = ColdPool()
+        self.cold = ColdTier(self.config, self.key_compressor, self.value_compressor, self.name)
         self.seen = 0  # tokens appended per row, padding included (transformers' positions)
         # Per row: how many of the newest positions are real tokens (no padding among them);
         # `crop` can only remove positions it knows to be real tokens.
         self.tail_valid: list[int] = []
+        self._staged: tuple | None = None
+
+    @property
+    def exact_k(self) -> torch.Tensor | None:
+        """Exact keys [B, H, W, D] (the frozen buffer while static)."""
+        return self.storage.exact_k if self.storage is not None else self._exact_k
+
+    @exact_k.setter
+    def exact_k(self, value: torch.Tensor) -> None:  # benchmarks install synthetic tiers
+        self._set_exact("exact_k", value)
+
+    @property
+    def exact_v(self) -> torch.Tensor | None:
+        return self.storage.exact_v if self.storage is not None else self._exact_v
+
+    @exact_v.setter
+    def exact_v(self, value: torch.Tensor) -> None:
+        self._set_exact("exact_v", value)
+
+    def _set_exact(self, name: str, value: torch.Tensor) -> None:
+        if self.storage is not None:
+            raise RuntimeError(f"{self.name}: {name} of a frozen layer belongs to its static storage; thaw() first")
+        setattr(self, f"_{name}", value)
+
+    @property
+    def cold_k(self):
+        """The key `ColdPool` (``.parts``: dict of [B, H, NB, ...])."""
+        return self.cold.k
+
+    @property
+    def cold_v(self):
+        return self.cold.v
+
+    @property
+    def static(self) -> bool:
+        """Frozen: decode steps run on `StaticStorage`."""
+        return self.storage is not None
+
+    @property
+    def n_exact_t(self) -> torch.Tensor | None:
+        """Device twin of ``n_exact`` (int32 [B]) while static, else None."""
+        return None if self.storage is None else self.storage.n_exact_t
+
+    @property
+    def n_cold_t(self) -> torch.Tensor | None:
+        return None if self.storage is None else self.storage.n_cold_t
+
+    @property
+    def pending(self) -> list:
+        """Blocks being compressed in the background (static storage with ``compress_lag``)."""
+        return [] if self.storage is None else self.storage.pending
 
     @property
     def initialized(self) -> bool:
@@ -125,57 +157,7 @@ class TierManager(StaticTiersMixin):
 
     # ------------------------------------------------------------------ append
     def _check(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
-        if k.dim() != 4 or k.shape != v.shape:
-            raise ValueError(
-                f"{self.name}: keys and values must both be [batch, kv_heads, tokens, head_dim], "
-                f"got {tuple(k.shape)} and {tuple(v.shape)}"
-            )
-        if k.dtype != v.dtype or not k.is_floating_point():
-            raise ValueError(f"{self.name}: keys/values must share one float dtype, got {k.dtype} and {v.dtype}")
-        if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != (k.shape[0], k.shape[2])):
-            raise ValueError(
-                f"{self.name}: valid must be bool [batch, tokens]={k.shape[0], k.shape[2]}, "
-                f"got {valid.dtype} {tuple(valid.shape)}"
-            )
-        if self.initialized:
-            b, h, _, d = self.exact_k.shape
-            if (k.shape[0], k.shape[1], k.shape[3]) != (b, h, d):
-                raise ValueError(
-                    f"{self.name}: update shaped {tuple(k.shape)} does not match the cache's "
-                    f"batch={b}, kv_heads={h}, head_dim={d}"
-                )
-            if k.dtype != self.exact_k.dtype or k.device != self.exact_k.device:
-                raise ValueError(
-                    f"{self.name}: update is {k.dtype} on {k.device}, the cache holds "
-                    f"{self.exact_k.dtype} on {self.exact_k.device}"
-                )
-        else:
-            self.config.check_head_dim(k.shape[3])
-        self._check_finite(k, v, valid)
-
-    def _check_finite(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """NaN/Inf in a real (non-padding) position is refused before anything is stored."""
-        if k.numel() == 0:
-            return
-        # Fast path: min/max reductions allocate no K-sized temporary (isfinite would) and
-        # propagate NaN; one host sync for both tensors.
-        if bool(torch.isfinite(torch.stack((*torch.aminmax(k), *torch.aminmax(v)))).all()):
-            return
-        finite = (torch.isfinite(k) & torch.isfinite(v)).all(dim=3).all(dim=1)  # [B, T]
-        if valid is not None:
-            finite = finite | ~valid.to(finite.device)
-        if bool(finite.all()):
-            return
-        rows = (~finite).any(dim=1).nonzero().squeeze(1).tolist()
-        which = [
-            role
-            for role, x in (("keys", k), ("values", v))
-            if not bool(torch.isfinite(x).all())
-        ]
-        raise ValueError(
-            f"{self.name}: {'/'.join(which)} of batch row(s) {rows} hold NaN/Inf; refusing to store them "
-            f"(the model produced non-finite {'/'.join(which)})"
-        )
+        check_update(self.name, self.config, k, v, valid, self.exact_k)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append new tokens, then compress every block that became ready.
@@ -190,8 +172,8 @@ class TierManager(StaticTiersMixin):
         self._check(k, v, valid)
         b, h, t, d = k.shape
         if not self.initialized:
-            self.exact_k = k.new_zeros(b, h, 0, d)
-            self.exact_v = v.new_zeros(b, h, 0, d)
+            self._exact_k = k.new_zeros(b, h, 0, d)
+            self._exact_v = v.new_zeros(b, h, 0, d)
             self.n_exact = [0] * b
             self.n_cold = [0] * b
             self.tail_valid = [0] * b
@@ -203,8 +185,8 @@ class TierManager(StaticTiersMixin):
         width = self.exact_k.shape[2]
         if (valid is None or bool(valid.all())) and all(n == width for n in self.n_exact):
             # Common case (no padding): one concatenation, like DynamicCache.
-            self.exact_k = torch.cat((self.exact_k, k), dim=2)
-            self.exact_v = torch.cat((self.exact_v, v), dim=2)
+            self._exact_k = torch.cat((self._exact_k, k), dim=2)
+            self._exact_v = torch.cat((self._exact_v, v), dim=2)
             self.n_exact = [n + t for n in self.n_exact]
         else:
             self._append_ragged(k, v, valid)
@@ -233,7 +215,7 @@ class TierManager(StaticTiersMixin):
             ev[i, :, :n] = self.exact_v[i, :, :n]
             ek[i, :, n : new_counts[i]] = k[i][:, keep[i]]
             ev[i, :, n : new_counts[i]] = v[i][:, keep[i]]
-        self.exact_k, self.exact_v, self.n_exact = ek, ev, new_counts
+        self._exact_k, self._exact_v, self.n_exact = ek, ev, new_counts
 
     # ------------------------------------------------------------------ compress
     def _compress_ready(self) -> None:
@@ -242,51 +224,16 @@ class TierManager(StaticTiersMixin):
         ready = [max(0, (n - s - hot) // bs) for n in self.n_exact]
         if not any(ready):
             return
-        pairs = [(row, j) for row, m in enumerate(ready) for j in range(m)]
-        for start in range(0, len(pairs), MAX_BLOCKS_PER_CALL):
-            self._compress_pairs(pairs[start : start + MAX_BLOCKS_PER_CALL])
+        self.cold.compress(self._exact_k, self._exact_v, ready, self.n_cold, check=True, per_call=MAX_BLOCKS_PER_CALL)
         self._drop_compressed(ready)
-
-    def _compress_pairs(self, pairs: list[tuple[int, int]], check: bool = True) -> torch.Tensor:
-        """Compress block ``j`` (after the sinks) of row ``row`` for each pair into its cold slot.
-
-        Returns a 0-d bool tensor: every compressed token was finite. With ``check`` a
-        non-finite block raises at once (a host sync); without, nothing syncs, so it can run
-        on a side stream, and static storage reads the flag when it swaps the blocks in.
-        """
-        c = self.config
-        s, bs = c.sink_tokens, c.block_size
-        b, h, _, d = self.exact_k.shape
-        dev = self.exact_k.device
-        host_slots = [self.n_cold[row] + j for row, j in pairs]
-        rows = torch.tensor([row for row, _ in pairs]).to(dev, non_blocking=True)
-        slots = torch.tensor(host_slots).to(dev, non_blocking=True)
-        finite = []
-        for pool, exact, comp in (
-            (self.cold_k, self.exact_k, self.key_compressor),
-            (self.cold_v, self.exact_v, self.value_compressor),
-        ):
-            blocks = torch.stack([exact[row, :, s + j * bs : s + (j + 1) * bs] for row, j in pairs])
-            finite.append(torch.isfinite(blocks).all())
-            if check and not bool(finite[-1]):
-                bad = sorted({row for (row, j), blk in zip(pairs, blocks) if not bool(torch.isfinite(blk).all())})
-                raise ValueError(
-                    f"{self.name}: {comp.role} of batch row(s) {bad} hold NaN/Inf in a block about to be "
-                    f"compressed; refusing to store a corrupted cold block (the model produced non-finite "
-                    f"{comp.role})"
-                )
-            parts = comp.compress(blocks.reshape(len(pairs) * h, bs, d).float())
-            parts = {name: t.reshape(len(pairs), h, *t.shape[1:]) for name, t in parts.items()}
-            pool.write(b, rows, slots, parts, needed=max(host_slots) + 1)
-        return torch.stack(finite).all()
 
     def _drop_compressed(self, ready: list[int]) -> None:
         s, bs = self.config.sink_tokens, self.config.block_size
         width = self.exact_k.shape[2]
         if len(set(ready)) == 1 and all(n == width for n in self.n_exact):
             cut = s + ready[0] * bs
-            self.exact_k = torch.cat((self.exact_k[:, :, :s], self.exact_k[:, :, cut:]), dim=2)
-            self.exact_v = torch.cat((self.exact_v[:, :, :s], self.exact_v[:, :, cut:]), dim=2)
+            self._exact_k = torch.cat((self._exact_k[:, :, :s], self._exact_k[:, :, cut:]), dim=2)
+            self._exact_v = torch.cat((self._exact_v[:, :, :s], self._exact_v[:, :, cut:]), dim=2)
         else:
             new_counts = [n - m * bs for n, m in zip(self.n_exact, ready)]
             b, h, _, d = self.exact_k.shape
@@ -296,26 +243,130 @@ class TierManager(StaticTiersMixin):
                 src = torch.cat((torch.arange(s), torch.arange(s + m * bs, n))).to(ek.device)
                 ek[i, :, : src.numel()] = self.exact_k[i][:, src]
                 ev[i, :, : src.numel()] = self.exact_v[i][:, src]
-            self.exact_k, self.exact_v = ek, ev
+            self._exact_k, self._exact_v = ek, ev
         self.n_exact = [n - m * bs for n, m in zip(self.n_exact, ready)]
         self.n_cold = [c + m for c, m in zip(self.n_cold, ready)]
 
-    # ------------------------------------------------------------------ read
-    def view(self) -> TierView:
-        """The tensors attention reads, with validity masks for ragged rows."""
-        if not self.initialized:
-            raise RuntimeError(f"{self.name}: the cache is empty")
-        dev = self.exact_k.device
-        nb = self.cold_k.n_blocks
-        return TierView(
-            exact_k=self.exact_k,
-            exact_v=self.exact_v,
-            exact_valid=_valid_mask(self.n_exact, self.exact_k.shape[2], dev),
-            cold_k=self.cold_k.parts,
-            cold_v=self.cold_v.parts,
-            cold_valid=_valid_mask(self.n_cold, nb, dev) if nb else None,
-        )
+    # ------------------------------------------------------------------ attend
+    def view(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             *, check: bool = True) -> AttendView:
+        """Stage new tokens and return what attention reads, the staged tokens included.
 
+        Parameters
+        ----------
+        k, v : Tensor [B, H, Tq, D], optional
+            The new tokens (post-RoPE). Without them the view holds the stored tiers only
+            (its ``exact_mask`` is then [B, 1, 1, W] or None) and there is nothing to `commit`.
+        mask : Tensor [B, 1, Tq, seen + Tq] bool or additive float, optional
+            transformers' mask in its (padded) positions; None: causal, no padding.
+        check : bool
+            Static decode steps only: check the token (finite, the mask says it is real) on the
+            host. A CUDA-graph driver passes False and checks the logits instead.
+
+        Returns
+        -------
+        AttendView
+            Static storage and one token: device counts (no host sync, fixed addresses).
+            Otherwise masks, decided on the host from the host counts.
+        """
+        mask = _bool_mask(mask)
+        self._staged = None
+        if k is not None and self.static and k.shape[2] == 1:
+            if check:
+                self._check(k, v, None)
+                if mask is not None and not bool(mask[:, 0, -1, -1].all()):
+                    raise ValueError(
+                        f"SpectralCache {self.name}: a frozen (static) cache takes decode tokens that are real tokens; "
+                        f"the attention mask marks the new token of some row as padding"
+                    )
+            self.storage.stage(k, v)
+            self._staged = ("static",)
+            return AttendView(self.exact_k, self.exact_v, self.cold.k.parts, self.cold.v.parts, self.cold.shared_k,
+                              self.cold.shared_v, n_exact=self.storage.n_exact_t, n_cold=self.storage.n_cold_t)
+        if not self.initialized and k is None:
+            raise RuntimeError(f"{self.name}: the cache is empty")
+        tq = 0 if k is None else k.shape[2]
+        if mask is not None and mask.shape[-1] != self.seen + tq:
+            raise ValueError(
+                f"SpectralCache {self.name}: attention mask covers {mask.shape[-1]} positions, "
+                f"the cache expects {self.seen + tq}"
+            )
+        cold_valid = None
+        if self.initialized:
+            ek, ev = self.exact_k, self.exact_v
+            valid = _valid_mask(self.n_exact, ek.shape[2], ek.device)
+            nb = self.cold.k.n_blocks
+            cold_valid = _valid_mask(self.n_cold, nb, ek.device) if nb else None
+        else:
+            ek, ev, valid = k[:, :, :0], v[:, :, :0], None
+        if k is None:
+            exact_mask = None if valid is None else valid[:, None, None, :]
+        else:
+            ek, ev, exact_mask, valid_new = stage_dynamic(ek, ev, valid, k, v, mask)
+            self._staged = (k, v, valid_new)
+        return AttendView(ek, ev, self.cold.k.parts, self.cold.v.parts, self.cold.shared_k, self.cold.shared_v,
+                          exact_mask=exact_mask, cold_valid=cold_valid)
+
+    def commit(self, advance: bool = True) -> None:
+        """The staged tokens join the tiers (full warm blocks go cold).
+
+        ``advance=False`` (static decode steps under a CUDA-graph driver, `spectral_kv.graphs`)
+        leaves the host side of the step to a later `advance` call.
+        """
+        staged, self._staged = self._staged, None
+        if staged is None:
+            raise RuntimeError(f"{self.name}: commit() without tokens staged by view(k, v)")
+        if staged == ("static",):
+            if advance:
+                self.advance()
+            return
+        k, v, valid_new = staged
+        self.append(k, v, None if valid_new is None or bool(valid_new.all()) else valid_new.contiguous())
+
+    def _shared_kw(self, role: str) -> dict[str, Any]:
+        shared = self.cold.shared(role)
+        return {"shared": {n: t.unsqueeze(2) for n, t in shared.items()}} if shared else {}
+
+    # ------------------------------------------------------------------ static storage
+    def freeze(self, new_tokens: int) -> None:
+        """Preallocate for ``new_tokens`` more decode tokens and switch to static decode steps."""
+        if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
+            raise ValueError(f"{self.name}: freeze(new_tokens) needs a non-negative int, got {new_tokens!r}")
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: freeze() needs a prefilled cache (run the prompt first)")
+        if self.storage is not None:
+            self.version += self.storage.reserve(self.n_exact, self.n_cold, new_tokens)
+            return
+        self.storage = StaticStorage(self.config, self.name, self.cold, self._exact_k, self._exact_v,
+                                     self.n_exact, self.n_cold, new_tokens)
+        self._exact_k = self._exact_v = None
+        self.version += 2  # the exact buffers moved, and the pools grew
+
+    def thaw(self) -> None:
+        """Back to the dynamic layout (pending blocks swapped in, spare capacity released)."""
+        if self.storage is None:
+            return
+        self._exact_k, self._exact_v = self.storage.thaw(self.n_exact, self.n_cold)
+        self.storage = None
+        self.version += 1
+
+    def append_static(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one new token per row at its row's count (device-side; capturable)."""
+        self.storage.stage(k, v)
+
+    def advance(self) -> None:
+        """Host side of one static decode step, run after it: counts, then blocks in and out."""
+        self.n_exact = [n + 1 for n in self.n_exact]
+        self.tail_valid = [n + 1 for n in self.tail_valid]
+        self.seen += 1
+        self.version += self.storage.advance(self.n_exact, self.n_cold)
+
+    def drain(self) -> None:
+        """Wait for blocks still being compressed and swap them in (before anything else runs)."""
+        if self.storage is not None and self.storage.pending:
+            self.storage.commit(self.n_exact, self.n_cold, due_only=False)
+
+    # ------------------------------------------------------------------ read
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Every held token in stream order, cold blocks decompressed.
 
@@ -329,12 +380,12 @@ class TierManager(StaticTiersMixin):
             raise RuntimeError(f"{self.name}: the cache is empty")
         s, bs = self.config.sink_tokens, self.config.block_size
         dtype = self.exact_k.dtype
-        nb = self.cold_k.n_blocks
+        nb = self.cold.k.n_blocks
         b, h, _, d = self.exact_k.shape
         if nb == 0:
             return self.exact_k, self.exact_v, _valid_mask(self.n_exact, self.exact_k.shape[2], self.exact_k.device)
-        ck = self.key_compressor.decompress(self.cold_k.parts, dtype).reshape(b, h, nb * bs, d)
-        cv = self.value_compressor.decompress(self.cold_v.parts, dtype).reshape(b, h, nb * bs, d)
+        ck = self.key_compressor.decompress(self.cold.k.parts, dtype, **self._shared_kw("k")).reshape(b, h, nb * bs, d)
+        cv = self.value_compressor.decompress(self.cold.v.parts, dtype, **self._shared_kw("v")).reshape(b, h, nb * bs, d)
         counts = self.tokens()
         length = max(counts)
         keys, values = ck.new_zeros(b, h, length, d), cv.new_zeros(b, h, length, d)
@@ -363,13 +414,12 @@ class TierManager(StaticTiersMixin):
             raise IndexError(f"{self.name}: row index {bad} out of range for a batch of {self.batch_size}")
         host = [i % self.batch_size for i in host]
         idx = torch.tensor(host, dtype=torch.long, device=self.exact_k.device)
-        self.exact_k = self.exact_k.index_select(0, idx)
-        self.exact_v = self.exact_v.index_select(0, idx)
+        self._exact_k = self._exact_k.index_select(0, idx)
+        self._exact_v = self._exact_v.index_select(0, idx)
         self.n_exact = [self.n_exact[i] for i in host]
         self.n_cold = [self.n_cold[i] for i in host]
         self.tail_valid = [self.tail_valid[i] for i in host]
-        self.cold_k.select_rows(idx)
-        self.cold_v.select_rows(idx)
+        self.cold.select_rows(idx, host)
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` positions (negative: drop ``-max_length``), like ``DynamicLayer.crop``.
@@ -411,37 +461,55 @@ class TierManager(StaticTiersMixin):
         self.tail_valid = [n - drop for n in self.tail_valid]
         self.seen -= drop
         width = max(self.n_exact)
-        self.exact_k = self.exact_k[:, :, :width].contiguous()
-        self.exact_v = self.exact_v[:, :, :width].contiguous()
+        self._exact_k = self._exact_k[:, :, :width].contiguous()
+        self._exact_v = self._exact_v[:, :, :width].contiguous()
 
-    def restore(
-        self,
-        exact_k: torch.Tensor,
-        exact_v: torch.Tensor,
-        cold_k: dict[str, torch.Tensor],
-        cold_v: dict[str, torch.Tensor],
-        n_exact: list[int],
-        n_cold: list[int],
-        tail_valid: list[int],
-        seen: int,
-    ) -> None:
-        """Install a saved state (validated by `spectral_kv.persist`)."""
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this layer holds, in the dynamic layout (a frozen layer thaws first).
+
+        Returns ``{"initialized": bool}`` plus, once initialized, the tensors ``exact_k``,
+        ``exact_v`` [B, H, W, D], ``cold_k.<part>`` / ``cold_v.<part>`` [B, H, NB, ...],
+        ``shared_k.<name>`` / ``shared_v.<name>`` [B, H, ...] and the host counts ``n_exact``,
+        ``n_cold``, ``tail_valid`` (lists of int), ``seen`` (int) and, for compressors with
+        shared state, ``fitted`` (list of bool).
+        """
+        self.thaw()
+        if not self.initialized:
+            return {"initialized": False}
+        state: dict[str, Any] = {"initialized": True, "exact_k": self.exact_k, "exact_v": self.exact_v}
+        for role in ("k", "v"):
+            state.update({f"cold_{role}.{n}": t for n, t in self.cold.pool(role).parts.items()})
+            state.update({f"shared_{role}.{n}": t for n, t in self.cold.shared(role).items()})
+        state.update(n_exact=list(self.n_exact), n_cold=list(self.n_cold), tail_valid=list(self.tail_valid), seen=self.seen)
+        if self.cold.stateful(self.exact_k.shape[3]):
+            state["fitted"] = list(self.cold.fitted)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Install a `state_dict` (validated by the caller: `spectral_kv.integrations.transformers.persist`)."""
         self.reset()
-        self.exact_k, self.exact_v = exact_k, exact_v
-        self.cold_k.parts, self.cold_v.parts = dict(cold_k), dict(cold_v)
-        self.n_exact, self.n_cold, self.tail_valid = list(n_exact), list(n_cold), list(tail_valid)
-        self.seen = int(seen)
+        if not state.get("initialized"):
+            return
+        self._exact_k, self._exact_v = state["exact_k"], state["exact_v"]
+        for role in ("k", "v"):
+            self.cold.pool(role).parts = {n.split(".", 1)[1]: t for n, t in state.items() if n.startswith(f"cold_{role}.")}
+            self.cold.shared(role).update({n.split(".", 1)[1]: t for n, t in state.items() if n.startswith(f"shared_{role}.")})
+        self.n_exact, self.n_cold, self.tail_valid = list(state["n_exact"]), list(state["n_cold"]), list(state["tail_valid"])
+        self.seen = int(state["seen"])
+        self.cold.fitted = list(state.get("fitted", [False] * len(self.n_exact)))
 
     # ------------------------------------------------------------------ bytes
     def memory_report(self) -> dict[str, int]:
         """Bytes held, from the tensors themselves (``numel * element_size``).
 
         Keys: ``cold_keys``, ``cold_values`` (every pool part), ``sinks``, ``warm``, ``hot``
-        (the exact buffer split by the tokens each tier owns), ``padding`` (exact-buffer
+        (the exact buffer split by the tokens each tier owns; the cold keys include the shared
+        per-row compressor state), ``padding`` (exact-buffer
         slots of shorter rows), ``total_bytes``, ``dense_bytes`` (what a DynamicCache would
         hold for the same positions and dtype) and ``tokens`` (real tokens, all rows).
         """
-        rep = {"cold_keys": self.cold_k.nbytes(), "cold_values": self.cold_v.nbytes()}
+        rep = {"cold_keys": self.cold.nbytes("k"), "cold_values": self.cold.nbytes("v")}
         rep.update(sinks=0, warm=0, hot=0, padding=0, dense_bytes=0, tokens=sum(self.tokens()))
         if self.initialized:
             b, h, w, d = self.exact_k.shape
@@ -460,5 +528,4 @@ class TierManager(StaticTiersMixin):
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds (for checking the memory report)."""
-        out = [t for t in (self.exact_k, self.exact_v) if t is not None]
-        return out + list(self.cold_k.parts.values()) + list(self.cold_v.parts.values())
+        return [t for t in (self.exact_k, self.exact_v) if t is not None] + self.cold.tensors()

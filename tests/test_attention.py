@@ -1,3 +1,5 @@
+import dataclasses
+
 import torch
 import pytest
 from hypothesis import assume, given, settings
@@ -17,14 +19,12 @@ def _filled(cfg, batch, h, d, sizes, pad_p, seed):
     return tm, g
 
 
-def _attend(name, cfg, tm, q, new_k, new_v, chunk_mask, scaling):
-    view = tm.view()
-    b, _, tq, _ = q.shape
-    w = view.exact_k.shape[2]
-    past = torch.ones(b, 1, tq, w, dtype=torch.bool) if view.exact_valid is None else view.exact_valid[:, None, None, :].expand(b, 1, tq, w)
-    mask = torch.cat((past, chunk_mask), dim=-1)
+def _attend(name, cfg, tm, q, new_k, new_v, scaling):
+    """Attend q over the tiers plus the new tokens (causal among them), as SpectralLayer does:
+    the tier manager's view stages the new tokens and builds the masks."""
+    view = tm.view(new_k, new_v)
     strat = ATTENTION_STRATEGIES[name](cfg, tm.key_compressor, tm.value_compressor)
-    return strat.attend(q, view.cold_k, view.cold_v, view.cold_valid, torch.cat((view.exact_k, new_k), 2), torch.cat((view.exact_v, new_v), 2), mask, scaling)
+    return strat.attend(q, view, scaling)
 
 
 # Key / value compressor pairings: per-block SVD bases, hadamard's shared rotation, and mixed.
@@ -55,9 +55,8 @@ def test_spectral_equals_reconstruct(bits, layout, batch, kv_heads, group, d, si
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
-    causal = torch.ones(tq, tq, dtype=torch.bool).tril().expand(batch, 1, tq, tq)
-    a = _attend("spectral", cfg, tm, q, nk, nv, causal, d**-0.5)
-    b = _attend("reconstruct", cfg, tm, q, nk, nv, causal, d**-0.5)
+    a = _attend("spectral", cfg, tm, q, nk, nv, d**-0.5)
+    b = _attend("reconstruct", cfg, tm, q, nk, nv, d**-0.5)
     assert torch.isfinite(a).all()
     assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
 
@@ -71,7 +70,7 @@ def test_full_rank_lossless_equals_exact_attention(name, layout, batch, kv_heads
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
     causal = torch.ones(tq, tq, dtype=torch.bool).tril().expand(batch, 1, tq, tq)
-    out = _attend(name, cfg, tm, q, nk, nv, causal, 0.3)
+    out = _attend(name, cfg, tm, q, nk, nv, 0.3)
     # the uncompressed reference: every real token of each row, then the new ones
     keys, values, valid = tm.materialize()
     n = keys.shape[2]
@@ -96,14 +95,13 @@ def test_spectral_applies_a_shared_basis_once_not_per_block(layout, monkeypatch)
     assert tm.n_cold == [4, 2]  # ragged: cold_valid masks row 1's missing blocks
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
-    causal = torch.ones(tq, tq, dtype=torch.bool).tril().expand(batch, 1, tq, tq)
-    expected = _attend("reconstruct", cfg, tm, q, nk, nv, causal, d**-0.5)
+    expected = _attend("reconstruct", cfg, tm, q, nk, nv, d**-0.5)
 
     def per_block_basis(self, parts):
         raise AssertionError("spectral attention expanded a shared basis per block")
 
     monkeypatch.setattr(HadamardCompressor, "basis", per_block_basis)
-    out = _attend("spectral", cfg, tm, q, nk, nv, causal, d**-0.5)
+    out = _attend("spectral", cfg, tm, q, nk, nv, d**-0.5)
     assert torch.allclose(out, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -128,7 +126,7 @@ def test_query_that_sees_nothing_gets_zeros_not_nan():
         view = tm.view()
         mask = torch.zeros(1, 1, 2, view.exact_k.shape[2], dtype=torch.bool)
         cold_valid = torch.zeros(1, view.n_cold_blocks, dtype=torch.bool)
-        out = strat.attend(torch.randn(1, 1, 2, 4), view.cold_k, view.cold_v, cold_valid, view.exact_k, view.exact_v, mask, 0.5)
+        out = strat.attend(torch.randn(1, 1, 2, 4), dataclasses.replace(view, exact_mask=mask, cold_valid=cold_valid), 0.5)
         assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -147,13 +145,12 @@ def test_fused_decode_strategy_equals_spectral(batch, kv_heads, group, sizes, se
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, 0.0, seed)
     q = torch.randn(batch, kv_heads * group, 1, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, 1, d, generator=g), torch.randn(batch, kv_heads, 1, d, generator=g)
-    ones = torch.ones(batch, 1, 1, 1, dtype=torch.bool)
     fused = ATTENTION_STRATEGIES["fused"](cfg, tm.key_compressor, tm.value_compressor)
-    view = tm.view()
-    args = (view.cold_k, view.cold_v, view.cold_valid, torch.cat((view.exact_k, nk), 2), torch.cat((view.exact_v, nv), 2))
-    out = fused.attend(q, *args, None, d**-0.5)
+    view = tm.view(nk, nv)
+    assert view.exact_mask is None  # unpadded decode step: every exact token is visible
+    out = fused.attend(q, view, d**-0.5)
     assert fused.kernel_calls == 1
-    ref = _attend("spectral", cfg, tm, q, nk, nv, ones, d**-0.5)
+    ref = _attend("spectral", cfg, tm, q, nk, nv, d**-0.5)
     # The kernel rounds p to fp16 for the p @ C_v dot (documented, ~1e-3 relative): compare norms.
     rel = float((out - ref).norm() / ref.norm())
     assert rel < 2e-3, rel

@@ -137,7 +137,7 @@ def test_crop_into_a_compressed_block_or_across_padding_is_refused():
 def test_crop_zero_follows_the_installed_transformers_convention(monkeypatch, zero_removes_nothing):
     # transformers >= 5.17 calls crop(-n) after every assisted step, n possibly 0 (remove nothing);
     # up to 5.1x crop(0) means "keep 0 positions" (everything goes, which is exact too).
-    import spectral_kv.integrations.transformers as integ
+    import spectral_kv.integrations.transformers.cache as integ
 
     monkeypatch.setattr(integ, "CROP_ZERO_REMOVES_NOTHING", zero_removes_nothing)
     layer = integ.SpectralLayer(LOSSY, 0)

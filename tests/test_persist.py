@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from test_integration import LOSSY, greedy, tiny
 
 import spectral_kv as sk
-from spectral_kv.persist import FORMAT
+from spectral_kv.integrations.transformers.persist import FORMAT
 
 # The SVD layout (int8 coefficients, fp16 bases) at a block size the tiny model fills; the
 # default (hadamard) layout is checked by test_default_layout_round_trips.
@@ -142,7 +142,7 @@ def test_tampered_shapes_fail_the_checksum_and_other_files_are_refused(saved, tm
 
 def test_shape_validation_names_the_tensor(saved, tmp_path, monkeypatch):
     """A consistent file (checksum recomputed) whose tensors disagree with the config is refused."""
-    import spectral_kv.persist as persist
+    import spectral_kv.integrations.transformers.persist as persist
 
     model, _, cache, _, _ = saved
     layer = cache.spectral_layers[1].tiers

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 import spectral_kv as sk
 from spectral_kv import SpectralConfig, StaticDecoder, TierManager
-from spectral_kv.static import deferred_advance
+from spectral_kv.graphs import deferred_advance
 
 CFG = SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, quant_group=16, verbose=False)
 

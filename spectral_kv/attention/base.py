@@ -7,9 +7,10 @@ from typing import ClassVar
 
 import torch
 
-from ..compressors import Compressor
+from ..compressors.base import Compressor
 from ..config import SpectralConfig
-from ..registry import Registry
+from ..registry import ATTENTION_STRATEGIES
+from ..view import AttendView
 
 __all__ = [
     "AttentionStrategy",
@@ -19,8 +20,6 @@ __all__ = [
     "expand_cold_mask",
 ]
 
-ATTENTION_STRATEGIES: Registry["AttentionStrategy"] = Registry("attention strategy")
-
 
 def register_attention(name: str):
     """Class decorator: make an `AttentionStrategy` selectable as ``SpectralConfig(attention=name)``."""
@@ -28,7 +27,10 @@ def register_attention(name: str):
 
 
 class AttentionStrategy(ABC):
-    """Attends a query over one layer's cold blocks and exact tokens.
+    """Attends a query over one layer's cold blocks and exact tokens (`AttendView`).
+
+    A strategy implements one method, `attend`, and declares which compressors it serves
+    (`serves`; `SpectralConfig` asks it, so a config it cannot serve fails at construction).
 
     Parameters
     ----------
@@ -38,38 +40,32 @@ class AttentionStrategy(ABC):
     """
 
     name: ClassVar[str]
+    # What `serves` requires, for error messages ("attention='x' needs ... compressors").
+    needs: ClassVar[str] = "any"
 
     def __init__(self, config: SpectralConfig, key_compressor: Compressor, value_compressor: Compressor) -> None:
         self.config = config
         self.key_compressor = key_compressor
         self.value_compressor = value_compressor
 
+    @classmethod
+    def serves(cls, key_compressor: type[Compressor], value_compressor: type[Compressor]) -> bool:
+        """Whether this strategy can attend over blocks of these compressor classes (default: any)."""
+        return True
+
     @abstractmethod
-    def attend(
-        self,
-        q: torch.Tensor,
-        cold_k: dict[str, torch.Tensor],
-        cold_v: dict[str, torch.Tensor],
-        cold_valid: torch.Tensor | None,
-        exact_k: torch.Tensor,
-        exact_v: torch.Tensor,
-        exact_mask: torch.Tensor | None,
-        scaling: float,
-    ) -> torch.Tensor:
-        """Softmax attention over all valid cold and exact keys.
+    def attend(self, q: torch.Tensor, view: AttendView, scaling: float) -> torch.Tensor:
+        """Softmax attention over all valid cold and exact keys of ``view``.
 
         Parameters
         ----------
         q : Tensor [B, Hq, Tq, D]
             Queries; ``Hq = H * G``, query head ``i`` reads KV head ``i // G``.
-        cold_k, cold_v : dict of Tensor [B, H, NB, ...]
-            Compressor parts of ``NB`` blocks of ``block_size`` tokens (may be empty).
-        cold_valid : Tensor [B, NB] bool or None
-            Which blocks of each row are real; None means all. Every query sees every valid
-            cold token (cold tokens are older than any query).
-        exact_k, exact_v : Tensor [B, H, Te, D]
-        exact_mask : Tensor [B, 1, Tq, Te] bool or None
-            True where query ``i`` may attend exact token ``j``; None means all.
+        view : AttendView
+            Exact tokens ``[B, H, W, D]`` (the staged new tokens included), cold parts
+            ``[B, H, NB, ...]`` and per-row shared state, with validity as masks (dynamic
+            storage) or device counts (static storage; `AttendView.masks` / `counts`
+            convert). Every query sees every valid cold token (cold tokens are older).
         scaling : float
             Softmax scale.
 
@@ -77,34 +73,6 @@ class AttentionStrategy(ABC):
         -------
         Tensor [B, Hq, Tq, D] in ``q.dtype``; queries that may attend nothing get zeros.
         """
-
-
-    def attend_counts(
-        self,
-        q: torch.Tensor,
-        cold_k: dict[str, torch.Tensor],
-        cold_v: dict[str, torch.Tensor],
-        n_cold: torch.Tensor,
-        exact_k: torch.Tensor,
-        exact_v: torch.Tensor,
-        n_exact: torch.Tensor,
-        scaling: float,
-    ) -> torch.Tensor:
-        """`attend` for static storage: validity given as per-row counts on the device.
-
-        Row ``b`` holds its first ``n_cold[b]`` blocks and first ``n_exact[b]`` exact tokens
-        (int ``[B]`` tensors), every one visible to every query. Builds the masks with tensor
-        ops only (no host sync, fixed shapes), so the call can be captured in a CUDA graph.
-        """
-        b, _, tq, _ = q.shape
-        width = exact_k.shape[2]
-        exact_mask = (torch.arange(width, device=q.device)[None, :] < n_exact[:, None])[:, None, None, :]
-        exact_mask = exact_mask.expand(b, 1, tq, width)
-        cold_valid = None
-        if cold_k:
-            nb = next(iter(cold_k.values())).shape[2]
-            cold_valid = torch.arange(nb, device=q.device)[None, :] < n_cold[:, None]
-        return self.attend(q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
 
 
 def expand_cold_mask(cold_valid: torch.Tensor | None, tq: int, block_size: int) -> torch.Tensor | None:

@@ -20,19 +20,26 @@ def _combine_masks(cold_mask, exact_mask, b, tq, n_cold_tokens, te, device):
     return torch.cat((cold_mask, exact_mask.expand(b, 1, tq, te)), dim=-1)
 
 
+def _decompress(comp, parts, dtype, shared):
+    # Stateless compressors are called without ``shared`` (as they always were).
+    return comp.decompress(parts, dtype, shared) if shared else comp.decompress(parts, dtype)
+
+
 @register_attention("reconstruct")
 class ReconstructAttention(AttentionStrategy):
     """Materializes cold K/V in the query dtype: works with any compressor; saves memory at
     rest but not bandwidth (the original design's ``use_spectral_attention=False``)."""
 
-    def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):
+    def attend(self, q, view, scaling):
         b, hq, tq, d = q.shape
+        exact_k, exact_v, cold_k, cold_v = view.exact_k, view.exact_v, view.cold_k, view.cold_v
+        cold_valid, exact_mask = view.masks(tq)
         h = exact_k.shape[1]
         keys, values = exact_k.to(q.dtype), exact_v.to(q.dtype)
         n_cold_tokens = 0
         if cold_k:
-            ck = self.key_compressor.decompress(cold_k, q.dtype)  # [B, H, NB, T, D]
-            cv = self.value_compressor.decompress(cold_v, q.dtype)
+            ck = _decompress(self.key_compressor, cold_k, q.dtype, view.shared_for_blocks("k"))  # [B, H, NB, T, D]
+            cv = _decompress(self.value_compressor, cold_v, q.dtype, view.shared_for_blocks("v"))
             n_cold_tokens = ck.shape[2] * ck.shape[3]
             keys = torch.cat((ck.reshape(b, h, n_cold_tokens, d), keys), dim=2)
             values = torch.cat((cv.reshape(b, h, n_cold_tokens, d), values), dim=2)

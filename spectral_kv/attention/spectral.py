@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ..compressors import FactoredCompressor
 from .base import AttentionStrategy, register_attention
 
 __all__ = ["SpectralAttention"]
+
+
+def _per_head(basis: torch.Tensor | None) -> torch.Tensor | None:
+    # A per-row shared basis comes with the parts' block axis as 1: [B, H, 1, r, D] -> [B, H, r, D].
+    return basis.squeeze(2) if basis is not None and basis.dim() == 5 else basis
 
 
 @register_attention("spectral")
@@ -25,14 +29,26 @@ class SpectralAttention(AttentionStrategy):
     it reads the compressed bytes a few times, so on GPUs it is slower than SDPA.
     """
 
+    needs = "factored (coefficients @ basis)"
+
+    @classmethod
+    def serves(cls, key_compressor, value_compressor) -> bool:
+        return key_compressor.factored and value_compressor.factored
+
     def __init__(self, config, key_compressor, value_compressor):
         super().__init__(config, key_compressor, value_compressor)
         for comp in (key_compressor, value_compressor):
-            if not isinstance(comp, FactoredCompressor):
-                raise ValueError(f"attention='spectral' needs a factored compressor, got {type(comp).__name__}")
+            if not comp.factored:
+                raise ValueError(f"attention={self.name!r} needs a factored compressor, got {type(comp).__name__}")
 
-    def attend(self, q, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling):
+    def attend(self, q, view, scaling):
         b, hq, tq, d = q.shape
+        exact_k, exact_v, cold_k, cold_v = view.exact_k, view.exact_v, view.cold_k, view.cold_v
+        cold_valid, exact_mask = view.masks(tq)
+        kc, vc = self.key_compressor, self.value_compressor
+        # Stateless compressors are called without ``shared`` (as they always were).
+        sk, sv = view.shared_for_blocks("k"), view.shared_for_blocks("v")
+        ks, vs = ((sk,) if sk else ()), ((sv,) if sv else ())
         h = exact_k.shape[1]
         g = hq // h
         # [B, H, G*Tq, D]: row r of KV head h is query head h*G + r // Tq at position r % Tq.
@@ -58,14 +74,14 @@ class SpectralAttention(AttentionStrategy):
             m = exact_scores.new_full((b, h, 1, g * tq), float("-inf"))
         nb = 0
         if cold_k:
-            ck = self.key_compressor.coefficients(cold_k)  # [B, H, NB, T, rk]
+            ck = kc.coefficients(cold_k, *ks)  # [B, H, NB, T, rk]
             nb, t, rk = ck.shape[2], ck.shape[3], ck.shape[4]
-            shared_k = self.key_compressor.shared_basis(cold_k)  # [rk, D] or None
+            shared_k = _per_head(kc.shared_basis(cold_k, *ks))  # [rk, D], [B, H, rk, D] or None
             if shared_k is not None:  # one basis for all blocks: rotate q once, not per block
                 qb = qf @ shared_k.transpose(-1, -2)  # [B, H, GTq, rk]
                 cold_scores = ck.reshape(b, h, nb * t, rk) @ qb.transpose(-1, -2)  # [B, H, NB*T, GTq]
             else:
-                qb = self.key_compressor.basis(cold_k).reshape(b, h, nb * rk, d) @ qf.transpose(-1, -2)  # [B, H, NB*rk, GTq]
+                qb = kc.basis(cold_k, *ks).reshape(b, h, nb * rk, d) @ qf.transpose(-1, -2)  # [B, H, NB*rk, GTq]
                 cold_scores = (ck @ qb.reshape(b, h, nb, rk, g * tq)).reshape(b, h, nb * t, g * tq)
             cold_scores = cold_scores * scaling
             if cold_valid is not None:
@@ -78,17 +94,17 @@ class SpectralAttention(AttentionStrategy):
         denom = p.sum(dim=-2, keepdim=True)
         out = p.transpose(-1, -2) @ exact_v.float()  # [B, H, GTq, D]
         if nb:
-            cv = self.value_compressor.coefficients(cold_v)  # [B, H, NB, T, rv]
+            cv = vc.coefficients(cold_v, *vs)  # [B, H, NB, T, rv]
             rv = cv.shape[-1]
             p_cold = torch.exp(cold_scores - m)
             denom = denom + p_cold.sum(dim=-2, keepdim=True)
-            shared_v = self.value_compressor.shared_basis(cold_v)  # [rv, D] or None
+            shared_v = _per_head(vc.shared_basis(cold_v, *vs))  # [rv, D], [B, H, rv, D] or None
             if shared_v is not None:  # sum over all blocks in coefficient space, then one @ basis
                 pc = p_cold.transpose(-1, -2) @ cv.reshape(b, h, nb * t, rv)  # [B, H, GTq, rv]
                 out = out + pc @ shared_v
             else:
                 pc = cv.transpose(-1, -2) @ p_cold.reshape(b, h, nb, t, g * tq)  # [B, H, NB, rv, GTq]
-                bv = self.value_compressor.basis(cold_v).reshape(b, h, nb * rv, d)
+                bv = vc.basis(cold_v, *vs).reshape(b, h, nb * rv, d)
                 out = out + pc.reshape(b, h, nb * rv, g * tq).transpose(-1, -2) @ bv
         out = out / denom.clamp_min(torch.finfo(torch.float32).tiny).transpose(-1, -2)
         out = out.masked_fill(~seen.transpose(-1, -2), 0.0)

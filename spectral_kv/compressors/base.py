@@ -9,11 +9,9 @@ import torch
 
 from ..config import DTYPES, SpectralConfig
 from ..quant import dequantize, quantize
-from ..registry import Registry
+from ..registry import COMPRESSORS
 
 __all__ = ["Compressor", "FactoredCompressor", "LowRankCompressor", "COMPRESSORS", "register_compressor"]
-
-COMPRESSORS: Registry["Compressor"] = Registry("compressor")
 
 
 def register_compressor(name: str):
@@ -29,6 +27,21 @@ class Compressor(ABC):
     stores them in pools of shape ``[batch, kv_heads, n_blocks, *rest]`` and accounts their
     bytes exactly.
 
+    Shared per-row state (optional): a compressor that learns something from a sequence (a
+    basis, a mean) declares it in :meth:`shared_specs` and computes it in :meth:`fit`. The
+    tier manager calls ``fit`` once per batch row, at that row's first compression, with all
+    the blocks that row compresses in that call, stores the result per row (``[B, H, ...]``,
+    counted as cold bytes, saved, reordered with the rows) and passes it back as ``shared``
+    to every later call: ``compress(x [N, T, D], shared)`` gets ``[N, ...]`` (each block its
+    row's state); ``decompress`` / ``coefficients`` / ``basis`` / ``shared_basis`` get
+    tensors with the parts' leading dims where the block axis may be 1 (broadcast), e.g.
+    parts ``[B, H, NB, ...]`` with shared ``[B, H, 1, ...]``. Stateless compressors (the
+    default: ``shared_specs`` is empty) get ``shared=None`` or no argument, and ignore it.
+
+    Class attributes a compressor declares: ``factored`` (its blocks are ``coefficients @
+    basis``, so attention can run in the compressed space), ``low_rank`` (it keeps fewer
+    components than head_dim), ``supported_bits``.
+
     Parameters
     ----------
     config : SpectralConfig
@@ -38,6 +51,7 @@ class Compressor(ABC):
     """
 
     name: ClassVar[str]
+    factored: ClassVar[bool] = False
     low_rank: ClassVar[bool] = False
     # Coefficient bit widths this compressor accepts (``None`` = unquantized); empty = it
     # ignores the config's bits (e.g. KIVI, whose width is in its name).
@@ -53,7 +67,22 @@ class Compressor(ABC):
         """Names, per-block shapes and dtypes of the parts :meth:`compress` stores for one block
         of ``block_size`` tokens (found by compressing a seeded random block on the CPU)."""
         probe = torch.randn(1, self.config.block_size, head_dim, generator=torch.Generator().manual_seed(0))
-        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in self.compress(probe).items()}
+        shared = None
+        if self.shared_specs(head_dim):
+            shared = {n: t.reshape(1, *t.shape[2:]) for n, t in self.fit(probe[None]).items()}
+        parts = self.compress(probe, shared) if shared else self.compress(probe)
+        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in parts.items()}
+
+    def shared_specs(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names, per-(row, KV head) shapes and dtypes of the shared state `fit` returns
+        (default: none, a stateless compressor)."""
+        return {}
+
+    def fit(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Shared state from a row's first blocks: ``x`` float32 ``[P, H, L, D]`` (``P`` rows,
+        ``L`` = blocks x block_size tokens, sinks excluded) -> dict of ``[P, H, *shape]``
+        (`shared_specs`). Only called when `shared_specs` is not empty."""
+        raise NotImplementedError(f"{type(self).__name__} declares shared state but does not implement fit()")
 
     @classmethod
     def effective_bits(cls, config: SpectralConfig, role: str) -> int | None:
@@ -82,11 +111,13 @@ class Compressor(ABC):
             )
 
     @abstractmethod
-    def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Compress ``x``: float32 ``[N, T, D]`` -> named tensors with leading dim ``N``."""
+    def compress(self, x: torch.Tensor, shared: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Compress ``x``: float32 ``[N, T, D]`` -> named tensors with leading dim ``N``
+        (``shared``: each block's row state, ``[N, ...]``, for stateful compressors)."""
 
     @abstractmethod
-    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+                   shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Rebuild ``[..., T, D]`` in ``dtype`` from tensors with any leading dims."""
 
 
@@ -95,26 +126,29 @@ class FactoredCompressor(Compressor):
     compressed space (the ``spectral`` strategy): scores ``(q @ basisᵀ) @ coefficientsᵀ``,
     outputs ``(p @ coefficients) @ basis``."""
 
-    low_rank: ClassVar[bool] = True
+    factored: ClassVar[bool] = True
 
     @abstractmethod
-    def coefficients(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def coefficients(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Dequantized coefficients, float32 ``[..., T, r]``."""
 
     @abstractmethod
-    def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The basis ``[..., r, D]`` (float32; may be an expanded view of a shared matrix)."""
 
-    def shared_basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The basis ``[r, D]`` float32 if every block shares it, else ``None`` (the default).
+    def shared_basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The basis if every block of a row shares it, else ``None`` (the default): ``[r, D]``
+        float32 when one matrix serves all rows, or the parts' leading dims with a block axis
+        of 1 (``[B, H, 1, r, D]`` for parts ``[B, H, NB, ...]``) for a per-row basis.
 
         A shared basis lets attention apply it once per step (``q @ basisᵀ``, and the value
         output's ``@ basis`` after summing over blocks) instead of once per block.
         """
         return None
 
-    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return (self.coefficients(parts) @ self.basis(parts)).to(dtype)
+    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+                   shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return (self.coefficients(parts, shared) @ self.basis(parts, shared)).to(dtype)
 
 
 class LowRankCompressor(FactoredCompressor):
@@ -127,6 +161,7 @@ class LowRankCompressor(FactoredCompressor):
     Subclasses implement :meth:`factorize`.
     """
 
+    low_rank: ClassVar[bool] = True
     supported_bits: ClassVar[tuple] = (8, 4, None)
 
     @classmethod
@@ -153,7 +188,7 @@ class LowRankCompressor(FactoredCompressor):
     def factorize(self, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` float32 ``[N, T, D]`` -> (``coeffs`` ``[N, T, r] = U S``, ``basis`` ``[N, r, D] = Vᵀ``)."""
 
-    def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compress(self, x: torch.Tensor, shared: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         coeffs, basis = self.factorize(x, self.rank)
         basis = basis.to(DTYPES[self.config.basis_dtype])
         if self.bits is None:
@@ -161,11 +196,11 @@ class LowRankCompressor(FactoredCompressor):
         codes, scales = quantize(coeffs, self.bits)
         return {"coeffs": codes, "scales": scales, "basis": basis}
 
-    def coefficients(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def coefficients(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Dequantized coefficients, float32 ``[..., T, r]``."""
         if self.bits is None:
             return parts["coeffs"].float()
         return dequantize(parts["coeffs"], parts["scales"], self.bits)
 
-    def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return parts["basis"].float()

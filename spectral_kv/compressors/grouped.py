@@ -88,7 +88,7 @@ class GroupQuantCompressor(Compressor):
         return self._rot[key]
 
     # ------------------------------------------------------------------ codec
-    def compress(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compress(self, x: torch.Tensor, shared: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         n, t, d = x.shape
         x = x.float()
         r = self._rotation(d, x.device)
@@ -109,7 +109,7 @@ class GroupQuantCompressor(Compressor):
             scale, zero = scale.squeeze(3), zero.squeeze(3)  # [N, T, D/g]
         return {"codes": pack_bits(codes.reshape(n, t, d), self.bits), "scale": scale, "zero": zero}
 
-    def coefficients(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def coefficients(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Dequantized rotated coefficients, float32 ``[..., T, D]``."""
         if self.bits is None:
             return parts["coeffs"].float()
@@ -124,7 +124,8 @@ class GroupQuantCompressor(Compressor):
             x = codes.reshape(*lead, t, d // g, g) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
         return x.reshape(*lead, t, d)
 
-    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
+                   shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         c = self.coefficients(parts)
         r = self._rotation(c.shape[-1], c.device)
         return (c if r is None else c @ r).to(dtype)
@@ -144,11 +145,11 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
     def rotation(self, d: int) -> torch.Tensor:
         return rotation_matrix(d, self.config.seed)
 
-    def basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         r = self.shared_basis(parts)
         return r.expand(*self._ref(parts).shape[:-2], *r.shape)
 
-    def shared_basis(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    def shared_basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The rotation ``R`` ``[D, D]`` float32 on the parts' device: every block's basis."""
         return self._rotation(self._head_dim(parts), self._ref(parts).device)
 

@@ -327,7 +327,7 @@ def patch_unsloth_attention(
         If the model is already patched.
     """
     preset = more.pop("preset", None)
-    base = more.pop("config", None) or (SpectralConfig.preset(preset) if preset else SpectralConfig())
+    base = more.pop("config", None) or preset  # a whole config, a preset name, or None (the default)
     named = dict(
         block_size=block_size,
         k_rank_keys=k_rank_keys,
@@ -338,7 +338,7 @@ def patch_unsloth_attention(
     )
     defaults = SpectralConfig()
     changes = {k: v for k, v in named.items() if v != getattr(defaults, k)}
-    config = base.replace(**changes, **more)
+    config = SpectralConfig.resolve(base, **changes, **more)
 
     previous = model.__dict__.get(_MARK)
     if previous is not None and previous.active:

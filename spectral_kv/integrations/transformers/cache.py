@@ -1,77 +1,43 @@
-"""Hugging Face transformers integration: `SpectralCache`, the "spectral_kv" attention and mask
-functions, and `patch_model`. The only module of the library that imports transformers.
+"""`SpectralCache` and `SpectralLayer`: the transformers `Cache` over the compressed tiers.
 
-How a forward pass reaches the compressed tiers
------------------------------------------------
-transformers calls ``cache.update(k, v, layer_idx)`` and then the attention function, which
-receives the attention module but not the cache. ``SpectralLayer.update`` therefore *stages*
-the new keys/values and leaves a hand-off (this thread's layer + the exact key tensor it
-returned); the "spectral_kv" attention function claims it only when handed that very tensor
-(an identity check, so nothing else can be mistaken for it), attends over the cold blocks,
-the exact tiers and the new tokens, and only then commits the new tokens to the tiers. So the
-prompt itself is attended exactly, and compression affects what comes after it.
+A forward pass reaches the tiers in three calls (see `.attention` for the hand-off):
 
-If the model runs another attention implementation (sdpa, eager...), the layer commits at
-once and returns the cold blocks decompressed: correct with any attention, memory saved at
-rest, no compute saved.
+    SpectralLayer.update(k, v)                 # stages the new tokens, leaves the hand-off
+    SpectralLayer.attend_and_commit(q, k, v, mask, scaling)
+        view = tiers.view(k, v, mask)          # AttendView: tiers + staged tokens, masks or counts
+        out  = strategy.attend(q, view, scaling)
+        tiers.commit()                         # staged tokens -> hot/warm; full warm -> cold
 
-The registered mask function is transformers' ``sdpa_mask`` with the causal shortcut turned
-off, so the attention function always gets a boolean ``[B, 1, Tq, kv_len]`` mask. Without a
-registered mask function transformers silently passes *no* causal mask to a custom attention.
+So the prompt itself is attended exactly, and compression affects what comes after it. If the
+model runs another attention implementation (sdpa, eager...), the layer commits at once and
+returns the cold blocks decompressed: correct with any attention, memory saved at rest, no
+compute saved.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
-import threading
 from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import ATTENTION_STRATEGIES
-from ..attention.compiled import compile_attend
-from ..config import SpectralConfig
-from ..persist import load_cache, model_identity, save_cache
-from ..static import advance_deferred
-from ..tiers import TierManager, crop_length
+from ...attention.compiled import compile_attend
+from ...config import SpectralConfig
+from ...graphs import advance_deferred
+from ...registry import ATTENTION_STRATEGIES
+from ...tiers import TierManager, crop_length
+from .attention import ATTENTION_NAME, hand_off
+from .model_config import head_dim, text_config
+from .persist import load_cache, model_identity, save_cache
 
-__all__ = [
-    "ATTENTION_NAME",
-    "SpectralCache",
-    "SpectralLayer",
-    "SpectralPatch",
-    "patch_model",
-    "spectral_attention_forward",
-    "spectral_mask",
-    "COUNTERS",
-]
+__all__ = ["SpectralCache", "SpectralLayer", "CROP_ZERO_REMOVES_NOTHING"]
 
-ATTENTION_NAME = "spectral_kv"
 # transformers changed what a layer's ``crop(n)`` argument means: up to 5.1x it is the length
 # to keep (negative: tokens to remove), so ``crop(0)`` empties the cache; later versions name it
 # ``tokens_to_remove`` and assisted decoding calls ``crop(-n)`` after every step, ``n`` possibly
 # 0, which must remove nothing. Follow whichever the installed DynamicLayer implements.
 CROP_ZERO_REMOVES_NOTHING = "tokens_to_remove" in inspect.signature(DynamicLayer.crop).parameters
-MIN_TRANSFORMERS = Version("5.2.0")
-if Version(transformers.__version__) < MIN_TRANSFORMERS:
-    raise ImportError(
-        f"spectral_kv needs transformers>={MIN_TRANSFORMERS} (tested 5.2 to 5.17), found {transformers.__version__}"
-    )
-
-# Process-wide call counters: tests and `verbose` use them to prove attention really ran here.
-COUNTERS = {"spectral_calls": 0, "exact_calls": 0, "mask_calls": 0}
-_handoff = threading.local()
-
-
-def _text_config(model_config):
-    return model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
 
 
 class SpectralLayer(CacheLayerMixin):
@@ -129,7 +95,7 @@ class SpectralLayer(CacheLayerMixin):
             )
         if self._consumer_is_spectral():
             self._staged = True
-            _handoff.layer, _handoff.key = self, key_states
+            hand_off(self, key_states)
             return key_states, value_states
         self.tiers.append(key_states, value_states)
         keys, values, _ = self.tiers.materialize()  # no padding info here: all rows are full
@@ -187,80 +153,25 @@ class SpectralLayer(CacheLayerMixin):
     ) -> torch.Tensor:
         """Attend ``query`` [B, Hq, Tq, D] over the tiers plus the staged tokens, then commit them.
 
-        ``mask`` is transformers' [B, 1, Tq, kv_len] mask in its (padded) positions; its last
-        ``Tq`` columns give causality and padding among the new tokens, and its last row which
-        new tokens are real (left or right padding alike: the last query sees every real key).
+        ``mask`` is transformers' [B, 1, Tq, kv_len] mask (bool or additive) in its (padded)
+        positions; the tier manager reads causality and padding among the new tokens from it.
         Returns [B, Hq, Tq, D].
+
+        On static storage a decode step needs no host sync and has fixed addresses, so it can
+        be captured in a CUDA graph; under a graph driver (`spectral_kv.graphs.deferred_advance`)
+        the host checks and the host side of the step are left to the driver.
         """
         self._staged = False
         self.attention_calls += 1
-        b, _, tq, _ = query.shape
-        if mask is not None and mask.dtype != torch.bool:  # an additive float mask: 0 = attend
-            mask = mask > torch.finfo(mask.dtype).min / 2
-        if self.tiers.static and tq == 1:
-            return self._static_decode(query, key, value, mask, scaling)
-        if mask is not None:
-            if mask.shape[-1] != self.tiers.seen + tq:
-                raise ValueError(
-                    f"SpectralCache layer {self.layer_idx}: attention mask covers {mask.shape[-1]} positions, "
-                    f"the cache expects {self.tiers.seen + tq}"
-                )
-            # A decode query is the newest token and always sees itself, so it needs no chunk
-            # mask; leaving it None keeps exact_mask None in unpadded batches, which lets the
-            # fused kernel run without a host-side mask check (a sync and a graph break).
-            chunk_mask = mask[:, :1, :, -tq:].expand(b, 1, tq, tq) if tq > 1 else None
-            valid_new = mask[:, 0, -1, -tq:].expand(b, tq)
-        else:
-            chunk_mask = None
-            if tq > 1:
-                chunk_mask = torch.ones(tq, tq, dtype=torch.bool, device=query.device).tril()[None, None].expand(b, 1, tq, tq)
-            valid_new = None
-        cold_k = cold_v = {}
-        cold_valid = None
-        exact_k, exact_v, exact_mask = key, value, chunk_mask
-        if self.tiers.initialized:
-            view = self.tiers.view()
-            cold_k, cold_v, cold_valid = view.cold_k, view.cold_v, view.cold_valid
-            width = view.exact_k.shape[2]
-            if width:
-                exact_k = torch.cat((view.exact_k, key), dim=2)
-                exact_v = torch.cat((view.exact_v, value), dim=2)
-                if view.exact_valid is not None or chunk_mask is not None:
-                    past = view.exact_valid
-                    past = (
-                        torch.ones(b, 1, tq, width, dtype=torch.bool, device=query.device)
-                        if past is None
-                        else past[:, None, None, :].expand(b, 1, tq, width)
-                    )
-                    new = chunk_mask if chunk_mask is not None else torch.ones(b, 1, tq, tq, dtype=torch.bool, device=query.device)
-                    exact_mask = torch.cat((past, new), dim=-1)
-        attend = self.decode_attend if tq == 1 else self.prefill_strategy.attend
-        out = attend(query, cold_k, cold_v, cold_valid, exact_k, exact_v, exact_mask, scaling)
-        self.tiers.append(key, value, None if valid_new is None or bool(valid_new.all()) else valid_new.contiguous())
-        return out
-
-    def _static_decode(self, query, key, value, mask, scaling) -> torch.Tensor:
-        """One decode step on static storage (`spectral_kv.static`): no host sync and fixed
-        addresses, so it can be captured in a CUDA graph. Attention needs no mask: padding was
-        dropped when the prompt was stored, and a decode token is a real token seeing every
-        held one. Checks that need the host (finite values, the mask saying the new token is
-        real) run only when `advance` is not deferred (eager steps); a graph driver checks the
-        logits instead, and a block holding NaN/Inf is refused before it is swapped in."""
-        t = self.tiers
         deferred = advance_deferred()
-        if not deferred:
-            t._check(key, value, None)
-            if mask is not None and not bool(mask[:, 0, -1, -1].all()):
-                raise ValueError(
-                    f"SpectralCache layer {self.layer_idx}: a frozen (static) cache takes decode tokens that are "
-                    f"real tokens; the attention mask marks the new token of some row as padding"
-                )
-        t.append_static(key, value)
-        out = self.strategy.attend_counts(
-            query, t.cold_k.parts, t.cold_v.parts, t.n_cold_t, t.exact_k, t.exact_v, t.n_exact_t, scaling
-        )
-        if not deferred:
-            t.advance()
+        view = self.tiers.view(key, value, mask, check=not deferred)
+        if view.static:  # static decode steps run eagerly (a CUDA graph captures them instead)
+            out = self.strategy.attend(query, view, scaling)
+        elif query.shape[2] == 1:
+            out = self.decode_attend(query, view, scaling)
+        else:
+            out = self.prefill_strategy.attend(query, view, scaling)
+        self.tiers.commit(advance=not deferred)
         return out
 
     def memory_report(self) -> dict[str, int]:
@@ -291,18 +202,15 @@ class SpectralCache(Cache):
     """
 
     def __init__(self, config: SpectralConfig | None = None, model_config=None, **overrides) -> None:
-        config = config or SpectralConfig()
-        if overrides:
-            config = config.replace(**overrides)
+        config = SpectralConfig.resolve(config, **overrides)
         self.config = config
         self.exact_layer_indices: list[int] = []
         self.model_identity = None if model_config is None else model_identity(model_config)
         if model_config is None:
             super().__init__(layer_class_to_replicate=lambda: SpectralLayer(config, len(self.layers)))
             return
-        text = _text_config(model_config)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        config.check_head_dim(head_dim)
+        text = text_config(model_config)
+        config.check_head_dim(head_dim(text))
         window = getattr(text, "sliding_window", None) or getattr(text, "attention_chunk_size", None)
         layer_types = getattr(text, "layer_types", None) or [
             "sliding_attention" if window is not None else "full_attention"
@@ -358,7 +266,8 @@ class SpectralCache(Cache):
     def load(cls, path, model_or_config, *, config: SpectralConfig | None = None, device=None) -> "SpectralCache":
         """Read a cache written by `save`, validated against ``model_or_config`` (and ``config``
         when given); a `ValueError` names whatever mismatched."""
-        return load_cache(path, model_or_config, config=config, device=device)
+        return load_cache(path, model_or_config, config=config, device=device,
+                          make_cache=lambda cfg, model_config: cls(cfg.replace(verbose=False), model_config))
 
     # -------------------------------------------------------------- static storage
     def freeze(self, new_tokens: int) -> None:
@@ -401,123 +310,3 @@ class SpectralCache(Cache):
     def attention_calls(self) -> int:
         """Times the spectral attention ran over this cache's layers."""
         return sum(layer.attention_calls for layer in self.spectral_layers)
-
-
-def spectral_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """The "spectral_kv" attention implementation (transformers' AttentionInterface signature).
-
-    Parameters are in ``sdpa_attention_forward``'s order (wrappers such as kvpress call it
-    positionally). query [B, Hq, Tq, D], key/value [B, H, Tk, D] -> ([B, Tq, Hq, D], None). Layers without a
-    staged `SpectralLayer` (sliding-window layers, no cache) run transformers' SDPA.
-    """
-    layer = getattr(_handoff, "layer", None)
-    if layer is not None and getattr(_handoff, "key", None) is key:
-        _handoff.layer = _handoff.key = None
-        if dropout:
-            raise ValueError(f"spectral_kv attention is for inference; got dropout={dropout}")
-        COUNTERS["spectral_calls"] += 1
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = layer.attend_and_commit(query, key, value, attention_mask, scaling)
-        return out.transpose(1, 2).contiguous(), None
-    COUNTERS["exact_calls"] += 1
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def spectral_mask(*args, **kwargs):
-    """transformers' SDPA mask, always materialized as bool ``[B, 1, Tq, kv_len]`` (never None)."""
-    COUNTERS["mask_calls"] += 1
-    kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
-
-
-AttentionInterface.register(ATTENTION_NAME, spectral_attention_forward)
-AttentionMaskInterface.register(ATTENTION_NAME, spectral_mask)
-
-
-class SpectralPatch:
-    """What `patch_model` returns: makes plain ``model.generate`` use a fresh `SpectralCache`.
-
-    Attributes
-    ----------
-    config : SpectralConfig
-    last_cache : SpectralCache or None
-        The cache of the latest ``generate`` (or `new_cache`).
-    """
-
-    def __init__(self, model, config: SpectralConfig) -> None:
-        self.model = model
-        self.config = config
-        self.last_cache: SpectralCache | None = None
-        self._previous_attn = model.config._attn_implementation
-        self._had_instance_generate = "generate" in model.__dict__
-        self._previous_generate = model.generate
-        self.active = False
-
-    def new_cache(self) -> SpectralCache:
-        """A fresh `SpectralCache` for this model (also remembered as `last_cache`)."""
-        self.last_cache = SpectralCache(self.config.replace(verbose=False), self.model.config)
-        return self.last_cache
-
-    def memory_report(self) -> dict[str, Any]:
-        """`SpectralCache.memory_report` of the latest generate's cache."""
-        if self.last_cache is None:
-            raise RuntimeError("memory_report: no generate has run with this patch yet")
-        return self.last_cache.memory_report()
-
-    def unpatch(self) -> None:
-        """Restore the model's attention implementation and ``generate``."""
-        if not self.active:
-            return
-        _set_attn(self.model, self._previous_attn)
-        if self._had_instance_generate:
-            self.model.generate = self._previous_generate
-        else:
-            del self.model.generate
-        self.active = False
-
-
-def _set_attn(model, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    if model.config._attn_implementation != name:  # models that refuse dynamic switching
-        model.config._attn_implementation = name
-
-
-def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -> SpectralPatch:
-    """Route a transformers model's attention and ``generate`` cache through spectral_kv.
-
-    Only this model instance changes: its config's attention implementation and an
-    instance-level ``generate`` that supplies a fresh `SpectralCache` whenever the caller
-    passes no ``past_key_values`` (and ``use_cache`` is not False).
-    """
-    verbose = config.verbose if verbose is None else verbose
-    SpectralCache(config.replace(verbose=False), model.config)  # validate against the model now
-    handle = SpectralPatch(model, config)
-    _set_attn(model, ATTENTION_NAME)
-    original = handle._previous_generate
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
-            kwargs["past_key_values"] = handle.new_cache()
-        return original(*args, **kwargs)
-
-    model.generate = generate
-    handle.active = True
-    if verbose:
-        probe = SpectralCache(config.replace(verbose=False), model.config)
-        n = len(probe.spectral_layers)
-        print(
-            f"spectral_kv: patched {type(model).__name__}: {n}/{len(probe.layers)} layers compressed "
-            f"({config.summary()})"
-        )
-    return handle

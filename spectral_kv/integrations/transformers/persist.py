@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
-from .config import SpectralConfig
+from ..._version import __version__
+from ...config import SpectralConfig
+from ...tiers import TierManager
+from .model_config import head_dim, kv_heads, text_config
 
 __all__ = ["FORMAT", "save_cache", "load_cache", "model_identity"]
 
@@ -31,19 +34,15 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
 _EXACT_ATTRS = ("cumulative_length",)  # host ints some transformers exact layers keep
 
 
-def _text_config(model_config):
-    return model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
-
-
 def model_identity(model_config) -> dict[str, Any]:
     """What a saved cache must match: model type, name, layer count, kv heads and head_dim."""
-    text = _text_config(model_config)
+    text = text_config(model_config)
     return {
         "model_type": getattr(text, "model_type", None),
         "name_or_path": getattr(model_config, "_name_or_path", None) or getattr(text, "_name_or_path", None),
         "num_hidden_layers": text.num_hidden_layers,
-        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
-        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        "num_key_value_heads": kv_heads(text),
+        "head_dim": head_dim(text),
     }
 
 
@@ -66,26 +65,19 @@ def save_cache(cache, path: str | os.PathLike) -> str:
     """Write ``cache`` (a `SpectralCache`) to ``path``; returns the sha256 stored in it."""
     from safetensors.torch import save_file
 
-    from .integrations.transformers import SpectralLayer
-
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: list[dict[str, Any]] = []
     dtype = None
     for i, layer in enumerate(cache.layers):
-        if isinstance(layer, SpectralLayer):
+        if _is_spectral(layer):
             if layer._staged:
                 raise RuntimeError(f"SpectralCache.save: layer {i} holds staged tokens (called inside a forward pass)")
-            tm = layer.tiers
-            tm.thaw()  # a frozen cache is saved in the dynamic layout (no spare capacity)
-            meta = {"kind": "spectral", "initialized": tm.initialized}
-            if tm.initialized:
-                dtype = dtype or tm.exact_k.dtype
-                tensors[f"layers.{i}.exact_k"] = tm.exact_k
-                tensors[f"layers.{i}.exact_v"] = tm.exact_v
-                for role, pool in (("cold_k", tm.cold_k), ("cold_v", tm.cold_v)):
-                    for part, t in pool.parts.items():
-                        tensors[f"layers.{i}.{role}.{part}"] = t
-                meta.update(n_exact=tm.n_exact, n_cold=tm.n_cold, tail_valid=tm.tail_valid, seen=tm.seen)
+            state = layer.tiers.state_dict()  # a frozen cache is saved in the dynamic layout (no spare capacity)
+            meta = {"kind": "spectral", "initialized": state.pop("initialized")}
+            if meta["initialized"]:
+                dtype = dtype or state["exact_k"].dtype
+                tensors.update({f"layers.{i}.{n}": t for n, t in state.items() if isinstance(t, torch.Tensor)})
+                meta.update({n: v for n, v in state.items() if not isinstance(v, torch.Tensor)})
         else:
             initialized = bool(getattr(layer, "is_initialized", False)) and isinstance(getattr(layer, "keys", None), torch.Tensor)
             meta = {"kind": "exact", "class": type(layer).__name__, "initialized": initialized}
@@ -104,11 +96,9 @@ def save_cache(cache, path: str | os.PathLike) -> str:
             "num_key_value_heads": None if first is None else first.shape[1],
             "head_dim": None if first is None else first.shape[3],
         }
-    import spectral_kv
-
     header = {
         "format": FORMAT,
-        "spectral_kv_version": spectral_kv.__version__,
+        "spectral_kv_version": __version__,
         "config": _config_dict(cache.config),
         "model": identity,
         "dtype": None if dtype is None else _DTYPE_NAMES.get(dtype, str(dtype)),
@@ -195,7 +185,12 @@ def _layer_devices(model, n: int, device) -> list[torch.device]:
     return [next(model.parameters()).device] * n
 
 
-def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConfig | None = None, device=None):
+def _is_spectral(layer) -> bool:
+    return isinstance(getattr(layer, "tiers", None), TierManager)
+
+
+def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConfig | None = None, device=None,
+               make_cache=None):
     """Read a cache written by `save_cache`, validated against the model it will serve.
 
     Parameters
@@ -208,9 +203,11 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
         When given, must equal the saved one (``verbose`` aside); default: the saved config.
     device : optional
         Put every layer here instead.
+    make_cache : callable ``(SpectralConfig, model_config) -> SpectralCache``
+        Builds the empty cache to fill (`SpectralCache.load` passes its class).
     """
-    from .integrations.transformers import SpectralCache, SpectralLayer
-
+    if make_cache is None:
+        raise ValueError("load_cache needs make_cache (use SpectralCache.load)")
     model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
     model_config = model.config if model is not None else model_or_config
     header, tensors = _read(path)
@@ -220,7 +217,7 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
     dtype = header.get("dtype")
     if model is not None and dtype is not None and _DTYPE_NAMES.get(model.dtype, str(model.dtype)) != dtype:
         raise ValueError(f"{str(path)!r} holds {dtype} keys/values, the model runs in {model.dtype}")
-    cache = SpectralCache(cfg.replace(verbose=False), model_config)
+    cache = make_cache(cfg, model_config)
     cache.config = cfg
     metas = header["layers"]
     _expect(len(metas) == len(cache.layers), path, f"saved {len(metas)} layers, the model's cache has {len(cache.layers)}")
@@ -229,7 +226,7 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
     used: set[str] = set()
     specs = None
     for i, (layer, meta, dev) in enumerate(zip(cache.layers, metas, devices)):
-        kind = "spectral" if isinstance(layer, SpectralLayer) else "exact"
+        kind = "spectral" if _is_spectral(layer) else "exact"
         _expect(meta.get("kind") == kind, path, f"layer {i} was saved as {meta.get('kind')!r}, the model's layer is {kind!r}")
         if not meta.get("initialized"):
             continue
@@ -284,7 +281,26 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
                         f"layer {i} {role}.{part} is {t.dtype} {tuple(t.shape)}, expected {pdtype} {want}")
                 parts[part] = t.to(dev)
             pools[role] = parts
-        tm.restore(ek.to(dev), ev.to(dev), pools["cold_k"], pools["cold_v"], n_exact, n_cold, tail, seen)
+        state = {"initialized": True, "exact_k": ek.to(dev), "exact_v": ev.to(dev), "n_exact": n_exact, "n_cold": n_cold,
+                 "tail_valid": tail, "seen": seen}
+        for role, parts in pools.items():
+            state.update({f"{role}.{part}": t for part, t in parts.items()})
+        for role, comp in (("shared_k", tm.key_compressor), ("shared_v", tm.value_compressor)):
+            spec = comp.shared_specs(head_dim)
+            names = sorted(n.split(".")[-1] for n in tensors if n.startswith(f"layers.{i}.{role}."))
+            allowed = [sorted(spec)] if any(meta.get("fitted", ())) else [[], sorted(spec)]
+            _expect(names in allowed, path,
+                    f"layer {i} {role} holds {names}, the config's compressor keeps {sorted(spec)} per row")
+            for name, (shape, sdtype) in spec.items() if names else ():
+                t = get(f"{role}.{name}")
+                want = (b, heads, *shape)
+                _expect(tuple(t.shape) == want and t.dtype == sdtype, path,
+                        f"layer {i} {role}.{name} is {t.dtype} {tuple(t.shape)}, expected {sdtype} {want}")
+                state[f"{role}.{name}"] = t.to(dev)
+        if "fitted" in meta:
+            _expect(len(meta["fitted"]) == b, path, f"layer {i} per-row fitted flags disagree with batch {b}")
+            state["fitted"] = meta["fitted"]
+        tm.load_state_dict(state)
         layer.lazy_initialization(tm.exact_k, tm.exact_v)
     extra = sorted(set(tensors) - used)
     _expect(not extra, path, f"unexpected tensors {extra[:5]}")
