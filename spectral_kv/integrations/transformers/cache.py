@@ -258,7 +258,7 @@ class SpectralCache(Cache):
         return total
 
     def save(self, path) -> str:
-        """Write every tier of every layer to a safetensors file (see `spectral_kv.persist`);
+        """Write every tier of every layer to a safetensors file (see `spectral_kv.integrations.transformers.persist`);
         returns the file's sha256."""
         return save_cache(self, path)
 
