@@ -79,3 +79,16 @@ def test_user_compressor_is_selectable_by_name():
     assert torch.equal(y[..., :2], x[..., :2]) and torch.equal(y[..., 2:], torch.zeros(1, 5, 2))
     with pytest.raises(ValueError, match="already registered"):
         register_compressor("exact_svd")(FirstComponents)
+
+
+def test_randomized_compressor_is_the_kernel_modules_algorithm():
+    # One randomized SVD: the compressor runs kernels/rsvd.py's reference twin, bit for bit
+    # (the separate implementation it replaced gave the same bits).
+    from spectral_kv.kernels.rsvd import randomized_svd_lowrank_reference
+
+    cfg = SpectralConfig(compressor="randomized_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", seed=5)
+    x = torch.randn(6, 64, 32, generator=torch.Generator().manual_seed(4))
+    comp = COMPRESSORS["randomized_svd"](cfg, "keys", 8)
+    got = comp.factorize(x, 8)
+    want = randomized_svd_lowrank_reference(x, 8, cfg.rsvd_oversample, cfg.rsvd_power_iters, cfg.seed)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -1,9 +1,17 @@
-"""Randomized SVD (Halko et al.): a sketch, power iterations, and a small exact SVD."""
+"""Randomized SVD (Halko et al.) as a compressor: the algorithm of `spectral_kv.kernels.rsvd`.
+
+There is one randomized SVD in the library, `kernels/rsvd.py`: the CUDA-graph-capturable form
+(`randomized_svd_lowrank`, used by ``triton_rsvd``) beside its reference twin with Householder
+QR and a small exact SVD (`randomized_svd_lowrank_reference`), which this compressor runs (the
+same outputs, bit for bit, as the separate implementation it replaces; tests/test_compressors.py
+pins that the compressor equals the kernel module's reference).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ..kernels.rsvd import randomized_svd_lowrank_reference
 from .base import LowRankCompressor, register_compressor
 
 __all__ = ["RandomizedSVD", "randomized_svd"]
@@ -12,7 +20,7 @@ __all__ = ["RandomizedSVD", "randomized_svd"]
 def randomized_svd(
     x: torch.Tensor, rank: int, oversample: int = 8, power_iters: int = 2, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched randomized truncated SVD.
+    """Batched randomized truncated SVD (`randomized_svd_lowrank_reference` on float32 ``x``).
 
     Parameters
     ----------
@@ -30,21 +38,7 @@ def randomized_svd(
     coeffs : Tensor [N, T, rank] float32 (``U S``)
     basis : Tensor [N, rank, D] float32 (``Vᵀ``, orthonormal rows)
     """
-    x = x.float()
-    n, t, d = x.shape
-    sketch = min(rank + oversample, t, d)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    omega = torch.randn(n, d, sketch, generator=gen, device=x.device, dtype=x.dtype)
-    q, _ = torch.linalg.qr(x @ omega)
-    xt = x.transpose(-1, -2)
-    for _ in range(power_iters):
-        # Re-orthonormalize between products: without it the small singular directions
-        # underflow after a few iterations.
-        q, _ = torch.linalg.qr(xt @ q)
-        q, _ = torch.linalg.qr(x @ q)
-    u_small, s, vh = torch.linalg.svd(q.transpose(-1, -2) @ x, full_matrices=False)
-    u = q @ u_small[..., :rank]
-    return u * s[..., None, :rank], vh[..., :rank, :]
+    return randomized_svd_lowrank_reference(x.float(), rank, oversample, power_iters, seed)
 
 
 @register_compressor("randomized_svd")
