@@ -20,6 +20,10 @@ left on the attention modules, then applies the plain transformers patch (`patch
 of Unsloth's own ``generate`` wrapper, which keeps a caller-supplied `Cache` as it is.
 ``unpatch()`` puts every flag back to its previous value and the instance ``generate`` back.
 No class is ever modified.
+
+Why this module is longer than ~350 lines: detecting which of Unsloth's paths a model is on,
+switching its fast path off for one model and restoring it are one state machine over the same
+flags (see UNSLOTH_NOTES.md); split, its invariants would be read in three places.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ the online softmax in fp32 and accumulates p @ C_v in rank space [G, rv]; only a
 end of a block does it multiply by scale_v and B_v. So each block costs T*(rk+rv) int8
 bytes plus two small bases, read once for all G query heads. A second launch merges
 the per-split (max, sum, acc) partials (flash-decoding).
+
+Why this module is longer than ~350 lines: the pure-torch reference, the split-K Triton kernel,
+its combine kernel and the ``triton_op`` registration are one op and its twin, read together.
 """
 from __future__ import annotations
 
