@@ -171,7 +171,7 @@ class CodeLayout:
         lead, out, c0 = codes.shape[:-2], [], 0
         for channels, bits in self.kept_segments:
             for plane in pack_planes(codes[..., c0 : c0 + channels], bits):
-                out.append(plane.reshape(*lead, -1))
+                out.append(plane.reshape(*lead, plane.shape[-2] * plane.shape[-1]))  # -1 fails on empty pools
             c0 += channels
         return torch.cat(out, dim=-1)
 
