@@ -19,6 +19,9 @@ A kernel walks rows ``r0 .. r0+15`` of the smallest plane (``R_min`` rows); for 
 plane ``p`` the same tokens sit in rows ``r0 + R_min * k`` (``k < p / p_min``), so each byte is
 loaded once and every sub-index ``i < 8 / p_min`` gives 16 consecutive tokens
 ``r0 + R_min * i + (0..15)`` at a constant shift.
+
+`STORAGE_FORMAT` numbers the stored form of cold blocks; saved caches carry it and a cache of
+another number is refused (1: codes packed per token, ``quant.pack_bits``; 2: this layout).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CodeLayout", "planes", "plane_rows", "pack_planes", "unpack_planes", "check_tokens"]
+__all__ = ["STORAGE_FORMAT", "CodeLayout", "planes", "plane_rows", "pack_planes", "unpack_planes", "check_tokens"]
+
+STORAGE_FORMAT = 2
 
 _PLANES = {b: tuple(p for p in (8, 4, 2, 1) if b & p) for b in range(1, 9)}
 
@@ -166,7 +171,7 @@ class CodeLayout:
         lead, out, c0 = codes.shape[:-2], [], 0
         for channels, bits in self.kept_segments:
             for plane in pack_planes(codes[..., c0 : c0 + channels], bits):
-                out.append(plane.reshape(*lead, -1))
+                out.append(plane.reshape(*lead, plane.shape[-2] * plane.shape[-1]))  # -1 fails on empty pools
             c0 += channels
         return torch.cat(out, dim=-1)
 
@@ -174,11 +179,14 @@ class CodeLayout:
         """Inverse of :meth:`pack`: uint8 ``[..., nbytes]`` -> codes ``[..., T, kept]``."""
         if buf.shape[-1] != self.nbytes:
             raise ValueError(f"a buffer of {buf.shape[-1]} bytes does not match a layout of {self.nbytes}")
+        # One flat row axis first: splitting the last dim of a sliced view of [..., nbytes] makes
+        # torch.compile(dynamic=True) guard on the leading sizes (a recompile per new cold block).
         lead, segs = buf.shape[:-1], []
+        flat = buf.reshape(-1, self.nbytes)
         for (channels, bits), offs in zip(self.kept_segments, self.offsets):
             seg_planes = [
-                buf[..., o : o + plane_rows(self.tokens, p) * channels].reshape(*lead, plane_rows(self.tokens, p), channels)
+                flat[:, o : o + plane_rows(self.tokens, p) * channels].unflatten(1, (plane_rows(self.tokens, p), channels))
                 for o, p in zip(offs, planes(bits))
             ]
             segs.append(unpack_planes(seg_planes, bits))
-        return torch.cat(segs, dim=-1)
+        return torch.cat(segs, dim=-1).reshape(*lead, self.tokens, self.kept)

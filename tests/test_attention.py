@@ -49,7 +49,6 @@ shapes = dict(
 @given(bits=st.sampled_from([None, 8, 4]), layout=st.sampled_from(sorted(LAYOUTS)), **shapes)
 def test_spectral_equals_reconstruct(bits, layout, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
     vbits = 3 if _values_hadamard(layout) else 8
-    assume(not _values_hadamard(layout) or d % 8 == 0)  # 3-bit codes of a token must fill whole bytes
     cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits,
                          value_bits=vbits, **LAYOUTS[layout])
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)

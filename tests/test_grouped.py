@@ -111,3 +111,40 @@ def test_bad_group_is_a_clear_error():
     comp = COMPRESSORS["hadamard"](SpectralConfig(block_size=64, hot_buffer_size=4, quant_group=48), "values", 0)
     with pytest.raises(ValueError, match="head_dim 64 is not a multiple of quant_group=48"):
         comp.compress(torch.randn(1, 64, 64))
+
+
+@pytest.mark.parametrize("name,bits,block,ok", [("hadamard", 3, 12, False), ("hadamard", 3, 16, True), ("hadamard", 2, 6, False),
+                                                ("hadamard", 4, 6, True), ("kivi2", None, 6, False), ("kivi4", None, 6, True)])
+def test_block_size_must_fill_the_bit_planes(name, bits, block, ok):
+    """Codes are packed on the token axis (8/p tokens per byte of a p-bit plane), so the block
+    size, not head_dim, must fill whole bytes; checked when the config is built."""
+    kw = dict(compressor=name, block_size=block, hot_buffer_size=2, quant_group=2)
+    kw.update(dict(coeff_bits=bits, value_bits=bits) if bits else dict(use_spectral_attention=False))
+    if ok:
+        SpectralConfig(**kw)
+    else:
+        with pytest.raises(ValueError, match=f"block_size={block}"):
+            SpectralConfig(**kw)
+
+
+@pytest.mark.parametrize("name,role,bits,d", [("hadamard", "keys", 3, 12), ("hadamard", "values", 3, 12), ("kivi2", "values", None, 64),
+                                              ("hadamard", "values", 2, 96)])
+def test_codes_are_one_buffer_in_the_code_layout(name, role, bits, d):
+    cfg = SpectralConfig(compressor=name, block_size=16, hot_buffer_size=2, quant_group=16 if d != 64 else 32,
+                         **(dict(coeff_bits=bits, value_bits=bits) if bits else dict(use_spectral_attention=False)))
+    comp = COMPRESSORS[name](cfg, role, 0)
+    layout = comp.code_layout(d)
+    x = torch.randn(3, 16, d, generator=torch.Generator().manual_seed(0))
+    parts = comp.compress(x)
+    assert parts["codes"].shape == (3, layout.nbytes) and parts["codes"].dtype == torch.uint8
+    assert layout.nbytes == 16 * d * comp.bits // 8
+    g = min(cfg.quant_group if name == "hadamard" else 32, d)
+    assert layout.segments == (((d, comp.bits),) if role == "keys" else ((g, comp.bits),) * (d // g))
+    # the buffer is the layout's packing of the quantized codes: rebuild them from the coefficients
+    c, scale, zero = comp.coefficients(parts), parts["scale"].float(), parts["zero"].float()
+    if role == "keys":
+        s, z = scale.repeat_interleave(16 // scale.shape[1], 1), zero.repeat_interleave(16 // scale.shape[1], 1)
+    else:
+        s, z = scale.repeat_interleave(g, 2), zero.repeat_interleave(g, 2)
+    codes = torch.round((c - z) / s).to(torch.uint8)
+    assert torch.equal(layout.pack(codes), parts["codes"])

@@ -109,8 +109,9 @@ LAYERS = {
     "spectral_kv._version": (),
     "spectral_kv.presets": (),
     "spectral_kv.quant": (),
+    "spectral_kv.codes": (),
     "spectral_kv.config": ("spectral_kv.registry", "spectral_kv.presets"),
-    "spectral_kv.kernels": ("spectral_kv.kernels",),
+    "spectral_kv.kernels": ("spectral_kv.kernels", "spectral_kv.codes"),
     "spectral_kv.compressors": ("spectral_kv.compressors", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.codes",
                                 "spectral_kv.kernels", *BASE),
     "spectral_kv.view": (),
@@ -118,16 +119,17 @@ LAYERS = {
     "spectral_kv.blocks": ("spectral_kv.compressors", "spectral_kv.config"),
     "spectral_kv.static": ("spectral_kv.blocks", "spectral_kv.config"),
     "spectral_kv.attention": ("spectral_kv.attention", "spectral_kv.compressors", "spectral_kv.kernels", "spectral_kv.view",
+                              "spectral_kv.codes",
                               "spectral_kv.config", *BASE),
     "spectral_kv.tiers": ("spectral_kv.blocks", "spectral_kv.checks", "spectral_kv.compressors", "spectral_kv.config",
                           "spectral_kv.static", "spectral_kv.view", *BASE),
     "spectral_kv.integrations.transformers": ("spectral_kv.integrations.transformers", "spectral_kv.tiers",
                                               "spectral_kv.attention", "spectral_kv.config", "spectral_kv.graphs",
-                                              *BASE),
+                                              "spectral_kv.codes", *BASE),
     "spectral_kv.integrations.unsloth": ("spectral_kv.integrations.transformers", "spectral_kv.config"),
 }
 # The math core: never imports transformers or unsloth (only the integrations do).
-CORE = ("spectral_kv.registry", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.kernels",
+CORE = ("spectral_kv.registry", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.codes", "spectral_kv.kernels",
         "spectral_kv.compressors", "spectral_kv.attention", "spectral_kv.view", "spectral_kv.checks",
         "spectral_kv.blocks", "spectral_kv.static", "spectral_kv.tiers", "spectral_kv.graphs")
 

@@ -172,3 +172,25 @@ def test_exact_layers_and_empty_cache_round_trip(tmp_path):
     empty = sk.SpectralCache(LOSSY, model.config)
     empty.save(tmp_path / "e.safetensors")
     assert sk.SpectralCache.load(tmp_path / "e.safetensors", model).get_seq_length() == 0
+
+
+def test_other_storage_formats_are_refused(saved, tmp_path, monkeypatch):
+    """Files of another storage form of cold blocks (format 1: codes packed per token, no
+    ``storage_format`` in the header) are refused with a clear error, not misread."""
+    import json
+
+    import spectral_kv.integrations.transformers.persist as persist
+
+    model, _, _, path, _ = saved
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    header = json.loads(meta[persist.META_KEY])
+    assert header["storage_format"] == persist.STORAGE_FORMAT == 2
+    del header["storage_format"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={persist.META_KEY: json.dumps(header)})
+    with pytest.raises(ValueError, match="saved with storage format 1, this version reads 2: re-create the cache"):
+        sk.SpectralCache.load(tmp_path / "old.safetensors", model)
+    monkeypatch.setattr(persist, "STORAGE_FORMAT", 3)
+    with pytest.raises(ValueError, match="saved with storage format 2, this version reads 3"):
+        sk.SpectralCache.load(path, model)

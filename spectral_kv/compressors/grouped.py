@@ -8,7 +8,9 @@ float16 scale and zero point) in groups:
   outlier *channels*, KIVI's observation);
 * values: one scale and zero per token over ``group`` consecutive channels.
 
-Codes of any width 1..8 are bit-packed (3-bit codes cost 3 bits). A rotation spreads
+Codes of any width 1..8 are bit-packed on the token axis in the bit planes of
+`spectral_kv.codes` (3-bit codes cost 3 bits; the layout the fused decode kernel reads), one
+uint8 buffer per block described by :meth:`GroupQuantCompressor.code_layout`. A rotation spreads
 outlier channels over all channels before quantizing (QuaRot, SpinQuant): on the embedded
 SmolLM2, 3-bit values after a Hadamard rotation lose less than 4-bit values without one.
 """
@@ -20,8 +22,9 @@ from typing import ClassVar
 
 import torch
 
+from ..codes import CodeLayout, check_tokens
 from ..config import SpectralConfig
-from ..quant import pack_bits, quantize_groups, unpack_bits
+from ..quant import quantize_groups
 from .base import Compressor, FactoredCompressor, register_compressor
 
 __all__ = ["GroupQuantCompressor", "HadamardCompressor", "rotation_matrix", "hadamard_matrix"]
@@ -49,9 +52,11 @@ def rotation_matrix(d: int, seed: int) -> torch.Tensor:
 class GroupQuantCompressor(Compressor):
     """Rotate by ``R`` (subclass: :meth:`rotation`), quantize in groups, bit-pack.
 
-    Stored parts: ``codes`` uint8 ``[N, T, D*bits/8]``; keys: ``scale`` / ``zero`` float16
-    ``[N, T/g, D]``; values: ``[N, T, D/g]`` (``g = min(group, T or D)``). With unquantized
-    bits (``None``) the rotated coefficients are stored as float32 ``coeffs``.
+    Stored parts: ``codes`` uint8 ``[N, nbytes]`` in the `code_layout` of the block (keys: one
+    segment of ``D`` channels; values: segments of ``g = min(group, D)`` channels, the value
+    quant groups); keys: ``scale`` / ``zero`` float16 ``[N, T/g, D]`` (per channel over
+    ``g = min(group, T)`` tokens); values: ``[N, T, D/g]`` (per token per segment). With
+    unquantized bits (``None``) the rotated coefficients are stored as float32 ``coeffs``.
     """
 
     fixed_bits: ClassVar[int | None] = None  # KIVI: the width is part of the name
@@ -66,14 +71,30 @@ class GroupQuantCompressor(Compressor):
         return cls.fixed_bits if cls.fixed_bits is not None else config.bits(role)
 
     @classmethod
-    def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
-        # Each token's codes are packed on their own, so they must fill whole bytes.
+    def check_config(cls, config: SpectralConfig, role: str) -> None:
+        super().check_config(config, role)
         bits = cls.effective_bits(config, role)
-        if bits is not None and head_dim * bits % 8:
-            raise ValueError(
-                f"{role}: {bits}-bit codes of head_dim={head_dim} channels do not fill whole bytes; "
-                "use 4 or 8 bits (or a head_dim that is a multiple of 8)"
-            )
+        if bits is not None:  # codes are packed on the token axis: a block must fill whole bytes
+            check_tokens(config.block_size, bits, "block_size")
+
+    @classmethod
+    def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
+        group = cls._group(config)
+        if role == "values" and cls.effective_bits(config, role) is not None and head_dim % min(group, head_dim):
+            raise ValueError(f"{cls.__name__} values: head_dim {head_dim} is not a multiple of quant_group={group}")
+
+    @classmethod
+    def _group(cls, config: SpectralConfig) -> int:
+        return config.quant_group
+
+    def code_layout(self, head_dim: int, tokens: int | None = None) -> CodeLayout:
+        """Where a block's codes live in ``parts["codes"]`` (``tokens`` default: ``block_size``)."""
+        if self.bits is None:
+            raise ValueError(f"{type(self).__name__} {self.role}: unquantized coefficients have no code layout")
+        t = self.config.block_size if tokens is None else tokens
+        if self.role == "keys":
+            return CodeLayout(t, ((head_dim, self.bits),))
+        return CodeLayout.uniform(t, head_dim, self.bits, min(self.group, head_dim))
 
     # ------------------------------------------------------------------ rotation
     def rotation(self, d: int) -> torch.Tensor | None:
@@ -107,15 +128,17 @@ class GroupQuantCompressor(Compressor):
                 raise ValueError(f"{type(self).__name__} values: head_dim {d} is not a multiple of quant_group={g}")
             codes, scale, zero = quantize_groups(c.reshape(n, t, d // g, g), self.bits, dim=3)
             scale, zero = scale.squeeze(3), zero.squeeze(3)  # [N, T, D/g]
-        return {"codes": pack_bits(codes.reshape(n, t, d), self.bits), "scale": scale, "zero": zero}
+        codes = self.code_layout(d, t).pack(codes.reshape(n, t, d))  # [N, nbytes]
+        return {"codes": codes, "scale": scale, "zero": zero}
 
     def coefficients(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Dequantized rotated coefficients, float32 ``[..., T, D]``."""
         if self.bits is None:
             return parts["coeffs"].float()
-        codes = unpack_bits(parts["codes"], self.bits).float()  # [..., T, D]
         scale, zero = parts["scale"].float(), parts["zero"].float()
-        *lead, t, d = codes.shape
+        t, d = self._block_shape(parts)
+        codes = self.code_layout(d, t).unpack(parts["codes"]).float()  # [..., T, D]
+        lead = codes.shape[:-2]
         if self.role == "keys":
             g = t // scale.shape[-2]
             x = codes.reshape(*lead, t // g, g, d) * scale.unsqueeze(-2) + zero.unsqueeze(-2)
@@ -123,6 +146,20 @@ class GroupQuantCompressor(Compressor):
             g = d // scale.shape[-1]
             x = codes.reshape(*lead, t, d // g, g) * scale.unsqueeze(-1) + zero.unsqueeze(-1)
         return x.reshape(*lead, t, d)
+
+    def _block_shape(self, parts: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """``(T, D)`` of quantized parts: keys' scales give ``D``, values' give ``T``, and the
+        code bytes (``T * D * bits / 8``) the other."""
+        nbytes, scale = parts["codes"].shape[-1], parts["scale"]
+        if self.role == "keys":
+            d = scale.shape[-1]
+            return nbytes * 8 // (d * self.bits), d
+        t = scale.shape[-2]
+        return t, nbytes * 8 // (t * self.bits)
+
+    def rotation_on(self, d: int, device: torch.device) -> torch.Tensor | None:
+        """``R`` ``[d, d]`` float32 on ``device`` (cached), or ``None`` for the identity."""
+        return self._rotation(d, device)
 
     def decompress(self, parts: dict[str, torch.Tensor], dtype: torch.dtype,
                    shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -147,7 +184,9 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
 
     def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         r = self.shared_basis(parts)
-        return r.expand(*self._ref(parts).shape[:-2], *r.shape)
+        # the block's leading dims: codes are [..., nbytes], unquantized coeffs [..., T, D]
+        lead = parts["codes"].shape[:-1] if "codes" in parts else parts["coeffs"].shape[:-2]
+        return r.expand(*lead, *r.shape)
 
     def shared_basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The rotation ``R`` ``[D, D]`` float32 on the parts' device: every block's basis."""
@@ -160,4 +199,4 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
     def _head_dim(self, parts: dict[str, torch.Tensor]) -> int:
         if self.bits is None:
             return parts["coeffs"].shape[-1]
-        return parts["codes"].shape[-1] * 8 // self.bits
+        return self._block_shape(parts)[1]

@@ -4,7 +4,7 @@ spectral blocks (sinks, warm staging and the hot window stay exact).
 
 Keys are quantized per channel (each channel's values over a group of 32 tokens share
 a scale and zero point), values per token (each token's channels in groups of 32 share
-them), asymmetric min/max, codes packed into bytes, scale and zero point in float16.
+them), asymmetric min/max, codes packed into token-axis bit planes, scale and zero point in float16.
 It is not low-rank, so it needs ``use_spectral_attention=False`` (the "reconstruct"
 attention).  Registered names: ``kivi4`` and ``kivi2``; the config's rank is ignored.
 """
@@ -23,14 +23,19 @@ class KiviCompressor(GroupQuantCompressor):
     """KIVI quantization of ``[N, T, D]`` blocks (identity rotation, groups of 32); the
     bit width is the subclass's (``fixed_bits``), the config's bits and rank are ignored.
 
-    Stored parts for keys: ``codes`` uint8 ``[N, T, D*bits/8]``, ``scale`` / ``zero`` float16
-    ``[N, T/32, D]``; for values: ``codes`` as keys, ``scale`` / ``zero`` float16
+    Stored parts for keys: ``codes`` uint8 ``[N, T*D*bits/8]`` (the token-axis bit planes of
+    `GroupQuantCompressor.code_layout`), ``scale`` / ``zero`` float16 ``[N, T/32, D]``; for
+    values: ``codes`` as keys (in segments of 32 channels), ``scale`` / ``zero`` float16
     ``[N, T, D/32]``.
     """
 
     def __init__(self, config, role, rank):
         super().__init__(config, role, rank)
         self.group = GROUP
+
+    @classmethod
+    def _group(cls, config) -> int:
+        return GROUP
 
 
 @register_compressor("kivi4")

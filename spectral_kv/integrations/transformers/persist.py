@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..._version import __version__
+from ...codes import STORAGE_FORMAT
 from ...config import SpectralConfig
 from ...tiers import TierManager
 from .model_config import head_dim, kv_heads, text_config
@@ -98,6 +99,7 @@ def save_cache(cache, path: str | os.PathLike) -> str:
         }
     header = {
         "format": FORMAT,
+        "storage_format": STORAGE_FORMAT,
         "spectral_kv_version": __version__,
         "config": _config_dict(cache.config),
         "model": identity,
@@ -131,6 +133,9 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise ValueError(f"{str(path)!r}: the spectral_kv header is corrupted ({exc})") from exc
     if header.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r}: unsupported cache format {header.get('format')!r}, this version reads {FORMAT!r}")
+    if header.get("storage_format", 1) != STORAGE_FORMAT:  # files before the token-axis bit planes have none
+        raise ValueError(f"{str(path)!r}: saved with storage format {header.get('storage_format', 1)}, this version reads "
+                         f"{STORAGE_FORMAT}: re-create the cache")
     stored = header.pop("sha256", None)
     actual = _checksum(header, tensors)
     if stored != actual:

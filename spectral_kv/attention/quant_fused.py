@@ -1,0 +1,95 @@
+"""Decode attention through the fused quantized kernel, independent of the strategy API.
+
+`quant_fused_decode` rotates the query once into the key basis, runs
+`spectral_kv.kernels.quant_decode` over the codes and the exact tail, and applies the value
+basis once to the cold output. A layout it cannot serve raises ``ValueError`` naming what;
+it never falls back (the caller decides, and counts).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels.quant_decode import quant_decode
+
+__all__ = ["quant_fused_decode", "serves_quant_fused", "MAX_HEAD_DIM"]
+
+MAX_HEAD_DIM = 256  # the exact tail's [16, D] query and accumulator tiles live in registers
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def serves_quant_fused(key_compressor, value_compressor) -> bool:
+    """True when both compressors store quantized codes in a `CodeLayout` with a shared basis
+    (``code_layout`` and ``rotation_on``; ``hadamard``, ``kivi*`` with bits set)."""
+    return all(
+        callable(getattr(c, "code_layout", None)) and callable(getattr(c, "rotation_on", None)) and c.bits is not None
+        for c in (key_compressor, value_compressor)
+    )
+
+
+def _basis(comp, shared, d, device, name):
+    """The basis rows ``[Dk, D]`` (or per head ``[H, Dk, D]`` / ``[B, H, Dk, D]``) float32, or None (identity)."""
+    if shared is None:
+        return comp.rotation_on(d, device)
+    if shared.shape[-1] != d or shared.dim() not in (2, 3, 4):
+        raise ValueError(f"quant_fused_decode: {name} shaped {tuple(shared.shape)} is not [.., Dk, D={d}]")
+    return shared.float()
+
+
+def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact,
+                       scaling, shared_k=None, shared_v=None):
+    """One decode step of attention over quantized cold blocks and the exact tail.
+
+    Parameters
+    ----------
+    q : [B, Hq, 1, D] fp16/bf16/fp32 (Hq = H * G).
+    key_compressor, value_compressor : compressors with ``code_layout`` (see `serves_quant_fused`).
+    cold_k, cold_v : dict of parts [B, H, NB, ...]: ``codes`` uint8 [B, H, NB, nbytes], keys'
+        ``scale``/``zero`` fp16 [B, H, NB, T/key_group, D], values' [B, H, NB, T, n_segments].
+    n_cold, n_exact : int [B] valid blocks / exact tokens per row (device tensors).
+    exact_k, exact_v : [B, H, Te, D] in q's dtype, right-padded.
+    scaling : softmax scale.
+    shared_k, shared_v : optional basis rows [Dk, D] (or [H, Dk, D], [B, H, Dk, D]) float32
+        overriding the compressors' rotations (a learned per-head basis); None: the
+        compressor's own (identity for KIVI).
+
+    Returns
+    -------
+    [B, Hq, 1, D] in q's dtype.
+    """
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"quant_fused_decode serves one query token (Tq=1), got q shaped {tuple(q.shape)}")
+    b, hq, _, d = q.shape
+    if q.dtype not in _DTYPES or exact_k.dtype != q.dtype or exact_v.dtype != q.dtype:
+        raise ValueError(f"quant_fused_decode: dtype {q.dtype} (exact {exact_k.dtype}/{exact_v.dtype}) is not one of "
+                         "float16/bfloat16/float32 for q and the exact tail alike")
+    if not 16 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"quant_fused_decode: head_dim={d} is outside 16..{MAX_HEAD_DIM}")
+    if not serves_quant_fused(key_compressor, value_compressor):
+        raise ValueError(f"quant_fused_decode cannot serve the layout {type(key_compressor).__name__} (bits "
+                         f"{key_compressor.bits}) / {type(value_compressor).__name__} (bits {value_compressor.bits}): "
+                         "it reads quantized codes in a CodeLayout")
+    h = exact_k.shape[1]
+    for role, parts in (("cold_k", cold_k), ("cold_v", cold_v)):
+        if set(parts) != {"codes", "scale", "zero"}:
+            raise ValueError(f"quant_fused_decode: {role} has parts {sorted(parts)}, expected codes/scale/zero")
+    t = cold_v["scale"].shape[3]
+    kl, vl = key_compressor.code_layout(d, t), value_compressor.code_layout(d, t)
+    key_group = t // cold_k["scale"].shape[3]
+    rk = _basis(key_compressor, shared_k, d, q.device, "shared_k")
+    rv = _basis(value_compressor, shared_v, d, q.device, "shared_v")
+    qf = q.float().reshape(b, h, hq // h, d)
+    # Rotated once per step, never per block; matmul broadcasting covers [Dk, D], [H, Dk, D], [B, H, Dk, D].
+    qk = qf if rk is None else qf @ rk.transpose(-1, -2)
+    qk = qk[..., : kl.kept].reshape(b, hq, kl.kept).contiguous()
+    flat = lambda layout: [x for seg in layout.segments for x in seg]  # noqa: E731
+    out_cold, out_exact = quant_decode(
+        qk, q.reshape(b, hq, d), cold_k["codes"], cold_k["scale"], cold_k["zero"], cold_v["codes"], cold_v["scale"],
+        cold_v["zero"], n_cold.to(device=q.device, dtype=torch.int32), exact_k, exact_v,
+        n_exact.to(device=q.device, dtype=torch.int32), scaling, flat(kl), flat(vl), key_group,
+    )
+    if rv is None:
+        out = out_cold if vl.kept == d else torch.nn.functional.pad(out_cold, (0, d - vl.kept))
+    else:  # the value basis once, on the sum over every block
+        out = (out_cold.reshape(b, h, hq // h, vl.kept) @ rv[..., : vl.kept, :]).reshape(b, hq, d)
+    return (out + out_exact).to(q.dtype).reshape(b, hq, 1, d)

@@ -1,0 +1,312 @@
+"""Fused decode attention over shared-basis quantized cold blocks (one layer, q_len = 1).
+
+The layouts ``hadamard``, ``kivi*`` and the learned ``spectral_quant`` store every block of a
+layer and KV head as codes in ONE orthonormal basis ``R`` (Hadamard, identity, learned), in
+segments of channels of one width each (`spectral_kv.codes.CodeLayout`, token-axis bit
+planes), with keys dequantized per channel over ``key_group`` tokens
+(``k = code * s[t // key_group, c] + z[t // key_group, c]``) and values per token per segment
+(``v = code * s[t, seg(c)] + z[t, seg(c)]``). The caller rotates the query once
+(``qk = q @ R_kᵀ``, kept components) and the output once (``out_cold @ R_v[:Dv]``); this op
+attends on the codes in between, jointly with the exact tail (sinks, warm, hot).
+
+Public entry points
+-------------------
+quant_decode(...)            Triton split-K kernel + a small combine kernel; needs triton.
+quant_decode_reference(...)  Pure-torch fp32 twin that defines the math; always available.
+torch.ops.spectral_kv.quant_decode  The kernel as a ``torch.library.triton_op``.
+
+Kernel plan (ptxas for sm_90, balanced layout: 229-234 registers at 4 warps, ~196 at 8, no
+spills; `benchmarks/quant_decode_compile.py` reprints it without a GPU). One program per (batch row, KV head, run of blocks) plus one per (row, head) for
+the exact tail; runs are sized so the grid fills every SM at batch 1 (BitDecoding's >= 85%
+wave efficiency). The G query heads of the KV head are the M dimension (padded to 16) of
+every dot, so each byte is read once for all of them. Per block, for each row tile
+r0..r0+BR-1 of the smallest plane (``P_BASE`` bits, ``R_BASE = T * P_BASE / 8`` rows), each of
+the ``8 / P_BASE`` sub-indices yields BR consecutive tokens from the matching rows of every
+plane by shift + mask + OR in registers, converted with the fp32 magic number (OR into 2**23,
+subtract). A plane's row tile is loaded once per sub-index that reads it, back to back (DRAM
+reads each byte once, L1 serves the repeats): holding all planes' tiles across an unrolled
+sub-index loop, as first written, spilled 600-1100 bytes at 255 registers. Keys: ``x = f * s + z`` with the [C] statistics of the run's key
+group broadcast, one tl.dot per segment. Values: the per-token scale is folded into p
+(``(p * s) @ f``) and the zero into a row sum (``p @ z``), so no per-code multiply. Online
+softmax in fp32 on exp2.
+
+Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
+``balanced`` (K4/V3): keys 64 + 4 (fp16 scale+zero per channel per 128 tokens), values 48 + 4
+(one segment) = 120 B, 4.27x fewer than dense; ``max-compression`` (K3/V2): 48+4 + 32+4 = 88 B,
+5.82x. Roofline on an H200 (4.8 TB/s peak, ~4.2-4.5 measured): the attention step is
+memory-bound while the unpack costs ~4 integer/fp32 ops per code (~1.5 codes per byte at
+K4/V3: ~6 ops per byte); at 4.5 TB/s that is ~27 Tops/s of 67 (FP32 non-tensor) on 132 SMs,
+so the ALU has about 2.5x headroom: fewer ops per code matter, extra passes over the bytes
+do not fit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codes import CodeLayout, planes, plane_rows
+
+try:  # triton is optional: the reference must work without it.
+    import triton
+
+    from .quant_decode_triton import qd_combine_kernel, qd_partial_kernel
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None
+    _TRITON_IMPORT_ERROR = exc
+
+__all__ = ["quant_decode", "quant_decode_reference", "HAS_TRITON", "layout_pairs", "choose_blocks_per_split"]
+
+HAS_TRITON = triton is not None
+_LOG2E = 1.4426950408889634
+
+
+def layout_pairs(flat) -> tuple[tuple[int, int], ...]:
+    """Flattened ``[channels, bits, channels, bits, ...]`` -> ``((channels, bits), ...)``."""
+    flat = [int(x) for x in flat]
+    if not flat or len(flat) % 2:
+        raise ValueError(f"a layout is a non-empty flat list of (channels, bits) pairs, got {flat}")
+    return tuple(zip(flat[0::2], flat[1::2]))
+
+
+def _layouts(k_codes, v_scale, key_layout, value_layout, key_group):
+    t = v_scale.shape[3]
+    kl, vl = CodeLayout(t, layout_pairs(key_layout)), CodeLayout(t, layout_pairs(value_layout))
+    if isinstance(key_group, bool) or int(key_group) <= 0 or t % int(key_group):
+        raise ValueError(f"key_group={key_group!r} must be a positive divisor of the block's {t} tokens")
+    return kl, vl
+
+
+# --------------------------------------------------------------------------- reference
+def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
+                           exact_k, exact_v, n_exact, scaling, key_layout, value_layout, key_group):
+    """Decode attention over quantized shared-basis blocks plus an exact tail, in fp32 torch.
+
+    Parameters
+    ----------
+    qk : float32 [B, Hq, Dk], the query in the key basis (``q @ R_kᵀ``, kept components).
+    q : [B, Hq, D] model dtype, the query for the exact tail (Hq = H * G; head h*G+g reads h).
+    k_codes : uint8 [B, H, NB, nbytes_k]; k_scale, k_zero : float16 [B, H, NB, T/key_group, Dk].
+    v_codes : uint8 [B, H, NB, nbytes_v]; v_scale, v_zero : float16 [B, H, NB, T, n_value_segments].
+    n_cold, n_exact : int32 [B]: valid blocks / exact tokens per row (the rest may be garbage).
+    exact_k, exact_v : [B, H, Te, D] model dtype, right-padded.
+    scaling : softmax scale of ``q . k``.
+    key_layout, value_layout : flat (channels, bits) pairs of each role's `CodeLayout`.
+    key_group : tokens per key statistic.
+
+    Returns
+    -------
+    out_cold : float32 [B, Hq, Dv], softmax-weighted value coefficients (value basis, kept).
+    out_exact : float32 [B, Hq, D], softmax-weighted exact values. Both divided by the one
+        joint denominator, so attention = ``out_cold @ R_v[:Dv] + out_exact``; rows with no
+        valid token are zeros.
+    """
+    kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
+    B, Hq, Dk = qk.shape
+    H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
+    G, NB, dev = Hq // H, k_codes.shape[2], qk.device
+    blk_ok = torch.arange(NB, device=dev)[None, :] < n_cold.to(dev).long()[:, None]  # [B, NB]
+    ok = blk_ok[:, None, :, None, None]
+    kg = int(key_group)
+    # Blocks past n_cold may hold NaN: select, never multiply, so 0 * NaN cannot leak.
+    k = kl.unpack(k_codes).float() * k_scale.float().repeat_interleave(kg, 3) + k_zero.float().repeat_interleave(kg, 3)
+    k = torch.where(ok, k, 0.0)  # [B, H, NB, T, Dk]
+    seg = torch.repeat_interleave(torch.arange(len(vl.kept_segments), device=dev),
+                                  torch.tensor([c for c, _ in vl.kept_segments], device=dev))
+    v = vl.unpack(v_codes).float() * v_scale.float()[..., seg] + v_zero.float()[..., seg]
+    v = torch.where(ok, v, 0.0)  # [B, H, NB, T, Dv]
+    s_cold = torch.einsum("bhgc,bhntc->bhgnt", qk.float().view(B, H, G, Dk), k) * scaling
+    s_cold = s_cold.masked_fill(~blk_ok[:, None, None, :, None], float("-inf")).flatten(-2)
+    tok_ok = (torch.arange(Te, device=dev)[None, :] < n_exact.to(dev).long()[:, None])[:, None, :, None]
+    ek, ev = torch.where(tok_ok, exact_k.float(), 0.0), torch.where(tok_ok, exact_v.float(), 0.0)
+    s_ex = torch.einsum("bhgd,bhtd->bhgt", q.float().view(B, H, G, D), ek) * scaling
+    s_ex = s_ex.masked_fill(~tok_ok[:, :, None, :, 0], float("-inf"))
+    s = torch.cat((s_cold, s_ex), dim=-1)
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    l = p.sum(dim=-1, keepdim=True)
+    inv = torch.where(l > 0, 1.0 / l.clamp_min(1e-30), torch.zeros_like(l))
+    p_cold = p[..., : NB * kl.tokens].unflatten(-1, (NB, kl.tokens))
+    out_cold = torch.einsum("bhgnt,bhntc->bhgc", p_cold, v) * inv
+    out_exact = torch.einsum("bhgt,bhtd->bhgd", p[..., NB * kl.tokens :], ev) * inv
+    return out_cold.reshape(B, Hq, vl.kept), out_exact.reshape(B, Hq, D)
+
+
+# --------------------------------------------------------------------------- launch
+def _pow2(x: int, lo: int) -> int:
+    return max(lo, 1 << max(0, (int(x) - 1).bit_length()))
+
+
+def _segments(layout: CodeLayout, p_base: int) -> tuple:
+    """The constexpr description of `quant_decode_triton` (its module docstring)."""
+    out, c0, tile = [], 0, 0
+    for col, ((channels, bits), offs) in enumerate(zip(layout.kept_segments, layout.offsets)):
+        pl, bit = [], 0
+        for p, off in zip(planes(bits), offs):
+            pl += [p, off, bit, tile]
+            bit, tile = bit + p, tile + p // p_base
+        pl += [0] * (12 - len(pl))
+        out.append((channels, _pow2(channels, 16), c0, col, len(planes(bits)), *pl))
+        c0 += channels
+    return tuple(out)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_blocks_per_split(bh: int, nb: int, sms: int, max_bps: int = 32) -> int:
+    """Blocks per program: the most (fewest partials to combine) that still gives at least one
+    full wave of ``bh * splits`` programs at >= 85% wave efficiency (BitDecoding); 1 when even
+    one block per program cannot fill the SMs."""
+    best = 1
+    for bps in range(1, min(nb, max_bps) + 1):
+        progs = bh * -(-nb // bps)
+        if progs >= sms and progs / (-(-progs // sms) * sms) >= 0.85:
+            best = bps
+    return best
+
+
+def _interpreted() -> bool:
+    return type(qd_partial_kernel).__name__ == "InterpretedFunction"
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    # Triton cannot take a null pointer; a zero-size pool (NB = 0) is never dereferenced.
+    return t if t.numel() > 0 else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def _strides(t: torch.Tensor, ndim: int) -> list[int]:
+    return list(t.stride()) if t.numel() > 0 else [0] * ndim
+
+
+def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+          scaling, key_layout, value_layout, key_group, blocks_per_split, block_rows, num_warps, num_stages, launch):
+    kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
+    B, Hq, _ = qk.shape
+    H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
+    G, NB, T, dev = Hq // H, k_codes.shape[2], kl.tokens, qk.device
+    p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
+    r_base = plane_rows(T, p_base)
+    # N of the score dot, K of the value dot (>= 16); 32 compiled without spills at 4 and 8 warps
+    br = block_rows if block_rows > 0 else (32 if r_base >= 32 else 16)
+    kg = int(key_group)
+    G_PAD, D_PAD, DV_PAD = _pow2(G, 16), _pow2(D, 16), _pow2(vl.kept, 16)
+    bps = blocks_per_split if blocks_per_split > 0 else choose_blocks_per_split(B * H, NB, _num_sms(dev))
+    S_COLD = -(-NB // bps) if NB > 0 else 0
+    S_TOT = S_COLD + 1  # the last split: the exact tail
+    m_ws = torch.empty((B * H * S_TOT, G_PAD), dtype=torch.float32, device=dev)
+    l_ws = torch.empty_like(m_ws)
+    accc_ws = torch.empty((B * H * S_TOT, G_PAD, DV_PAD), dtype=torch.float32, device=dev)
+    acce_ws = torch.empty((B * H, G_PAD, D_PAD), dtype=torch.float32, device=dev)
+    out_cold = torch.empty((B, Hq, vl.kept), dtype=torch.float32, device=dev)
+    out_exact = torch.empty((B, Hq, D), dtype=torch.float32, device=dev)
+    if _interpreted() and _is_fake(qk):
+        # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
+        # try to read fake storage; shapes are all the fake kernel has to produce.
+        return out_cold, out_exact
+    launch(qd_partial_kernel)[(B * H, S_TOT)](
+        qk, q, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
+        _nonempty(v_codes), _nonempty(v_scale), _nonempty(v_zero), n_cold,
+        _nonempty(exact_k), _nonempty(exact_v), n_exact,
+        m_ws, l_ws, accc_ws, acce_ws,
+        float(scaling) * _LOG2E,
+        H, G, D, bps, S_COLD, S_TOT,
+        *qk.stride(), *q.stride(),
+        *_strides(k_codes, 4), *_strides(k_scale, 5), *_strides(v_codes, 4), *_strides(v_scale, 5),
+        *_strides(exact_k, 4), *_strides(exact_v, 4),
+        KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br,
+        KSEGS=_segments(kl, p_base), VSEGS=_segments(vl, p_base),
+        KEY_BCAST=kg % br == 0 and r_base % br == 0,
+        G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_E=64 if Te >= 64 else _pow2(max(Te, 1), 16),
+        num_warps=num_warps if num_warps > 0 else 4, num_stages=num_stages if num_stages > 0 else 2,
+    )
+    launch(qd_combine_kernel)[(B * H,)](
+        m_ws, l_ws, accc_ws, acce_ws, out_cold, out_exact, H, G, D, vl.kept, S_COLD, S_TOT,
+        *out_cold.stride(), *out_exact.stride(),
+        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, num_warps=4,
+    )
+    return out_cold, out_exact
+
+
+def _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+                  key_layout, value_layout, key_group):
+    kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
+    B, Hq, Dk = qk.shape
+    H, D = exact_k.shape[1], exact_k.shape[3]
+    NB, T = k_codes.shape[2], kl.tokens
+    checks = [
+        (qk.dtype == torch.float32, f"qk must be float32, got {qk.dtype}"),
+        (q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q dtype {q.dtype} is not fp16/bf16/fp32"),
+        (exact_k.dtype == exact_v.dtype == q.dtype, f"exact_k/exact_v dtype {exact_k.dtype}/{exact_v.dtype} != q's {q.dtype}"),
+        (k_codes.dtype == v_codes.dtype == torch.uint8, f"codes must be uint8, got {k_codes.dtype}/{v_codes.dtype}"),
+        (all(t.dtype == torch.float16 for t in (k_scale, k_zero, v_scale, v_zero)), "scales/zeros must be float16"),
+        (n_cold.dtype == n_exact.dtype == torch.int32, f"n_cold/n_exact must be int32, got {n_cold.dtype}/{n_exact.dtype}"),
+        (H > 0 and Hq % H == 0 and Hq // H <= 16, f"Hq={Hq} must be a multiple of H={H} with at most 16 heads per group"),
+        (q.shape == (B, Hq, D), f"q shaped {tuple(q.shape)}, expected {(B, Hq, D)}"),
+        (Dk == kl.kept, f"qk has {Dk} components, key_layout keeps {kl.kept}"),
+        (k_codes.shape == (B, H, NB, kl.nbytes), f"k_codes shaped {tuple(k_codes.shape)}, expected {(B, H, NB, kl.nbytes)}"),
+        (v_codes.shape == (B, H, NB, vl.nbytes), f"v_codes shaped {tuple(v_codes.shape)}, expected {(B, H, NB, vl.nbytes)}"),
+        (k_scale.shape == k_zero.shape == (B, H, NB, T // int(key_group), Dk) and k_scale.stride() == k_zero.stride(),
+         f"k_scale/k_zero shaped {tuple(k_scale.shape)}/{tuple(k_zero.shape)} (equal strides), expected {(B, H, NB, T // int(key_group), Dk)}"),
+        (v_scale.shape == v_zero.shape == (B, H, NB, T, len(vl.kept_segments)) and v_scale.stride() == v_zero.stride(),
+         f"v_scale/v_zero shaped {tuple(v_scale.shape)}/{tuple(v_zero.shape)} (equal strides), expected {(B, H, NB, T, len(vl.kept_segments))}"),
+        (exact_v.shape == exact_k.shape and exact_k.shape[0] == B, "exact_k/exact_v must both be [B, H, Te, D]"),
+        (n_cold.shape == n_exact.shape == (B,), f"n_cold/n_exact must be [B={B}]"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"quant_decode: {msg}")
+
+
+if HAS_TRITON:
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("spectral_kv::quant_decode", mutates_args=())
+    def _quant_decode_op(
+        qk: torch.Tensor, q: torch.Tensor,
+        k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+        v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+        n_cold: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, n_exact: torch.Tensor,
+        scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
+        blocks_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+                     scaling, key_layout, value_layout, key_group, blocks_per_split, block_rows, num_warps, num_stages,
+                     wrap_triton)
+
+
+def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+                 scaling, key_layout, value_layout, key_group, *, blocks_per_split: int = 0, block_rows: int = 0,
+                 num_warps: int = 0, num_stages: int = 0):
+    """Triton fused decode; same contract as :func:`quant_decode_reference` (shapes there).
+
+    ``blocks_per_split``, ``block_rows`` (rows of the smallest plane per tile, a power of two
+    >= 16), ``num_warps``, ``num_stages``: tuning knobs, 0 = heuristic. Dots run in tf32 on the
+    GPU (fp32 under the interpreter): expect ~1e-3 relative difference from the reference.
+    Raises ``ValueError`` naming a bad argument; ``RuntimeError`` without triton.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError(f"spectral_kv.kernels.quant_decode needs triton; import failed with {_TRITON_IMPORT_ERROR!r}. "
+                           "Use quant_decode_reference for a pure-torch path.")
+    _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+                  key_layout, value_layout, key_group)
+    if block_rows and (block_rows < 16 or block_rows & (block_rows - 1)):
+        raise ValueError(f"block_rows={block_rows} must be a power of two >= 16")
+    args = (qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
+            [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
+            blocks_per_split, block_rows, num_warps, num_stages)
+    if qk.is_cuda and qk.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(qk.device):  # Triton launches on the current device
+            return torch.ops.spectral_kv.quant_decode(*args)
+    return torch.ops.spectral_kv.quant_decode(*args)
