@@ -28,8 +28,9 @@ from ...graphs import advance_deferred
 from ...registry import ATTENTION_STRATEGIES
 from ...tiers import TierManager, crop_length
 from .attention import ATTENTION_NAME, hand_off
-from .model_config import head_dim, text_config
+from .model_config import head_dim, kv_heads, text_config
 from .persist import load_cache, model_identity, save_cache
+from .tensor_parallel import local_split
 
 __all__ = ["SpectralCache", "SpectralLayer", "CROP_ZERO_REMOVES_NOTHING"]
 
@@ -77,6 +78,8 @@ class SpectralLayer(CacheLayerMixin):
 
     # -------------------------------------------------------------- CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if self.text_config is not None:  # a tensor-parallel rank holds an even share of whole KV heads
+            local_split(key_states.shape[1], kv_heads(self.text_config), f"SpectralCache layer {self.layer_idx}")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 

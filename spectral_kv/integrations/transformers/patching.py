@@ -8,6 +8,7 @@ from typing import Any
 from ...config import SpectralConfig
 from .attention import ATTENTION_NAME
 from .cache import SpectralCache
+from .tensor_parallel import check_split, tp_size
 
 __all__ = ["SpectralPatch", "patch_model"]
 
@@ -69,6 +70,7 @@ def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -
     passes no ``past_key_values`` (and ``use_cache`` is not False).
     """
     verbose = config.verbose if verbose is None else verbose
+    check_split(model.config, tp_size(model), "patch_unsloth_attention")
     SpectralCache(config.replace(verbose=False), model.config)  # validate against the model now
     handle = SpectralPatch(model, config)
     _set_attn(model, ATTENTION_NAME)

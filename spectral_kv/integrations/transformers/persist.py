@@ -26,6 +26,7 @@ from ...codes import STORAGE_FORMAT
 from ...config import SpectralConfig
 from ...tiers import TierManager
 from .model_config import head_dim, kv_heads, text_config
+from .tensor_parallel import local_split, rank_and_world, rank_path, tp_size
 
 __all__ = ["FORMAT", "save_cache", "load_cache", "model_identity"]
 
@@ -63,7 +64,10 @@ def _config_dict(config: SpectralConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- save
 def save_cache(cache, path: str | os.PathLike) -> str:
-    """Write ``cache`` (a `SpectralCache`) to ``path``; returns the sha256 stored in it."""
+    """Write ``cache`` (a `SpectralCache`) to ``path``; returns the sha256 stored in it.
+
+    A tensor-parallel rank's cache (its layers hold ``num_key_value_heads / world`` heads) goes
+    to `tensor_parallel.rank_path` instead, with the rank and world size in the header."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -97,9 +101,16 @@ def save_cache(cache, path: str | os.PathLike) -> str:
             "num_key_value_heads": None if first is None else first.shape[1],
             "head_dim": None if first is None else first.shape[3],
         }
+    shard = None
+    first = next((t for n, t in tensors.items() if n.endswith(".exact_k")), None)
+    if first is not None and identity.get("num_key_value_heads"):
+        shard = local_split(first.shape[1], identity["num_key_value_heads"], "SpectralCache.save")
+    if shard is not None:
+        path = rank_path(path, *shard)
     header = {
         "format": FORMAT,
         "storage_format": STORAGE_FORMAT,
+        "tensor_parallel": None if shard is None else {"rank": shard[0], "world": shard[1]},
         "spectral_kv_version": __version__,
         "config": _config_dict(cache.config),
         "model": identity,
@@ -215,7 +226,17 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
         raise ValueError("load_cache needs make_cache (use SpectralCache.load)")
     model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
     model_config = model.config if model is not None else model_or_config
+    rank, world = rank_and_world()
+    sharded = world > 1 and (tp_size(model) > 1 if model is not None else not os.path.exists(path))
+    if sharded:  # this rank's file (tensor parallelism: each rank saved its own KV heads)
+        path = rank_path(path, rank, world)
     header, tensors = _read(path)
+    saved_tp = header.get("tensor_parallel")
+    if saved_tp != (None if not sharded else {"rank": rank, "world": world}):
+        said = "one process" if saved_tp is None else f"rank {saved_tp['rank']} of {saved_tp['world']}"
+        now = f"rank {rank} of {world}" if sharded else "one process"
+        raise ValueError(f"{str(path)!r} was saved by {said} (tensor parallelism), it is loaded by {now}: load it "
+                         f"in the same tensor-parallel layout")
     cfg = _check_config(header["config"], config, path)
     target = model_identity(model_config)
     _check_model(header["model"], target, path)
@@ -227,7 +248,7 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
     metas = header["layers"]
     _expect(len(metas) == len(cache.layers), path, f"saved {len(metas)} layers, the model's cache has {len(cache.layers)}")
     devices = _layer_devices(model, len(metas), device)
-    heads, head_dim = target["num_key_value_heads"], target["head_dim"]
+    heads, head_dim = target["num_key_value_heads"] // (saved_tp["world"] if saved_tp else 1), target["head_dim"]
     used: set[str] = set()
     specs = None
     for i, (layer, meta, dev) in enumerate(zip(cache.layers, metas, devices)):
