@@ -11,6 +11,7 @@ from .integrations.transformers import ATTENTION_NAME, SpectralCache, SpectralPa
 from .graphs import StaticDecoder
 from .integrations.unsloth import patch_unsloth_attention
 from .tiers import TierManager
+from .view import AttendView
 
 from ._version import __version__  # noqa: F401  (re-exported)
 
@@ -22,6 +23,7 @@ __all__ = [
     "patch_model",
     "ATTENTION_NAME",
     "TierManager",
+    "AttendView",
     "StaticDecoder",
     "Compressor",
     "LowRankCompressor",

@@ -57,16 +57,8 @@ class FusedAttention(SpectralAttention):
         b, d = q.shape[0], q.shape[3]
         h, dev = view.exact_k.shape[1], q.device
         n_cold, n_exact = view.counts()  # blocks past n_cold / tokens past n_exact are never read
-        cold_k, cold_v = view.cold_k, view.cold_v
-        if not cold_k:
-            t, rk, rv = self.config.block_size, self.config.k_rank_keys, self.config.k_rank_values
-            empty = lambda *s, dt: torch.empty(b, h, 0, *s, dtype=dt, device=dev)  # noqa: E731
-            cold_k = {"coeffs": empty(t, rk, dt=torch.int8), "scales": empty(rk, dt=torch.float32), "basis": empty(rk, d, dt=torch.float16)}
-            cold_v = {"coeffs": empty(t, rv, dt=torch.int8), "scales": empty(rv, dt=torch.float32), "basis": empty(rv, d, dt=torch.float16)}
-        out = fused_decode(
-            q[:, :, 0].contiguous(),
-            cold_k["coeffs"], cold_k["scales"], cold_k["basis"],
-            cold_v["coeffs"], cold_v["scales"], cold_v["basis"],
-            n_cold, view.exact_k, view.exact_v, n_exact, scaling,
-        )
+        # The compressors hand over their parts as the kernel's operands (no part names here).
+        k_ops = self.key_compressor.kernel_operands(view.cold_k, b, h, d, dev)
+        v_ops = self.value_compressor.kernel_operands(view.cold_v, b, h, d, dev)
+        out = fused_decode(q[:, :, 0].contiguous(), *k_ops, *v_ops, n_cold, view.exact_k, view.exact_v, n_exact, scaling)
         return out.unsqueeze(2)

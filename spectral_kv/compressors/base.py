@@ -204,3 +204,15 @@ class LowRankCompressor(FactoredCompressor):
 
     def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return parts["basis"].float()
+
+    def kernel_operands(self, parts: dict[str, torch.Tensor], batch: int, heads: int, head_dim: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the fused SVD decode kernel reads (`kernels.fused_decode`): ``(codes int8
+        [B, H, NB, T, r], scales float32 [B, H, NB, r], basis [B, H, NB, r, D])``; with no cold
+        block (``parts`` empty), empty ``NB = 0`` tensors of those shapes."""
+        if not parts:
+            t = self.config.block_size
+            empty = lambda *s, dt: torch.empty(batch, heads, 0, *s, dtype=dt, device=device)  # noqa: E731
+            return empty(t, self.rank, dt=torch.int8), empty(self.rank, dt=torch.float32), empty(
+                self.rank, head_dim, dt=DTYPES[self.config.basis_dtype])
+        return parts["coeffs"], parts["scales"], parts["basis"]
