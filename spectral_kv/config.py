@@ -149,7 +149,9 @@ class SpectralConfig:
 
     @property
     def attention_name(self) -> str:
-        """The attention strategy actually used."""
+        """The attention strategy named by the config. With ``attention=None`` a layer on CUDA
+        runs the layout's fused kernel instead of ``spectral`` when there is one
+        (`spectral_kv.attention.fused.default_decode_attention`)."""
         if self.attention is not None:
             return self.attention
         return "spectral" if self.use_spectral_attention else "reconstruct"

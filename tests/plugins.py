@@ -1,6 +1,7 @@
 """Test-only plug-ins, registered on import (tests/test_contract.py runs them through the matrix).
 
-``test_pca``: a stateful compressor for the per-row shared-state contract. `fit` learns, per
+``test_raw``: a compressor that is not factored (strategies other than ``reconstruct`` must
+refuse it). ``test_pca``: a stateful compressor for the per-row shared-state contract. `fit` learns, per
 (batch row, KV head), the mean and an orthonormal PCA basis of that row's first blocks; every
 block is stored as float32 coefficients ``(x - mean) @ basisᵀ``. Lossless up to float rounding
 (full rank), factored with a per-row shared basis, so it exercises every shared-state path:
@@ -12,7 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from spectral_kv.compressors import FactoredCompressor, register_compressor
+from spectral_kv.compressors import Compressor, FactoredCompressor, register_compressor
+
+
+@register_compressor("test_raw")
+class Raw(Compressor):
+    """Not factored: a block stored as it is (float32). Only ``reconstruct`` serves it."""
+
+    supported_bits = (None,)
+
+    def compress(self, x, shared=None):
+        return {"block": x.float()}
+
+    def decompress(self, parts, dtype, shared=None):
+        return parts["block"].to(dtype)
 
 
 @register_compressor("test_pca")

@@ -152,4 +152,7 @@ def test_matrix_covers_every_plug_in():
     for comp in REGISTERED:
         assert any(i.startswith(f"{comp}-") for i in ids), comp
     assert {"test_pca-spectral-static", "test_pca-reconstruct-dynamic", "kivi4-reconstruct-static"} <= ids
-    assert not any(i.startswith("kivi4-spectral") for i in ids)  # kivi is not factored: spectral does not serve it
+    # KIVI is factored in the identity basis: spectral and the fused kernel serve it.
+    assert {"kivi4-spectral-static", "kivi4-fused-dynamic", "hadamard-fused-static"} <= ids
+    assert "test_raw-reconstruct-dynamic" in ids
+    assert not any(i.startswith(("test_raw-spectral", "test_raw-fused")) for i in ids)  # not factored: refused

@@ -6,6 +6,7 @@ compressors' decompressed blocks."""
 import pytest
 import torch
 
+from spectral_kv.view import AttendView
 from spectral_kv import ATTENTION_STRATEGIES, SpectralConfig
 from spectral_kv.attention import reference_attention
 from spectral_kv.attention.quant_fused import quant_fused_decode, serves_quant_fused
@@ -186,10 +187,15 @@ def test_glue_matches_spectral_and_plain_attention(name, bits, vbits):
         vv = torch.cat((values[b : b + 1, :, :nc].flatten(2, 3), ev[b : b + 1, :, :ne].double()), 2)
         ref = reference_attention(q[b : b + 1], kk, vv, None, d**-0.5)
         assert torch.allclose(out[b : b + 1].double(), ref, atol=2e-5, rtol=1e-4)
-    if name == "hadamard":  # and the readable torch strategy on the same blocks
-        strategy = ATTENTION_STRATEGIES["spectral"](cfg, kc, vc)
-        spec = strategy.attend_counts(q, cold_k, cold_v, n_cold, ek, ev, n_exact, d**-0.5)
-        assert torch.allclose(out, spec, atol=2e-5, rtol=1e-4)
+    # the readable torch strategy on the same blocks (KIVI too: factored in the identity basis),
+    # and the `fused` strategy, which must route this static view to the quantized kernel
+    view = AttendView(exact_k=ek, exact_v=ev, cold_k=cold_k, cold_v=cold_v, n_exact=n_exact.int(), n_cold=n_cold.int())
+    spec = ATTENTION_STRATEGIES["spectral"](cfg, kc, vc).attend(q, view, d**-0.5)
+    assert torch.allclose(out, spec, atol=2e-5, rtol=1e-4)
+    fused = ATTENTION_STRATEGIES["fused"](cfg, kc, vc)
+    assert fused.kernel == "quant"
+    assert torch.equal(fused.attend(q, view, d**-0.5), out)
+    assert (fused.kernel_calls, fused.fallback_calls) == (1, 0)
 
 
 @needs_triton

@@ -167,6 +167,35 @@ class GroupQuantCompressor(Compressor):
         r = self._rotation(c.shape[-1], c.device)
         return (c if r is None else c @ r).to(dtype)
 
+    # ------------------------------------------------------------------ factored view
+    # Every block is ``coefficients @ R`` with one R for the layer (identity for KIVI): the
+    # subclasses that are also `FactoredCompressor`s attend in that basis.
+    def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        r = self.shared_basis(parts)
+        # the block's leading dims: codes are [..., nbytes], unquantized coeffs [..., T, D]
+        lead = parts["codes"].shape[:-1] if "codes" in parts else parts["coeffs"].shape[:-2]
+        return r.expand(*lead, *r.shape)
+
+    def shared_basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The rotation ``R`` ``[D, D]`` float32 on the parts' device (identity without one): every block's basis."""
+        d, dev = self._head_dim(parts), self._ref(parts).device
+        r = self._rotation(d, dev)
+        if r is None:
+            key = (d, str(dev), "identity")
+            if key not in self._rot:
+                self._rot[key] = torch.eye(d, device=dev)
+            r = self._rot[key]
+        return r
+
+    @staticmethod
+    def _ref(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["codes"] if "codes" in parts else parts["coeffs"]
+
+    def _head_dim(self, parts: dict[str, torch.Tensor]) -> int:
+        if self.bits is None:
+            return parts["coeffs"].shape[-1]
+        return self._block_shape(parts)[1]
+
 
 @register_compressor("hadamard")
 class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
@@ -182,21 +211,3 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
     def rotation(self, d: int) -> torch.Tensor:
         return rotation_matrix(d, self.config.seed)
 
-    def basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        r = self.shared_basis(parts)
-        # the block's leading dims: codes are [..., nbytes], unquantized coeffs [..., T, D]
-        lead = parts["codes"].shape[:-1] if "codes" in parts else parts["coeffs"].shape[:-2]
-        return r.expand(*lead, *r.shape)
-
-    def shared_basis(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The rotation ``R`` ``[D, D]`` float32 on the parts' device: every block's basis."""
-        return self._rotation(self._head_dim(parts), self._ref(parts).device)
-
-    @staticmethod
-    def _ref(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        return parts["codes"] if "codes" in parts else parts["coeffs"]
-
-    def _head_dim(self, parts: dict[str, torch.Tensor]) -> int:
-        if self.bits is None:
-            return parts["coeffs"].shape[-1]
-        return self._block_shape(parts)[1]

@@ -5,13 +5,14 @@ spectral blocks (sinks, warm staging and the hot window stay exact).
 Keys are quantized per channel (each channel's values over a group of 32 tokens share
 a scale and zero point), values per token (each token's channels in groups of 32 share
 them), asymmetric min/max, codes packed into token-axis bit planes, scale and zero point in float16.
-It is not low-rank, so it needs ``use_spectral_attention=False`` (the "reconstruct"
-attention).  Registered names: ``kivi4`` and ``kivi2``; the config's rank is ignored.
+Its blocks are codes in the identity basis, so it is factored (full rank, nothing stored
+per block beyond the codes): the ``spectral`` strategy and the fused quantized kernel read it
+like ``hadamard``. Registered names: ``kivi4`` and ``kivi2``.
 """
 
 from __future__ import annotations
 
-from .base import register_compressor
+from .base import FactoredCompressor, register_compressor
 from .grouped import GroupQuantCompressor
 
 __all__ = ["GROUP", "KiviCompressor", "Kivi4", "Kivi2"]
@@ -19,7 +20,7 @@ __all__ = ["GROUP", "KiviCompressor", "Kivi4", "Kivi2"]
 GROUP = 32
 
 
-class KiviCompressor(GroupQuantCompressor):
+class KiviCompressor(GroupQuantCompressor, FactoredCompressor):
     """KIVI quantization of ``[N, T, D]`` blocks (identity rotation, groups of 32); the
     bit width is the subclass's (``fixed_bits``), the config's bits and rank are ignored.
 

@@ -23,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
 from ...attention.compiled import compile_attend
+from ...attention.fused import default_decode_attention
 from ...config import SpectralConfig
 from ...graphs import advance_deferred
 from ...registry import ATTENTION_STRATEGIES
@@ -63,15 +64,19 @@ class SpectralLayer(CacheLayerMixin):
         self.text_config = text_config
         self.tiers = TierManager(config, name=f"layer {layer_idx}")
         comps = (config, self.tiers.key_compressor, self.tiers.value_compressor)
-        self.strategy = ATTENTION_STRATEGIES[config.attention_name](*comps)
+        # attention=None picks per device at the first update (`default_decode_attention`).
+        self._set_strategy(config.attention_name)
         # Prompts (q_len > 1) go through SDPA on decompressed blocks: both strategies compute
         # the same function (tested), the cold part is transient there, and SDPA's fused
         # kernels beat a Tq x L float32 score matrix by ~6x on a 3K-token CPU prefill.
         self.prefill_strategy = ATTENTION_STRATEGIES["reconstruct"](*comps)
-        # Decode steps only: a prompt is attended once, compiling it would cost more than it saves.
-        self.decode_attend = compile_attend(self.strategy) if config.compile else self.strategy.attend
         self.attention_calls = 0
         self._staged = False
+
+    def _set_strategy(self, name: str) -> None:
+        self.strategy = ATTENTION_STRATEGIES[name](self.config, self.tiers.key_compressor, self.tiers.value_compressor)
+        # Decode steps only: a prompt is attended once, compiling it would cost more than it saves.
+        self.decode_attend = compile_attend(self.strategy) if self.config.compile else self.strategy.attend
 
     def __repr__(self) -> str:
         return f"SpectralLayer(layer_idx={self.layer_idx}, tokens={self.tiers.tokens()}, cold_blocks={self.tiers.n_cold})"
@@ -82,6 +87,11 @@ class SpectralLayer(CacheLayerMixin):
             local_split(key_states.shape[1], kv_heads(self.text_config), f"SpectralCache layer {self.layer_idx}")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
+        if self.config.attention is None:  # the default: the layout's fused kernel on CUDA
+            name = default_decode_attention(self.config, self.tiers.key_compressor, self.tiers.value_compressor,
+                                            key_states.device)
+            if name != self.strategy.name:
+                self._set_strategy(name)
 
     def _consumer_is_spectral(self) -> bool:
         impl = getattr(self.text_config, "_attn_implementation", ATTENTION_NAME) if self.text_config else ATTENTION_NAME
