@@ -240,7 +240,7 @@ class TierManager(StaticTiersMixin):
         c = self.config
         s, bs, hot = c.sink_tokens, c.block_size, c.hot_buffer_size
         ready = [max(0, (n - s - hot) // bs) for n in self.n_exact]
-        if not any(ready):
+        if self._deferred() or not any(ready):  # (the one-shot deferral is consumed either way)
             return
         pairs = [(row, j) for row, m in enumerate(ready) for j in range(m)]
         for start in range(0, len(pairs), MAX_BLOCKS_PER_CALL):
@@ -462,3 +462,76 @@ class TierManager(StaticTiersMixin):
         """Every tensor this layer holds (for checking the memory report)."""
         out = [t for t in (self.exact_k, self.exact_v) if t is not None]
         return out + list(self.cold_k.parts.values()) + list(self.cold_v.parts.values())
+
+    # ------------------------------------------------------------------ dense access (clients)
+    # Code written against DynamicCache reads and writes a layer's ``keys`` / ``values``; kvpress
+    # presses read them in a forward hook right after the prefill's attention and write back the
+    # tokens they keep. `dense` and `replace` serve that; `defer_next_compression` lets a press act
+    # on the uncompressed prompt: the integration sets it for one multi-token update when the
+    # attention module carries forward hooks (the place presses run), so the prompt's ready
+    # blocks are compressed by the layer's next append instead (before that step attends: its
+    # `view` still holds them exactly). Without hooks nothing is deferred, so peak memory during a
+    # long prefill stays one layer's prompt, not every layer's.
+    defer_next_compression = False
+
+    def _deferred(self) -> bool:
+        """True once, when `defer_next_compression` asks this append to leave its blocks exact."""
+        if self.defer_next_compression:
+            self.defer_next_compression = False
+            return True
+        return False
+
+    def settle(self) -> None:
+        """Compress the blocks a deferred update left exact (no-op when there are none)."""
+        if self.initialized and not self.static:
+            self.defer_next_compression = False
+            self._compress_ready()
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values as attention reads them, ``[B, H, L, D]`` in the model's dtype.
+
+        ``L`` = `seen` (every row holds every position: no padding). With nothing compressed
+        these are the exact buffers themselves (as `DynamicCache` returns its own tensors);
+        otherwise a full-precision copy with the cold blocks decompressed, built on each call
+        (it costs what a `DynamicCache` of the same length holds). A padded batch (rows holding
+        different numbers of real tokens) has no such layout: `ValueError`.
+        """
+        if not self.initialized:
+            raise RuntimeError(f"{self.name}: the cache is empty")
+        tokens = self.tokens()
+        if any(n != self.seen for n in tokens):
+            raise ValueError(
+                f"{self.name}: rows hold {tokens} real tokens of {self.seen} positions (a padded batch); "
+                f"keys/values in DynamicCache's [batch, heads, positions, head_dim] layout need unpadded rows "
+                f"(read tiers.materialize() instead)"
+            )
+        self.thaw()  # static storage keeps spare slots in the exact buffer
+        keys, values, _ = self.materialize()
+        return keys, values
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Install ``keys`` / ``values`` ``[B, H, L', D]`` as the layer's whole contents.
+
+        What a kvpress press does after the prefill (``L'`` = the tokens it keeps). Allowed only
+        while nothing is compressed (compressed tokens cannot be re-chosen one by one): otherwise
+        `NotImplementedError` naming the operation. The new tokens are compressed at the next
+        append, so a second writer (kvpress' ComposedPress) also sees them exactly. The batch,
+        heads and head_dim must match: `ValueError`. `seen` becomes ``L'``.
+        """
+        if any(self.n_cold):
+            raise NotImplementedError(
+                f"{self.name}: writing layer.keys/values (replacing the cache contents, as a kvpress press "
+                f"does) needs an uncompressed layer, but rows hold {self.n_cold} compressed block(s) of "
+                f"{self.config.block_size} tokens; presses compose under the 'spectral_kv' attention, which "
+                f"defers a prompt's compression while its attention module has forward hooks"
+            )
+        if self.initialized:
+            b, h, _, d = self.exact_k.shape
+            if (keys.shape[0], keys.shape[1], keys.shape[3]) != (b, h, d):
+                raise ValueError(
+                    f"{self.name}: replacing keys shaped {tuple(keys.shape)}: the cache holds batch={b}, "
+                    f"kv_heads={h}, head_dim={d}"
+                )
+        self.reset()
+        self.defer_next_compression = True
+        self.append(keys, values)

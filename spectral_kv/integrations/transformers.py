@@ -51,6 +51,7 @@ __all__ = [
     "spectral_attention_forward",
     "spectral_mask",
     "COUNTERS",
+    "check_generate_limits",
 ]
 
 ATTENTION_NAME = "spectral_kv"
@@ -119,6 +120,7 @@ class SpectralLayer(CacheLayerMixin):
         return impl == ATTENTION_NAME
 
     def update(self, key_states, value_states, cache_kwargs: dict[str, Any] | None = None):
+        self._finish_writes()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._staged:
@@ -265,6 +267,110 @@ class SpectralLayer(CacheLayerMixin):
 
     def memory_report(self) -> dict[str, int]:
         return self.tiers.memory_report()
+
+    # -------------------------------------------------------------- keys / values (DynamicCache's attributes)
+    # Clients written against DynamicCache (kvpress, user code) read and assign ``layer.keys`` /
+    # ``layer.values``. Reading gives the K/V attention sees; assigning is interpreted as what it
+    # would mean for a DynamicLayer: the same contents (no-op), a prefix (the newest tokens
+    # removed: `crop`, exact within the exact tiers), or new contents (`TierManager.replace`,
+    # before compression only). Clients assign one role, then the other: a write whose length
+    # differs from the other role's waits for it (`_pending`), and an update with a write still
+    # waiting is refused rather than silently mixing old and new contents.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Keys ``[B, H, L, D]`` in the model's dtype as attention sees them, ``None`` while empty.
+
+        With cold blocks this is a full-precision copy (decompressed on each read,
+        `TierManager.dense`), so it costs what a `DynamicCache` of the same length holds."""
+        return self._read("keys")
+
+    @keys.setter
+    def keys(self, new: torch.Tensor | None) -> None:
+        self._write("keys", new)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Values ``[B, H, L, D]``; see `keys`."""
+        return self._read("values")
+
+    @values.setter
+    def values(self, new: torch.Tensor | None) -> None:
+        self._write("values", new)
+
+    def _read(self, role: str) -> torch.Tensor | None:
+        pending = self.__dict__.get("_pending") or {}
+        if role in pending:
+            return pending[role]
+        tiers = self.__dict__.get("tiers")  # CacheLayerMixin.__init__ runs before the tiers exist
+        if tiers is None or not tiers.initialized:
+            return None
+        return tiers.dense()[0 if role == "keys" else 1]
+
+    def _write(self, role: str, new: torch.Tensor | None) -> None:
+        if new is None:  # CacheLayerMixin.__init__ assigns None; so may a client emptying a layer
+            tiers = self.__dict__.get("tiers")
+            if tiers is not None and tiers.initialized and tiers.seen:
+                raise ValueError(
+                    f"SpectralCache layer {self.layer_idx}: assigning layer.{role} = None would drop "
+                    f"{self.tiers.seen} positions; use cache.reset() or crop()"
+                )
+            return
+        if not isinstance(new, torch.Tensor) or new.dim() != 4:
+            raise ValueError(
+                f"SpectralCache layer {self.layer_idx}: layer.{role} must be a [batch, kv_heads, tokens, head_dim] "
+                f"tensor, got {type(new).__name__} {tuple(getattr(new, 'shape', ()))}"
+            )
+        pending = self.__dict__.setdefault("_pending", {})
+        pending[role] = new
+        other = "values" if role == "keys" else "keys"
+        if other not in pending:
+            current = self._read(other)
+            if current is None or current.shape != new.shape:
+                return  # wait for the other role
+            pending[other] = current
+        keys, values = pending.pop("keys"), pending.pop("values")
+        self._assign(keys, values)
+
+    def _assign(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if keys.shape != values.shape:
+            raise ValueError(
+                f"SpectralCache layer {self.layer_idx}: assigned keys {tuple(keys.shape)} and values "
+                f"{tuple(values.shape)} differ in shape"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        t = self.tiers
+        if t.initialized:
+            cur_k, cur_v = t.dense()
+            n = keys.shape[2]
+            if keys.shape[:2] == cur_k.shape[:2] and n <= cur_k.shape[2] and keys.shape[3] == cur_k.shape[3]:
+                if torch.equal(keys, cur_k[:, :, :n]) and torch.equal(values, cur_v[:, :, :n]):
+                    if n < cur_k.shape[2]:
+                        try:
+                            t.crop(n)
+                        except NotImplementedError as exc:
+                            raise NotImplementedError(
+                                f"SpectralCache: assigning a prefix of layer.keys/values (removing the newest "
+                                f"tokens, as kvpress' pipeline does after an answer) is a crop: {exc}"
+                            ) from None
+                    return
+        t.replace(keys.to(self.dtype), values.to(self.dtype))
+
+    def _finish_writes(self) -> None:
+        """Called by `update`: a write of one role never matched by the other is an error."""
+        pending = self.__dict__.get("_pending")
+        if pending:
+            role = next(iter(pending))
+            raise ValueError(
+                f"SpectralCache layer {self.layer_idx}: layer.{role} was assigned {tuple(pending[role].shape)}, "
+                f"which does not match the layer's other role; assign keys and values of the same shape"
+            )
+
+    def _defer_if_hooked(self, module: torch.nn.Module, query: torch.Tensor) -> None:
+        """Called by the attention function: a prompt attended by a module with forward hooks
+        (where kvpress presses read and rewrite ``keys`` / ``values``) is compressed at the
+        layer's next update instead of now (`TierManager.defer_next_compression`)."""
+        self.tiers.defer_next_compression = query.shape[2] > 1 and bool(module._forward_hooks)
 
 
 def _exact_layer_report(layer) -> dict[str, int]:
@@ -426,6 +532,7 @@ def spectral_attention_forward(
             raise ValueError(f"spectral_kv attention is for inference; got dropout={dropout}")
         COUNTERS["spectral_calls"] += 1
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        layer._defer_if_hooked(module, query)
         out = layer.attend_and_commit(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     COUNTERS["exact_calls"] += 1
@@ -492,6 +599,54 @@ def _set_attn(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
+# -------------------------------------------------------------- limits checked before generating
+# transformers' default draft length (GenerationConfig._get_default_generation_params)
+DEFAULT_ASSISTANT_TOKENS = 20
+
+
+def check_generate_limits(config: SpectralConfig, model, kwargs: dict) -> None:
+    """Refuse, before anything runs, a ``generate`` call this cache's configuration cannot serve.
+
+    Assisted and prompt-lookup decoding remove rejected draft tokens with ``crop``, exact only
+    within the newest ``hot_buffer_size`` tokens; a longer draft would fail mid-generation.
+    The draft length is the assistant's ``num_assistant_tokens`` (default 20) under the
+    ``"constant"`` schedule; the heuristic schedules grow it by 2 after every fully accepted
+    draft, so only ``max_new_tokens`` bounds it; prompt lookup drafts
+    ``prompt_lookup_num_tokens``. Raises `ValueError` naming both values.
+    """
+    gen = kwargs.get("generation_config") or model.generation_config
+
+    def get(name):
+        return kwargs[name] if kwargs.get(name) is not None else getattr(gen, name, None)
+
+    hot = config.hot_buffer_size
+    drafts = []
+    assistant = kwargs.get("assistant_model")
+    if assistant is not None or get("assistant_early_exit") is not None:
+        agen = (assistant if assistant is not None else model).generation_config
+        n = agen.num_assistant_tokens if agen.num_assistant_tokens is not None else DEFAULT_ASSISTANT_TOKENS
+        schedule = agen.num_assistant_tokens_schedule or "constant"
+        if schedule == "constant":
+            drafts.append((int(n), f"num_assistant_tokens={int(n)}"))
+        else:
+            bound = get("max_new_tokens")
+            bound = float("inf") if bound is None else max(int(n), int(bound))
+            drafts.append((bound, f"num_assistant_tokens={int(n)} under the {schedule!r} schedule, which grows it "
+                                  f"up to max_new_tokens={get('max_new_tokens')}"))
+    lookup = get("prompt_lookup_num_tokens")
+    if lookup is not None:
+        drafts.append((int(lookup), f"prompt_lookup_num_tokens={int(lookup)}"))
+    for draft, what in drafts:
+        if draft > hot:
+            raise ValueError(
+                f"spectral_kv: assisted decoding drafts up to {draft} tokens ({what}), more than "
+                f"hot_buffer_size={hot}: rejected drafts are removed with crop, which is exact only within the "
+                f"newest hot_buffer_size tokens. Set the assistant's generation_config.num_assistant_tokens (or "
+                f"prompt_lookup_num_tokens) <= {hot} with num_assistant_tokens_schedule='constant', or "
+                f"hot_buffer_size >= {draft if draft != float('inf') else 'max_new_tokens'}"
+            )
+
+
 def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -> SpectralPatch:
     """Route a transformers model's attention and ``generate`` cache through spectral_kv.
 
@@ -509,6 +664,9 @@ def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
             kwargs["past_key_values"] = handle.new_cache()
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, SpectralCache):
+            check_generate_limits(cache.config, model, kwargs)
         return original(*args, **kwargs)
 
     model.generate = generate
