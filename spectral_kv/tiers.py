@@ -535,3 +535,38 @@ class TierManager(StaticTiersMixin):
         self.reset()
         self.defer_next_compression = True
         self.append(keys, values)
+
+    def truncate(self, n: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the first ``n`` positions, where ``keys`` / ``values`` ``[B, H, n, D]`` are
+        `dense()`'s first ``n`` positions (kvpress removing an answer assigns exactly that).
+
+        A cut inside the exact tiers is `crop`. A cut inside the cold blocks keeps the blocks
+        wholly before it, drops the rest, and holds the surviving tokens of the cut block
+        exactly, as the given (decompressed) values: attention then reads the same K/V it read
+        before the cut. Those tokens are compressed again when their block fills (a second
+        rounding of values already on the code grid). Rows must be unpadded (as for `dense`).
+        """
+        self.thaw()
+        s, bs = self.config.sink_tokens, self.config.block_size
+        cold = set(self.n_cold)
+        if len(cold) != 1 or any(t != self.seen for t in self.tokens()):
+            raise ValueError(f"{self.name}: truncate needs unpadded rows holding equal blocks, got {self.n_cold} blocks")
+        nb = cold.pop()
+        if n >= s + nb * bs or nb == 0:
+            self.crop(n)
+            return
+        keep = max(0, (n - s) // bs) if n > s else 0
+        if keep:  # a row with cold blocks holds all its sinks, exact, at the front
+            head_k, head_v, start = self.exact_k[:, :, :s], self.exact_v[:, :, :s], s + keep * bs
+        else:  # no block survives: every kept token is exact, sinks included
+            head_k, head_v, start = keys[:, :, :0], values[:, :, :0], 0
+        self.exact_k = torch.cat((head_k, keys[:, :, start:n].to(self.exact_k.dtype)), dim=2).contiguous()
+        self.exact_v = torch.cat((head_v, values[:, :, start:n].to(self.exact_v.dtype)), dim=2).contiguous()
+        for pool in (self.cold_k, self.cold_v):
+            pool.narrow(keep)
+        width = self.exact_k.shape[2]
+        self.n_exact = [width] * self.batch_size
+        self.n_cold = [keep] * self.batch_size
+        self.tail_valid = [n] * self.batch_size
+        self.seen = n
+        self.version += 1

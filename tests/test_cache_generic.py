@@ -150,10 +150,16 @@ def test_assigning_a_prefix_crops_within_the_exact_tiers(model):
     assert layer.tiers.seen == 45  # waits for the values
     layer.values = layer.values[:, :, :keep]
     assert layer.tiers.seen == keep and torch.equal(layer.keys, k) and torch.equal(layer.values, v)
-    deep = layer.keys[:, :, :10]
-    layer.keys = deep
-    with pytest.raises(NotImplementedError, match="assigning a prefix .* is a crop: .*compressed block"):
-        layer.values = layer.values[:, :, :10]
+    # a cut inside the compressed blocks: the kept block stays, the cut block's survivors are held
+    # exactly as the (decompressed) values attention read, and the layer reads back the same
+    for cut in (30, 10, 1):
+        for each in cache.layers:
+            dk, dv = each.keys[:, :, :cut], each.values[:, :, :cut]
+            each.keys, each.values = dk, dv
+            assert each.tiers.seen == cut and torch.equal(each.keys, dk) and torch.equal(each.values, dv)
+            assert each.tiers.n_cold == [(cut - 2) // 16 if cut > 2 else 0]
+    _forward(model, cache, _ids(40, seed=9))  # and it keeps working: new blocks compressed behind the kept ones
+    assert layer.tiers.seen == 41 and layer.tiers.n_cold == [2]
 
 
 def test_assigning_new_contents_before_compression_replaces_them(model):

@@ -272,10 +272,11 @@ class SpectralLayer(CacheLayerMixin):
     # Clients written against DynamicCache (kvpress, user code) read and assign ``layer.keys`` /
     # ``layer.values``. Reading gives the K/V attention sees; assigning is interpreted as what it
     # would mean for a DynamicLayer: the same contents (no-op), a prefix (the newest tokens
-    # removed: `crop`, exact within the exact tiers), or new contents (`TierManager.replace`,
-    # before compression only). Clients assign one role, then the other: a write whose length
-    # differs from the other role's waits for it (`_pending`), and an update with a write still
-    # waiting is refused rather than silently mixing old and new contents.
+    # removed: `TierManager.truncate`, which attention cannot tell from the state before), or
+    # new contents (`TierManager.replace`, before compression only). Clients assign one role,
+    # then the other: a write whose length differs from the other role's waits for it
+    # (`_pending`), and an update with a write still waiting is refused rather than silently
+    # mixing old and new contents.
     @property
     def keys(self) -> torch.Tensor | None:
         """Keys ``[B, H, L, D]`` in the model's dtype as attention sees them, ``None`` while empty.
@@ -345,14 +346,8 @@ class SpectralLayer(CacheLayerMixin):
             n = keys.shape[2]
             if keys.shape[:2] == cur_k.shape[:2] and n <= cur_k.shape[2] and keys.shape[3] == cur_k.shape[3]:
                 if torch.equal(keys, cur_k[:, :, :n]) and torch.equal(values, cur_v[:, :, :n]):
-                    if n < cur_k.shape[2]:
-                        try:
-                            t.crop(n)
-                        except NotImplementedError as exc:
-                            raise NotImplementedError(
-                                f"SpectralCache: assigning a prefix of layer.keys/values (removing the newest "
-                                f"tokens, as kvpress' pipeline does after an answer) is a crop: {exc}"
-                            ) from None
+                    if n < cur_k.shape[2]:  # the newest tokens removed (kvpress, after an answer)
+                        t.truncate(n, keys, values)
                     return
         t.replace(keys.to(self.dtype), values.to(self.dtype))
 
