@@ -68,7 +68,7 @@ def cache_nbytes(cache) -> int:
 
 
 def _row(name, ms, nbytes, tokens, note=""):
-    return {"method": name, "decode_ms_per_token": ms, "cache_bytes": nbytes, "tokens": tokens, "note": note}
+    return {"method": name, "decode_ms_per_token": ms, "cache_bytes": nbytes, "positions": tokens, "note": note}
 
 
 def run_bench(model, presets: list[str], batch: int, context: int, new_tokens: int, out: str, tag: str,
@@ -92,14 +92,14 @@ def run_bench(model, presets: list[str], batch: int, context: int, new_tokens: i
     rows = []
     cache = DynamicCache()
     _, _, ms = timed_generate(model, ids, new_tokens, "DynamicCache", progress, past_key_values=cache)
-    rows.append(_row("DynamicCache generate", ms, cache_nbytes(cache), context + new_tokens))
+    rows.append(_row("DynamicCache generate", ms, cache_nbytes(cache), context + new_tokens - 1))
     notes = []
     if device.type == "cuda":
         kwargs = dict(cache_implementation="static")
         timed_generate(model, ids, min(new_tokens, 8), "static warm-up (compile)", progress, **kwargs)
         _, _, ms = timed_generate(model, ids, new_tokens, "static + compile", progress, **kwargs)
         nbytes = 2 * batch * (context + new_tokens) * _kv_row_bytes(model)
-        rows.append(_row("static cache + compile generate", ms, nbytes, context + new_tokens,
+        rows.append(_row("static cache + compile generate", ms, nbytes, context + new_tokens - 1,
                          "transformers' StaticCache, automatic torch.compile; bytes = its preallocated buffers"))
     else:
         notes.append("CPU run: transformers' static cache + compile baseline and StaticDecoder (CUDA graphs) "
@@ -108,7 +108,7 @@ def run_bench(model, presets: list[str], batch: int, context: int, new_tokens: i
         patch = patch_unsloth_attention(model, config=cfg, verbose=False)
         try:
             _, _, ms = timed_generate(model, ids, new_tokens, f"{p} generate", progress)
-            rows.append(_row(f"{p}: SpectralCache generate", ms, cache_nbytes(patch.last_cache), context + new_tokens))
+            rows.append(_row(f"{p}: SpectralCache generate", ms, cache_nbytes(patch.last_cache), context + new_tokens - 1))
             if device.type == "cuda":
                 from .graphs import StaticDecoder
 
@@ -117,7 +117,7 @@ def run_bench(model, presets: list[str], batch: int, context: int, new_tokens: i
                 with torch.no_grad():
                     dec.generate(ids, max_new_tokens=new_tokens)
                 rows.append(_row(f"{p}: StaticDecoder (CUDA graph)", statistics.median(dec.step_ms),
-                                 cache_nbytes(cache), context + new_tokens))
+                                 cache_nbytes(cache), context + new_tokens - 1))
         finally:
             patch.unpatch()
     base = rows[0]
