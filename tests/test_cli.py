@@ -109,8 +109,10 @@ def test_unservable_models_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="has no full-attention layer"):
         check_servable(sliding, SpectralConfig(verbose=False))
     odd = LlamaForCausalLM(LlamaConfig(**{**small, "hidden_size": 80}, head_dim=20))
-    with pytest.raises(ValueError, match=r"head_dim=20\) cannot be served .*3-bit codes of head_dim=20"):
-        check_servable(odd, SpectralConfig(verbose=False))
+    # token-axis code storage (format 2) serves 3-bit codes of any head_dim; value groups must tile it
+    assert check_servable(odd, SpectralConfig(verbose=False)) == 2
+    with pytest.raises(ValueError, match=r"head_dim=20\) cannot be served .*head_dim 20 is not a multiple of quant_group=16"):
+        check_servable(odd, SpectralConfig(quant_group=16, verbose=False))
     assert check_servable(odd, SpectralConfig.preset("fast", k_rank_keys=8, k_rank_values=16, verbose=False)) == 2
 
 
