@@ -347,6 +347,7 @@ class TierManager:
             raise ValueError(f"{self.name}: freeze(new_tokens) needs a non-negative int, got {new_tokens!r}")
         if not self.initialized:
             raise RuntimeError(f"{self.name}: freeze() needs a prefilled cache (run the prompt first)")
+        self.settle()  # a press-deferred (or truncated) prompt holds more exact tokens than the static width
         if self.storage is not None:
             self.version += self.storage.reserve(self.n_exact, self.n_cold, new_tokens)
             return

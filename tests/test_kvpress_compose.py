@@ -85,6 +85,8 @@ def test_without_hooks_the_prompt_is_compressed_at_once(tiny):
         with PRESSES["knorm"]()(tiny), torch.no_grad():
             tiny(torch.randint(1, 256, (1, 100)), past_key_values=hooked)
         assert hooked.layers[0].tiers.n_cold == [0] and hooked.get_seq_length() == 50  # left to the next update
+        hooked.freeze(8)  # right after the press-deferred prefill: settled first, then static
+        assert hooked.layers[0].tiers.static and hooked.layers[0].tiers.n_cold == [2]  # (50 - 2 - 4) // 16
     finally:
         tiny.set_attn_implementation("sdpa")
 
