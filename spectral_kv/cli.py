@@ -1,141 +1,51 @@
-"""`spectral-kv demo | memory | eval`: the command line."""
+"""`spectral-kv demo | memory | eval | bench | generate`: the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from .presets import PRESETS
 
-__all__ = ["main", "build_prompt"]
-
-NEEDLE = "Note to the reader: the archive password is {secret}. Remember it."
-QUESTION = "What is the archive password mentioned in the text above? Answer with the password only."
-SECRET = "amber-falcon-7412"
-
-
-def build_prompt(tokenizer, context_tokens: int, needle_at: int = 300):
-    """A chat prompt of ~``context_tokens`` tokens of stdlib documentation with a password
-    placed ``needle_at`` tokens in, and a question about it at the end. Returns input ids [1, L]."""
-    import torch
-
-    from .text import stdlib_tokens
-
-    filler = stdlib_tokens(tokenizer, context_tokens)
-    text = (
-        tokenizer.decode(filler[:needle_at])
-        + "\n\n"
-        + NEEDLE.format(secret=SECRET)
-        + "\n\n"
-        + tokenizer.decode(filler[needle_at:])
-    )
-    messages = [{"role": "user", "content": text + "\n\n" + QUESTION}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    if not torch.is_tensor(ids):  # transformers >= 5 returns a BatchEncoding
-        ids = ids["input_ids"]
-    return ids
-
-
-def _generate(model, ids, max_new_tokens, desc, **kwargs):
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import StoppingCriteria
-
-    bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)
-
-    class Progress(StoppingCriteria):
-        def __call__(self, input_ids, scores, **_):
-            bar.update(1)
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stopping_criteria=[Progress()],
-            **kwargs,
-        )
-    seconds = time.perf_counter() - start
-    bar.close()
-    return out[0, ids.shape[1] :], seconds
+__all__ = ["main"]
 
 
 def _config(args, verbose: bool):
     from . import SpectralConfig
 
-    extra = {} if args.sink_tokens is None else {"sink_tokens": args.sink_tokens}
+    extra = {} if getattr(args, "sink_tokens", None) is None else {"sink_tokens": args.sink_tokens}
     return SpectralConfig.preset(args.preset, verbose=verbose, **extra)
 
 
+def _add_model_arguments(p: argparse.ArgumentParser, default: str | None = "smollm2") -> None:
+    """``--model PATH_OR_ID [--gguf FILE] [--dtype] [--device]``; options the parser already
+    has (the eval harness defines its own ``--model`` and may define ``--device``) are kept."""
+    have = p._option_string_actions  # argparse keeps no public registry of defined options
+    specs = {
+        "--model": dict(default=default, help="'smollm2' (embedded), a model directory, a .gguf file or a hub id"),
+        "--gguf": dict(default=None, help="GGUF file inside --model's directory (or a path to one)"),
+        "--dtype": dict(default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                        help="default: float32 on the CPU, the checkpoint's dtype on CUDA"),
+        "--device": dict(default=None, help="cpu (default), cuda or cuda:N"),
+    }
+    for flag, kw in specs.items():
+        if flag not in have:
+            p.add_argument(flag, **kw)
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, gguf=args.gguf, dtype=args.dtype, device=args.device, progress=True)
+
+
 def cmd_demo(args) -> int:
-    import torch
+    from .demo import run_demo
 
-    from . import SpectralConfig, patch_unsloth_attention
-    from .models import ModelPackageMissing, load_default_model
-
-    torch.manual_seed(0)
-    print("spectral_kv demo: SmolLM2-135M-Instruct (embedded GGUF) on", "cpu")
-    try:
-        model, tok = load_default_model(progress=True)
-    except ModelPackageMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    ids = build_prompt(tok, args.context)
-    print(f"prompt: {ids.shape[1]} tokens of Python stdlib documentation; password placed near the start")
-
-    from transformers import DynamicCache
-
-    exact, t_exact = _generate(model, ids, args.max_new_tokens, "exact cache", past_key_values=DynamicCache())
-    config = _config(args, verbose=True)
-    patch = patch_unsloth_attention(model, config=config)
-    try:
-        spectral, t_spec = _generate(model, ids, args.max_new_tokens, "spectral cache")
-        report = patch.memory_report()
-    finally:
-        patch.unpatch()
-
-    def answer(tokens):
-        return tok.decode(tokens, skip_special_tokens=True).strip()
-
-    n = min(len(exact), len(spectral))
-    same = int((exact[:n] == spectral[:n]).sum())
-    first_diff = next((i for i in range(n) if exact[i] != spectral[i]), None)
-    print()
-    print(f"exact    answer: {answer(exact)!r}")
-    print(f"spectral answer: {answer(spectral)!r}")
-    print(f"password {SECRET!r} found: exact={SECRET in answer(exact)} spectral={SECRET in answer(spectral)}")
-    print(
-        f"token agreement: {same}/{n} generated positions identical"
-        + ("" if first_diff is None else f" (first difference at token {first_diff})")
-    )
-    mb = 2**20
-    print()
-    print(f"KV cache after generation ({report['tokens'] // max(1, len(report['per_layer']))} tokens per layer, all 30 layers, float32 model):")
-    print(f"  {'tier':<12}{'MB':>10}")
-    for key in ("cold_keys", "cold_values", "sinks", "warm", "hot"):
-        print(f"  {key:<12}{report[key] / mb:>10.2f}")
-    print(f"  {'total':<12}{report['total_bytes'] / mb:>10.2f}")
-    print(f"  {'exact cache':<12}{report['dense_bytes'] / mb:>10.2f}   ratio {report['ratio']:.2f}x")
-    print()
-    print(
-        f"speed (CPU, prefill + {args.max_new_tokens} new tokens, greedy): exact {len(exact) / t_exact:.2f} tok/s, "
-        f"spectral {len(spectral) / t_spec:.2f} tok/s (torch reference strategy; the fused kernel is GPU-only)"
-    )
-    if not args.no_table:
-        from .memory import SHAPES, format_table, measure_memory
-
-        print()
-        print("memory table (fp16 caches filled with real tensors; `spectral-kv memory` for more):")
-        print(format_table(SHAPES["smollm2"], measure_memory(SHAPES["smollm2"], (1024, 4096, 8192), config.replace(verbose=False))))
-    return 0
+    return run_demo(args)
 
 
 def cmd_memory(args) -> int:
-    from . import SpectralConfig
     from .memory import SHAPES, format_table, measure_memory
 
     config = _config(args, verbose=False)
@@ -147,17 +57,87 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import format_rows, run_bench
+
+    model, _ = _load(args)
+    tag = args.tag or f"bench-{model.device.type}-b{args.batch}-c{args.context}"
+    result = run_bench(model, args.preset, args.batch, args.context, args.new_tokens, args.out, tag, args.model)
+    print(f"{args.model} on {result['device_name']} ({result['dtype']}), batch {args.batch}, context {args.context}, "
+          f"{args.new_tokens} new tokens")
+    print(format_rows(result))
+    print("wrote " + ", ".join(result["files"]))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import patch_unsloth_attention
+    from .bench import timed_generate
+    from .models import check_servable
+
+    model, tok = _load(args)
+    config = _config(args, verbose=False)
+    check_servable(model, config)
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"--prompt-file {args.prompt_file!r} does not exist") from None
+        ids = tok(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    else:  # the original design's example: a synthetic long context of the requested length
+        from .text import stdlib_tokens
+
+        ids = torch.tensor([stdlib_tokens(tok, args.context_length)])
+    if args.chat:
+        messages = [{"role": "user", "content": tok.decode(ids[0], skip_special_tokens=True)}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+    ids = ids.to(model.device)
+    print(f"prompt: {ids.shape[1]} tokens; preset {args.preset}: {config.summary()}", file=sys.stderr)
+    patch = patch_unsloth_attention(model, config=config, verbose=False)
+    try:
+        out, seconds, ms = timed_generate(model, ids, args.max_new_tokens, "generating", exact_length=False)
+        report = patch.memory_report()
+    finally:
+        patch.unpatch()
+    print(tok.decode(out[0], skip_special_tokens=True))
+    print(
+        f"\n{out.shape[1]} tokens in {seconds:.1f}s (decode {ms or float('nan'):.1f} ms/token); KV cache "
+        f"{report['total_bytes'] / 2**20:.2f} MB vs {report['dense_bytes'] / 2**20:.2f} MB exact "
+        f"({report['ratio']:.2f}x)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _errors_to_exit(func):
+    """Errors a user can fix (a bad path, a model the layout cannot serve) as one line, exit 2."""
+
+    def run(args):
+        try:
+            return func(args)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            print(f"spectral-kv {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spectral-kv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="exact vs spectral cache on the embedded SmolLM2, long prompt")
-    demo.add_argument("--context", type=int, default=3300, help="tokens of documentation in the prompt")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
-    demo.add_argument("--sink-tokens", type=int, default=None, help="override the preset's sink tokens")
+    demo = sub.add_parser("demo", help="a retrieval question answered with the exact and the spectral cache")
+    demo.add_argument("--context", type=int, default=3500, help="prompt tokens (needle-in-a-haystack format)")
+    demo.add_argument("--depth", type=float, default=0.3, help="where the secret sits in the haystack, in [0, 1]")
+    demo.add_argument("--offset", type=int, default=20000, help="first corpus token of the haystack")
+    demo.add_argument("--max-new-tokens", type=int, default=8)
     demo.add_argument("--preset", default="balanced", choices=sorted(PRESETS), help="compression preset (default: balanced)")
-    demo.add_argument("--no-table", action="store_true", help="skip the memory table")
-    demo.set_defaults(func=cmd_demo)
+    _add_model_arguments(demo)
+    demo.set_defaults(func=_errors_to_exit(cmd_demo))
 
     mem = sub.add_parser("memory", help="memory table of a preset (default balanced), measured from the tensors held")
     mem.add_argument("--model", nargs="+", choices=["smollm2", "mistral-7b"], default=["smollm2", "mistral-7b"])
@@ -166,6 +146,26 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--preset", default="balanced", choices=sorted(PRESETS), help="compression preset (default: balanced)")
     mem.set_defaults(func=cmd_memory)
 
+    bench = sub.add_parser("bench", help="decode ms/token and memory: DynamicCache, static+compile (CUDA), presets")
+    _add_model_arguments(bench)
+    bench.add_argument("--preset", nargs="+", default=["balanced"], choices=sorted(PRESETS))
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--context", type=int, default=4096, help="prompt tokens (random ids)")
+    bench.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
+    bench.add_argument("--out", default="results", help="directory for the JSON and PNG")
+    bench.add_argument("--tag", default=None, help="file stem (default bench-<device>-b<batch>-c<context>)")
+    bench.set_defaults(func=_errors_to_exit(cmd_bench))
+
+    gen = sub.add_parser("generate", help="generate from a prompt file through the spectral cache")
+    _add_model_arguments(gen)
+    gen.add_argument("--prompt-file", default=None, help="text file (default: --context-length tokens of stdlib docs)")
+    gen.add_argument("--context-length", type=int, default=8192, help="synthetic prompt length without --prompt-file")
+    gen.add_argument("--max-new-tokens", type=int, default=1000)
+    gen.add_argument("--preset", default="balanced", choices=sorted(PRESETS))
+    gen.add_argument("--sink-tokens", type=int, default=None, help="override the preset's sink tokens")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.set_defaults(func=_errors_to_exit(cmd_generate))
+
     try:
         from .eval.run import add_eval_arguments, run_eval
     except ImportError:
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ev = sub.add_parser("eval", help="quality and memory against baselines (see README)")
         add_eval_arguments(ev)
-        ev.set_defaults(func=run_eval)
+        _add_model_arguments(ev)
+        ev.set_defaults(func=_errors_to_exit(run_eval))
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

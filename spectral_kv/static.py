@@ -87,7 +87,7 @@ class StaticStorage:
         self.config, self.name, self.cold = config, name, cold
         b, h, w, d = exact_k.shape
         width = static_width(config)
-        if w > width:  # cannot happen after an update: ready blocks are compressed at once
+        if w > width:  # cannot happen: ready blocks are compressed at once (TierManager.freeze settles deferred ones)
             raise RuntimeError(f"{name}: exact tier holds {w} tokens, more than its static width {width}")
         pad = (b, h, width - w, d)
         self.exact_k = torch.cat((exact_k, exact_k.new_zeros(pad)), dim=2)

@@ -19,10 +19,14 @@ Storage is dynamic (tensors grow as tokens arrive) until `freeze` hands the exac
 `StaticStorage` (preallocated, device counters: CUDA-graph decode steps) and `thaw` takes them
 back. Any operation other than a one-token decode step thaws first.
 
+Clients written against `DynamicCache` (kvpress) read and write the layer densely: `dense`,
+`replace`, `truncate` and the one-shot `defer_next_compression` (`spectral_kv.dense_access`).
+
 Why this module is longer than ~350 lines: the tier manager's state changes (append, compress,
 view/commit, freeze/thaw, row operations, crop, state_dict) all read and write the same host
 counts and are read together; input checks live in `spectral_kv.checks`, the cold side in
-`spectral_kv.blocks`, static storage in `spectral_kv.static`, the view in `spectral_kv.view`.
+`spectral_kv.blocks`, static storage in `spectral_kv.static`, the view in `spectral_kv.view`,
+dense client access in `spectral_kv.dense_access`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from .blocks import MAX_BLOCKS_PER_CALL, ColdTier
 from .checks import check_update, crop_length
 from .compressors.base import Compressor
 from .config import SpectralConfig
+from .dense_access import dense as _dense
+from .dense_access import replace as _replace
+from .dense_access import truncate as _truncate
 from .registry import COMPRESSORS
 from .static import StaticStorage
 from .view import AttendView, stage_dynamic
@@ -91,6 +98,9 @@ class TierManager:
         # `crop` can only remove positions it knows to be real tokens.
         self.tail_valid: list[int] = []
         self._staged: tuple | None = None
+        # One-shot: the next append leaves its ready blocks exact, for a kvpress press to read
+        # and rewrite the prompt (set by the integration; `spectral_kv.dense_access`).
+        self.defer_next_compression = False
 
     @property
     def exact_k(self) -> torch.Tensor | None:
@@ -222,6 +232,9 @@ class TierManager:
         c = self.config
         s, bs, hot = c.sink_tokens, c.block_size, c.hot_buffer_size
         ready = [max(0, (n - s - hot) // bs) for n in self.n_exact]
+        if self.defer_next_compression:  # consumed whether or not a block was ready
+            self.defer_next_compression = False
+            return
         if not any(ready):
             return
         self.cold.compress(self._exact_k, self._exact_v, ready, self.n_cold, check=True, per_call=MAX_BLOCKS_PER_CALL)
@@ -334,6 +347,7 @@ class TierManager:
             raise ValueError(f"{self.name}: freeze(new_tokens) needs a non-negative int, got {new_tokens!r}")
         if not self.initialized:
             raise RuntimeError(f"{self.name}: freeze() needs a prefilled cache (run the prompt first)")
+        self.settle()  # a press-deferred (or truncated) prompt holds more exact tokens than the static width
         if self.storage is not None:
             self.version += self.storage.reserve(self.n_exact, self.n_cold, new_tokens)
             return
@@ -365,6 +379,25 @@ class TierManager:
         """Wait for blocks still being compressed and swap them in (before anything else runs)."""
         if self.storage is not None and self.storage.pending:
             self.storage.commit(self.n_exact, self.n_cold, due_only=False)
+
+    # ------------------------------------------------------------------ dense access (clients)
+    def settle(self) -> None:
+        """Compress the blocks a deferred update (or `truncate`) left exact; no-op when none are ready."""
+        if self.initialized and not self.static:
+            self.defer_next_compression = False
+            self._compress_ready()
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys, values ``[B, H, seen, D]`` as attention reads them (`spectral_kv.dense_access.dense`)."""
+        return _dense(self)
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New contents ``[B, H, L', D]``, uncompressed layers only (`spectral_kv.dense_access.replace`)."""
+        _replace(self, keys, values)
+
+    def truncate(self, n: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the first ``n`` positions, given `dense`'s first ``n`` (`spectral_kv.dense_access.truncate`)."""
+        _truncate(self, n, keys, values)
 
     # ------------------------------------------------------------------ read
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

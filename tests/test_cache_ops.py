@@ -8,6 +8,7 @@ from test_integration import LOSSLESS, LOSSY, greedy, tiny
 from transformers import DynamicCache
 
 import spectral_kv as sk
+from spectral_kv.integrations.transformers import COUNTERS
 
 # hot window wide enough for the assistant's candidate runs (crop removes the rejected ones)
 CROPPABLE = LOSSLESS.replace(hot_buffer_size=8)
@@ -149,3 +150,26 @@ def test_crop_zero_follows_the_installed_transformers_convention(monkeypatch, ze
     else:
         assert not layer.tiers.initialized and layer.get_seq_length() == 0
         assert layer.tiers.memory_report()["total_bytes"] == 0
+
+
+def test_assisted_decoding_draft_longer_than_the_hot_window_is_refused_up_front(model):
+    """transformers' default draft (20 tokens, or a heuristic schedule bounded only by
+    max_new_tokens) against hot_buffer_size: a ValueError naming both before anything runs."""
+    patch = sk.patch_unsloth_attention(model, config=CROPPABLE, verbose=False)  # hot_buffer_size=8
+    ids = torch.randint(1, 96, (1, 20), generator=torch.Generator().manual_seed(24))
+    try:
+        assistant = tiny("llama", num_hidden_layers=1)
+        calls = COUNTERS["spectral_calls"]
+        with pytest.raises(ValueError, match=r"drafts up to 20 tokens \(num_assistant_tokens=20\), more than hot_buffer_size=8"):
+            greedy(model, ids, n=30, assistant_model=assistant)
+        assert COUNTERS["spectral_calls"] == calls  # refused before the prefill
+        assistant.generation_config.num_assistant_tokens = 4
+        assistant.generation_config.num_assistant_tokens_schedule = "heuristic"
+        with pytest.raises(ValueError, match=r"'heuristic' schedule, which grows it up to max_new_tokens=30"):
+            greedy(model, ids, n=30, assistant_model=assistant)
+        with pytest.raises(ValueError, match=r"prompt_lookup_num_tokens=10\), more than hot_buffer_size=8"):
+            greedy(model, ids, n=30, prompt_lookup_num_tokens=10)
+        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        assert greedy(model, ids, n=12, assistant_model=assistant).shape[1] == 32  # within the window: runs
+    finally:
+        patch.unpatch()

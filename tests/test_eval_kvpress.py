@@ -11,7 +11,7 @@ import torch
 from conftest import method_or_skip
 
 from spectral_kv.eval import make_method
-from spectral_kv.eval import methods as methods_mod
+from spectral_kv.eval.methods import presses as methods_mod
 from spectral_kv.eval.perplexity import run_segment
 from spectral_kv.eval.tiny import tiny_random_model
 
@@ -68,7 +68,7 @@ def test_missing_or_broken_kvpress(monkeypatch):
     with pytest.raises(ImportError, match="not installed.*transformers<5.3"):
         make_method("knorm")
     # installed and declared compatible, but the import itself fails
-    monkeypatch.setattr(methods_mod, "_check_kvpress_compat", lambda: None)
+    monkeypatch.setattr(methods_mod, "check_kvpress_compat", lambda: None)
     monkeypatch.setattr("builtins.__import__", _failing_import(__import__, "kvpress"))
     with pytest.raises(ImportError, match="importing kvpress failed with transformers .*RuntimeError: boom"):
         make_method("streaming")
@@ -90,7 +90,7 @@ def test_run_eval_skips_kvpress_and_runs_the_rest(tmp_path, monkeypatch):
         raise ImportError("kvpress 0.5.5 requires transformers<5.3, found transformers 5.17.0")
 
     monkeypatch.delitem(sys.modules, "kvpress", raising=False)
-    monkeypatch.setattr(methods_mod, "_check_kvpress_compat", incompatible)
+    monkeypatch.setattr(methods_mod, "check_kvpress_compat", incompatible)
     args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
         ["--model", "tiny-random", "--out", str(tmp_path), "--tag", "nokv", "--segments", "1", "--no-niah",
          "--methods", "exact;snapkv:ratio=0.5;kivi4:block=64,hot=16"]

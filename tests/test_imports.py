@@ -115,6 +115,7 @@ LAYERS = {
     "spectral_kv.compressors": ("spectral_kv.compressors", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.codes",
                                 "spectral_kv.kernels", *BASE),
     "spectral_kv.view": (),
+    "spectral_kv.dense_access": (),
     "spectral_kv.checks": ("spectral_kv.config",),
     "spectral_kv.blocks": ("spectral_kv.compressors", "spectral_kv.config"),
     "spectral_kv.static": ("spectral_kv.blocks", "spectral_kv.config"),
@@ -122,7 +123,7 @@ LAYERS = {
                               "spectral_kv.codes",
                               "spectral_kv.config", *BASE),
     "spectral_kv.tiers": ("spectral_kv.blocks", "spectral_kv.checks", "spectral_kv.compressors", "spectral_kv.config",
-                          "spectral_kv.static", "spectral_kv.view", *BASE),
+                          "spectral_kv.dense_access", "spectral_kv.static", "spectral_kv.view", *BASE),
     "spectral_kv.integrations.transformers": ("spectral_kv.integrations.transformers", "spectral_kv.tiers",
                                               "spectral_kv.attention", "spectral_kv.config", "spectral_kv.graphs",
                                               "spectral_kv.codes", *BASE),
@@ -131,7 +132,7 @@ LAYERS = {
 # The math core: never imports transformers or unsloth (only the integrations do).
 CORE = ("spectral_kv.registry", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.codes", "spectral_kv.kernels",
         "spectral_kv.compressors", "spectral_kv.attention", "spectral_kv.view", "spectral_kv.checks",
-        "spectral_kv.blocks", "spectral_kv.static", "spectral_kv.tiers", "spectral_kv.graphs")
+        "spectral_kv.blocks", "spectral_kv.static", "spectral_kv.tiers", "spectral_kv.graphs", "spectral_kv.dense_access")
 
 
 def _layer(name: str) -> str | None:

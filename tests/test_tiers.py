@@ -94,3 +94,115 @@ def test_select_rows_reorders_everything():
     tm.select_rows(torch.tensor([2, 0, 0]))
     keys, _, _ = tm.materialize()
     assert torch.allclose(keys, k[[2, 0, 0]], atol=1e-5)
+
+
+def test_freeze_right_after_a_deferred_prompt_compresses_it_first():
+    """A press-deferred prompt (`defer_next_compression`) holds more exact tokens than a frozen
+    layer's static width: `freeze` settles it first, to the same tiers as an undeferred one."""
+    cfg = _lossless()
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 2, 40, 6, generator=g), torch.randn(2, 2, 40, 6, generator=g)
+    tm, ref = TierManager(cfg), TierManager(cfg)
+    tm.defer_next_compression = True
+    tm.append(k, v)
+    ref.append(k, v)
+    assert tm.n_cold == [0, 0] and ref.n_cold == [4, 4]  # (40 - 2 sinks - 3 hot) // 8
+    tm.freeze(9)
+    ref.freeze(9)
+    assert tm.static and tm.n_cold == ref.n_cold and tm.n_exact == ref.n_exact
+    for _ in range(9):  # static decode steps, blocks going cold on the way
+        nk, nv = torch.randn(2, 2, 1, 6, generator=g), torch.randn(2, 2, 1, 6, generator=g)
+        for t in (tm, ref):
+            assert t.view(nk, nv).static
+            t.commit()
+    assert tm.n_cold == ref.n_cold == [5, 5]
+    for a, b in zip(tm.materialize()[:2], ref.materialize()[:2]):
+        assert torch.equal(a, b)
+
+
+def _stateful(**kw):
+    import plugins  # noqa: F401  (registers test_pca: per-row shared mean and basis, fitted once per row)
+
+    base = dict(compressor="test_pca", attention="reconstruct", block_size=8, k_rank_keys=8, k_rank_values=8,
+                hot_buffer_size=3, sink_tokens=2, coeff_bits=None, value_bits="same", basis_dtype="float32",
+                verbose=False)
+    return SpectralConfig(**{**base, **kw})
+
+
+def _shared(tm):
+    return {f"{role}.{n}": t.clone() for role, d in (("k", tm.cold.shared_k), ("v", tm.cold.shared_v)) for n, t in d.items()}
+
+
+def test_truncate_into_cold_blocks_keeps_the_rows_shared_state():
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(2, 2, 39, 8, generator=g), torch.randn(2, 2, 39, 8, generator=g)
+    tm = TierManager(_stateful())
+    tm.append(k, v)
+    assert tm.n_cold == [4, 4] and tm.cold.fitted == [True, True]
+    fitted = _shared(tm)
+    assert sorted(fitted) == ["k.basis", "k.mean", "v.basis", "v.mean"]
+    dk, dv = tm.dense()
+    n = 2 + 2 * 8 + 3  # inside block 2: blocks 0 and 1 survive, 3 tokens of block 2 held exactly
+    tm.truncate(n, dk[:, :, :n], dv[:, :, :n])
+    assert tm.n_cold == [2, 2] and tm.seen == n and tm.tokens() == [n, n] and tm.n_exact == [5, 5]
+    for got, want in zip(tm.dense(), (dk, dv)):
+        assert torch.equal(got, want[:, :, :n])  # attention reads what it read before the cut
+    assert tm.cold.fitted == [True, True]
+    assert all(torch.equal(t, fitted[name]) for name, t in _shared(tm).items()) and _shared(tm).keys() == fitted.keys()
+    # the cut block fills again and is compressed with the rows' state (not fitted anew)
+    nk, nv = torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    tm.append(nk, nv)
+    assert tm.n_cold == [3, 3]
+    assert all(torch.equal(t, fitted[name]) for name, t in _shared(tm).items())
+    keys, values, _ = tm.materialize()
+    assert torch.allclose(keys, torch.cat((dk[:, :, :n], nk), 2), atol=1e-5)
+    assert torch.allclose(values, torch.cat((dv[:, :, :n], nv), 2), atol=1e-5)
+
+
+def test_truncate_before_the_first_block_drops_the_shared_state_and_refits():
+    g = torch.Generator().manual_seed(6)
+    cfg = _stateful()
+    tm = TierManager(cfg)
+    tm.append(torch.randn(2, 2, 39, 8, generator=g), torch.randn(2, 2, 39, 8, generator=g))
+    dk, dv = tm.dense()
+    tm.truncate(6, dk[:, :, :6], dv[:, :, :6])  # < sinks + one block: no block survives
+    assert tm.n_cold == [0, 0] and tm.cold.shared_k == {} and tm.cold.fitted == [False, False]
+    assert torch.equal(tm.dense()[0], dk[:, :, :6])
+    nk, nv = torch.randn(2, 2, 20, 8, generator=g), torch.randn(2, 2, 20, 8, generator=g)
+    tm.append(nk, nv)
+    fresh = TierManager(cfg)
+    fresh.append(torch.cat((dk[:, :, :6], nk), 2), torch.cat((dv[:, :, :6], nv), 2))
+    assert tm.n_cold == fresh.n_cold == [2, 2] and tm.cold.fitted == [True, True]
+    ours, theirs = _shared(tm), _shared(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[n], theirs[n], atol=1e-6) for n in ours)
+
+
+def test_replace_fits_the_new_contents_at_their_first_compression():
+    g = torch.Generator().manual_seed(7)
+    cfg = _stateful()
+    tm = TierManager(cfg)
+    tm.defer_next_compression = True  # as under a kvpress press: the prompt stays exact
+    tm.append(torch.randn(2, 2, 39, 8, generator=g), torch.randn(2, 2, 39, 8, generator=g))
+    assert tm.n_cold == [0, 0] and tm.cold.fitted in ([], [False, False])
+    k2, v2 = torch.randn(2, 2, 30, 8, generator=g), torch.randn(2, 2, 30, 8, generator=g)
+    tm.replace(k2, v2)
+    assert tm.n_cold == [0, 0] and tm.seen == 30  # left exact for a second writer
+    tm.settle()
+    fresh = TierManager(cfg)
+    fresh.append(k2, v2)
+    assert tm.n_cold == fresh.n_cold == [3, 3] and tm.cold.fitted == [True, True]
+    ours, theirs = _shared(tm), _shared(fresh)
+    assert ours.keys() == theirs.keys() and all(torch.allclose(ours[n], theirs[n], atol=1e-6) for n in ours)
+    with pytest.raises(NotImplementedError, match=r"needs an uncompressed layer, but rows hold \[3, 3\] compressed"):
+        tm.replace(k2, v2)
+
+
+def test_truncate_refuses_bad_arguments_by_name():
+    tm = TierManager(_lossless(), name="layer 2")
+    k, v = torch.randn(1, 2, 30, 6), torch.randn(1, 2, 30, 6)
+    tm.append(k, v)
+    with pytest.raises(ValueError, match=r"layer 2: truncate\(n\) needs an int in \[0, 30\], got 31"):
+        tm.truncate(31, k, v)
+    with pytest.raises(ValueError, match=r"truncate\(12\) got values shaped \(1, 2, 5, 6\), expected \[1, 2, >= 12, 6\]"):
+        tm.truncate(12, k, v[:, :, :5])
+    assert tm.seen == 30 and tm.n_cold == [3]  # nothing changed

@@ -27,7 +27,8 @@ PACKAGES = ("torch", "transformers", "numpy", "optimum-quanto", "hqq", "kvpress"
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``eval`` options to ``parser``."""
     p = parser
-    p.add_argument("--model", default="smollm2", help="'smollm2' (embedded GGUF) or 'tiny-random' (CI)")
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2' (embedded GGUF), 'tiny-random' (CI), a model directory, a .gguf file or a hub id")
     p.add_argument("--methods", default=None, help="comma-separated method specs (see spectral_kv.eval.methods)")
     p.add_argument("--quick", action="store_true", help="small sizes, a few minutes on 2 CPU cores")
     p.add_argument("--segments", type=int, default=None)
@@ -88,14 +89,9 @@ def _resolve(args) -> dict[str, Any]:
 
 
 def _load(args):
-    if args.model == "tiny-random":
-        from .tiny import tiny_random_model
+    from spectral_kv.models import load_eval_model  # --model PATH_OR_ID, --gguf, --dtype, --device
 
-        return tiny_random_model(args.seed), "tiny-random-llama (2 layers, head_dim 32, random weights)"
-    from spectral_kv.models import DEFAULT_GGUF, load_default_model
-
-    model, tok = load_default_model(progress=False)
-    return (model, tok), f"SmolLM2-135M-Instruct ({DEFAULT_GGUF}, float32, CPU)"
+    return load_eval_model(args)
 
 
 def _default_methods(args) -> list[str]:

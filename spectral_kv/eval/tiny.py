@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ByteTokenizer", "tiny_random_model"]
+__all__ = ["ByteTokenizer", "tiny_random_model", "tiny_hf_tokenizer", "save_tiny_model"]
 
 
 class ByteTokenizer:
@@ -40,3 +40,42 @@ def tiny_random_model(seed: int = 0, head_dim: int = 32, layers: int = 2):
     model = LlamaForCausalLM(cfg).eval()
     model.config._attn_implementation = "sdpa"
     return model, ByteTokenizer()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what byte-level BPE vocabularies use)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def tiny_hf_tokenizer():
+    """A real ``PreTrainedTokenizerFast`` over UTF-8 bytes (ids 0..255: byte-level BPE without
+    merges; EOS and pad = byte 0, BOS = byte 1), built without any download, so clients that
+    need a transformers tokenizer (kvpress' pipeline, ``save_pretrained``, the CLI) run in CI."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    b2u = _bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=b2u[1], eos_token=b2u[0], pad_token=b2u[0])
+
+
+def save_tiny_model(path, seed: int = 0, **kwargs) -> str:
+    """Write the tiny random model and `tiny_hf_tokenizer` as a ``save_pretrained`` directory
+    (what a user's ``--model PATH`` looks like); returns the path."""
+    model, _ = tiny_random_model(seed, **kwargs)
+    model.generation_config.eos_token_id = 0
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(path)
+    tiny_hf_tokenizer().save_pretrained(path)
+    return str(path)

@@ -2,7 +2,9 @@
 
 * `cache`: `SpectralCache` / `SpectralLayer` (the tiers behind transformers' `Cache` API);
 * `attention`: the "spectral_kv" attention and mask functions and the update -> attention hand-off;
-* `patching`: `patch_model` / `SpectralPatch`;
+* `layer_access`: ``SpectralLayer.keys`` / ``.values`` read and assigned as on a `DynamicLayer`;
+* `patching`: `patch_model` / `SpectralPatch`, and `check_generate_limits` (what a ``generate``
+  call needs of the cache's configuration, checked before it runs);
 * `persist`: save / load a cache (safetensors);
 * `model_config`: what is read from a model config (`text_config`, `head_dim`).
 """
@@ -20,7 +22,7 @@ if Version(transformers.__version__) < MIN_TRANSFORMERS:
 
 from .attention import ATTENTION_NAME, COUNTERS, spectral_attention_forward, spectral_mask  # noqa: E402
 from .cache import CROP_ZERO_REMOVES_NOTHING, SpectralCache, SpectralLayer  # noqa: E402
-from .patching import SpectralPatch, patch_model  # noqa: E402
+from .patching import SpectralPatch, check_generate_limits, patch_model  # noqa: E402
 
 __all__ = [
     "ATTENTION_NAME",
@@ -33,4 +35,5 @@ __all__ = [
     "COUNTERS",
     "CROP_ZERO_REMOVES_NOTHING",
     "MIN_TRANSFORMERS",
+    "check_generate_limits",
 ]

@@ -22,6 +22,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .layer_access import defer_if_hooked
+
 __all__ = ["ATTENTION_NAME", "COUNTERS", "hand_off", "spectral_attention_forward", "spectral_mask"]
 
 ATTENTION_NAME = "spectral_kv"
@@ -57,6 +59,7 @@ def spectral_attention_forward(
             raise ValueError(f"spectral_kv attention is for inference; got dropout={dropout}")
         COUNTERS["spectral_calls"] += 1
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        defer_if_hooked(layer, module, query)  # a kvpress press in a forward hook reads the prompt exactly
         out = layer.attend_and_commit(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
     COUNTERS["exact_calls"] += 1

@@ -29,6 +29,7 @@ from ...graphs import advance_deferred
 from ...registry import ATTENTION_STRATEGIES
 from ...tiers import TierManager, crop_length
 from .attention import ATTENTION_NAME, hand_off
+from .layer_access import finish_writes, read_role, write_role
 from .model_config import head_dim, kv_heads, text_config
 from .persist import load_cache, model_identity, save_cache
 from .tensor_parallel import local_split
@@ -98,6 +99,7 @@ class SpectralLayer(CacheLayerMixin):
         return impl == ATTENTION_NAME
 
     def update(self, key_states, value_states, cache_kwargs: dict[str, Any] | None = None):
+        finish_writes(self)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self._staged:
@@ -189,6 +191,26 @@ class SpectralLayer(CacheLayerMixin):
 
     def memory_report(self) -> dict[str, int]:
         return self.tiers.memory_report()
+
+    # -------------------------------------------------------------- keys / values (DynamicLayer's attributes)
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Keys ``[B, H, L, D]`` in the model's dtype as attention sees them, ``None`` while empty;
+        assignable as on a `DynamicLayer` (see `.layer_access`)."""
+        return read_role(self, "keys")
+
+    @keys.setter
+    def keys(self, new: torch.Tensor | None) -> None:
+        write_role(self, "keys", new)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Values ``[B, H, L, D]``; see `keys`."""
+        return read_role(self, "values")
+
+    @values.setter
+    def values(self, new: torch.Tensor | None) -> None:
+        write_role(self, "values", new)
 
 
 def _exact_layer_report(layer) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""`patch_model`: route one transformers model's attention and ``generate`` cache through spectral_kv."""
+"""`patch_model`: route one transformers model's attention and ``generate`` cache through spectral_kv,
+and `check_generate_limits`: refuse, before anything runs, a ``generate`` call the cache cannot serve."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from .attention import ATTENTION_NAME
 from .cache import SpectralCache
 from .tensor_parallel import check_split, tp_size
 
-__all__ = ["SpectralPatch", "patch_model"]
+__all__ = ["SpectralPatch", "patch_model", "check_generate_limits", "DEFAULT_ASSISTANT_TOKENS"]
 
 
 class SpectralPatch:
@@ -62,6 +63,53 @@ def _set_attn(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
+# transformers' default draft length (GenerationConfig._get_default_generation_params)
+DEFAULT_ASSISTANT_TOKENS = 20
+
+
+def check_generate_limits(config: SpectralConfig, model, kwargs: dict) -> None:
+    """Refuse, before anything runs, a ``generate`` call this cache's configuration cannot serve.
+
+    Assisted and prompt-lookup decoding remove rejected draft tokens with ``crop``, exact only
+    within the newest ``hot_buffer_size`` tokens; a longer draft would fail mid-generation.
+    The draft length is the assistant's ``num_assistant_tokens`` (default 20) under the
+    ``"constant"`` schedule; the heuristic schedules grow it by 2 after every fully accepted
+    draft, so only ``max_new_tokens`` bounds it; prompt lookup drafts
+    ``prompt_lookup_num_tokens``. Raises `ValueError` naming both values.
+    """
+    gen = kwargs.get("generation_config") or model.generation_config
+
+    def get(name):
+        return kwargs[name] if kwargs.get(name) is not None else getattr(gen, name, None)
+
+    hot = config.hot_buffer_size
+    drafts = []
+    assistant = kwargs.get("assistant_model")
+    if assistant is not None or get("assistant_early_exit") is not None:
+        agen = (assistant if assistant is not None else model).generation_config
+        n = agen.num_assistant_tokens if agen.num_assistant_tokens is not None else DEFAULT_ASSISTANT_TOKENS
+        schedule = agen.num_assistant_tokens_schedule or "constant"
+        if schedule == "constant":
+            drafts.append((int(n), f"num_assistant_tokens={int(n)}"))
+        else:
+            bound = get("max_new_tokens")
+            bound = float("inf") if bound is None else max(int(n), int(bound))
+            drafts.append((bound, f"num_assistant_tokens={int(n)} under the {schedule!r} schedule, which grows it "
+                                  f"up to max_new_tokens={get('max_new_tokens')}"))
+    lookup = get("prompt_lookup_num_tokens")
+    if lookup is not None:
+        drafts.append((int(lookup), f"prompt_lookup_num_tokens={int(lookup)}"))
+    for draft, what in drafts:
+        if draft > hot:
+            raise ValueError(
+                f"spectral_kv: assisted decoding drafts up to {draft} tokens ({what}), more than "
+                f"hot_buffer_size={hot}: rejected drafts are removed with crop, which is exact only within the "
+                f"newest hot_buffer_size tokens. Set the assistant's generation_config.num_assistant_tokens (or "
+                f"prompt_lookup_num_tokens) <= {hot} with num_assistant_tokens_schedule='constant', or "
+                f"hot_buffer_size >= {draft if draft != float('inf') else 'max_new_tokens'}"
+            )
+
+
 def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -> SpectralPatch:
     """Route a transformers model's attention and ``generate`` cache through spectral_kv.
 
@@ -80,6 +128,9 @@ def patch_model(model, config: SpectralConfig, *, verbose: bool | None = None) -
     def generate(*args, **kwargs):
         if kwargs.get("past_key_values") is None and kwargs.get("use_cache", True) is not False:
             kwargs["past_key_values"] = handle.new_cache()
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, SpectralCache):
+            check_generate_limits(cache.config, model, kwargs)
         return original(*args, **kwargs)
 
     model.generate = generate
