@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "preset_fields"]
+__all__ = ["PRESETS", "preset_fields", "design_call_fields"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "original": dict(compressor="exact_svd", k_rank_keys=16, k_rank_values=32, coeff_bits=8, sink_tokens=0,
@@ -36,3 +36,30 @@ def preset_fields(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[name])
+
+
+def design_call_fields(named: dict[str, Any], more: dict[str, Any], base_given: bool) -> dict[str, Any]:
+    """Config changes of the original design's call ``patch_unsloth_attention(model, block_size=...,
+    k_rank_keys=16, k_rank_values=32, ...)``.
+
+    Parameters
+    ----------
+    named : dict
+        The design's named arguments the caller passed (``None`` / absent = not passed).
+    more : dict
+        The other `SpectralConfig` fields passed.
+    base_given : bool
+        A ``preset`` or ``config`` was passed (then it decides the compressor).
+
+    Returns
+    -------
+    dict
+        ``named`` (without ``None``) and ``more``; with explicit ranks but no compressor, preset
+        or config, ``compressor="spectral_quant"``: the ranks then cap the components of the
+        learned basis (the default ``hadamard`` keeps every component and would refuse them).
+    """
+    changes = {k: v for k, v in named.items() if v is not None}
+    ranks = any(changes.get(k) is not None for k in ("k_rank_keys", "k_rank_values"))
+    if ranks and not base_given and "compressor" not in more and "value_compressor" not in more:
+        changes["compressor"] = "spectral_quant"
+    return {**changes, **more}
