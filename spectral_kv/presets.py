@@ -11,6 +11,11 @@ the README's quality table is generated from those files.
 * ``balanced`` (the library default): Hadamard-rotated grouped quantization, keys 4-bit
   per channel over 128 tokens, values 3-bit per token over (up to) 128 channels.
 * ``max-compression``: the same with 3-bit keys and 2-bit values.
+* ``spectral-5x`` / ``spectral-8x`` (candidates, chosen on the TUNING split only by attention
+  fidelity of captured K/V, `results/TUNING_NOTES.md`; not yet validated, not the default):
+  keys in the per-row learned basis (``spectral_quant``) with widths per segment; values
+  Hadamard 2-bit (5x) or learned-basis with the tail dropped (8x). They need the tier
+  manager's per-row shared-basis plumbing (`Compressor.fit`) to run in a cache.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      value_compressor=None),
     "max-compression": dict(compressor="hadamard", coeff_bits=3, value_bits=2, quant_group=128, sink_tokens=4,
                             value_compressor=None),
+    "spectral-5x": dict(compressor="spectral_quant", key_segments=((16, 4), (48, 3)), value_compressor="hadamard",
+                        value_bits=2, quant_group=128, sink_tokens=4),
+    "spectral-8x": dict(compressor="spectral_quant", key_segments=((32, 3), (32, 0)), value_compressor=None,
+                        value_segments=((32, 2), (32, 0)), quant_group=128, sink_tokens=4),
 }
 
 

@@ -212,3 +212,14 @@ def test_original_design_call_selects_the_low_rank_spectral_layout():
     assert design_call_fields(dict(k_rank_keys=16), {"compressor": "exact_svd"}, base_given=False) == {"k_rank_keys": 16, "compressor": "exact_svd"}
     assert "compressor" not in design_call_fields(dict(k_rank_keys=16), {}, base_given=True)
     assert "compressor" not in design_call_fields(dict(block_size=256), {}, base_given=False)
+
+
+@pytest.mark.parametrize("name", ["spectral-5x", "spectral-8x"])
+def test_candidate_presets_are_valid_learned_basis_layouts(name):
+    cfg = SpectralConfig.preset(name)
+    assert cfg.compressor == "spectral_quant" and cfg.key_segments is not None
+    cfg.check_head_dim(64)
+    from spectral_kv.eval.tune import block_bytes
+
+    ratio = block_bytes(cfg, 64, 6)["ratio"]  # 3.5K context: 6 cold blocks share the row's basis
+    assert ratio >= (5.0 if name == "spectral-5x" else 8.0)

@@ -22,7 +22,7 @@ from spectral_kv.compressors import COMPRESSORS
 
 from .fidelity import layer_fidelity
 
-__all__ = ["capture", "evaluate", "block_bytes", "distortion_tables"]
+__all__ = ["capture", "evaluate", "block_bytes", "distortion_tables", "sweep"]
 
 
 @torch.inference_mode()
@@ -72,7 +72,7 @@ def _roundtrip(comp, x: torch.Tensor) -> torch.Tensor:
     h, n, d = x.shape
     t = comp.config.block_size
     blocks = x.reshape(h * (n // t), t, d)
-    if hasattr(comp, "fit"):
+    if getattr(comp, "shared_specs", None) and comp.shared_specs(d):  # a per-row fitted basis
         basis = comp.fit(x[None])["basis"][0]  # [H, D, D]
         shared = {"basis": basis.repeat_interleave(n // t, 0)}
         return comp.decompress(comp.compress(blocks, shared), torch.float32, shared).reshape(h, n, d)
@@ -127,8 +127,45 @@ def distortion_tables(data: dict[str, Any], config: SpectralConfig, role: str, u
     return tables
 
 
+def sweep(path: str, key_budgets=(1.5, 2.0, 2.5, 3.0, 3.5, 4.0), value_budgets=(1.5, 2.0, 2.5, 3.0, 3.5, 4.0),
+          baselines: bool = False) -> list[dict]:
+    """Score the Hadamard presets and DP allocations (one layout for every layer) at each
+    budget pair; print one line per candidate and return the rows."""
+    from spectral_kv.allocate import allocate
+
+    data = torch.load(path)
+    base = dict(block_size=512, hot_buffer_size=64, sink_tokens=4, verbose=False)
+    rows = []
+
+    def run(name, cfg, **extra):
+        r = {"name": name, **extra, **evaluate(data, cfg)}
+        rows.append(r)
+        print(f"{name:60s} ratio {r['cold_ratio']:.2f}x out_err {r['output_rel_err']:.4f} "
+              f"max {r['max_output_rel_err']:.4f} kl {r['kl']:.5f}", flush=True)
+
+    if baselines:
+        run("hadamard K4/V3 (balanced)", SpectralConfig(compressor="hadamard", coeff_bits=4, value_bits=3, **base))
+        run("hadamard K3/V2 (max-compression)", SpectralConfig(compressor="hadamard", coeff_bits=3, value_bits=2, **base))
+    probe = SpectralConfig(compressor="spectral_quant", **base)
+    tables = {role: distortion_tables(data, probe, role) for role in ("keys", "values")}
+    glob = {role: [[sum(t[u][b] for t in tables[role]) for b in range(9)] for u in range(len(tables[role][0]))]
+            for role in tables}
+    units = [16] * len(glob["keys"])
+    for kb in key_budgets:
+        ks = allocate(glob["keys"], units, kb, merge=True)
+        for vb in value_budgets:
+            vs = allocate(glob["values"], units, vb, segment_overhead=32, merge=True)
+            cfg = SpectralConfig(compressor="spectral_quant", key_segments=ks, value_segments=vs, **base)
+            run(f"sq K{ks} V{vs}", cfg, key_budget=kb, value_budget=vb, key_segments=ks, value_segments=vs)
+    return rows
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "capture":
         capture(sys.argv[2], threads=1)
+    elif len(sys.argv) >= 3 and sys.argv[1] == "sweep":
+        # optional: comma-separated key and value budgets (bits per coefficient)
+        budgets = [tuple(float(b) for b in a.split(",")) for a in sys.argv[3:5]]
+        sweep(sys.argv[2], *budgets)
     else:
-        raise SystemExit("usage: python -m spectral_kv.eval.tune capture OUT.pt")
+        raise SystemExit("usage: python -m spectral_kv.eval.tune capture|sweep OUT.pt")
