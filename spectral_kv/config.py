@@ -9,8 +9,14 @@ import torch
 
 from .registry import ATTENTION_STRATEGIES, COMPRESSORS
 
-__all__ = ["SpectralConfig", "DTYPES"]
+__all__ = ["SpectralConfig", "DTYPES", "LAYOUT_FIELDS"]
 
+# Fields whose meaning depends on the compressor: each must be read by a role's compressor
+# (`Compressor.reads`) or keep its default.
+LAYOUT_FIELDS = (
+    "k_rank_keys", "k_rank_values", "coeff_bits", "value_bits", "quant_group", "basis_dtype", "seed",
+    "rsvd_oversample", "rsvd_power_iters", "key_segments", "value_segments",
+)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -38,8 +44,11 @@ class SpectralConfig:
     ----------
     block_size : int
         Tokens per cold block; the warm tier compresses one block when it holds this many.
-    k_rank_keys, k_rank_values : int
-        Rank of the low-rank factors of key / value blocks (``<= head_dim``, ``<= block_size``).
+    k_rank_keys, k_rank_values : int or None
+        Rank of the low-rank factors of key / value blocks (``<= head_dim``, ``<= block_size``):
+        required by the SVD compressors, a cap on the kept components for ``spectral_quant``,
+        ``None`` (not set, the default) otherwise. The original design's 16 / 32 are in the
+        ``original`` and ``fast`` presets.
     hot_buffer_size : int
         Newest tokens always kept exact (``< block_size``).
     use_spectral_attention : bool
@@ -73,6 +82,11 @@ class SpectralConfig:
         Seed of randomized compressors, so runs are reproducible.
     rsvd_oversample, rsvd_power_iters : int
         Randomized SVD's oversampling and power iterations.
+    key_segments, value_segments : tuple of (channels, bits) pairs, or None
+        ``spectral_quant`` only: the block layout of keys / values in the learned basis, one
+        width 0..8 per segment of components (non-increasing; channels not listed are dropped),
+        e.g. ``((16, 6), (16, 4), (32, 2))``. ``None``: one width (``coeff_bits`` /
+        ``value_bits``) for every kept component.
     compress_lag : int
         Static (frozen) caches only (`SpectralCache.freeze`): ``0`` compresses a block on the
         decode step that fills it; ``n > 0`` compresses it in the background (a side CUDA
@@ -85,8 +99,8 @@ class SpectralConfig:
     """
 
     block_size: int = 512
-    k_rank_keys: int = 16
-    k_rank_values: int = 32
+    k_rank_keys: int | None = None
+    k_rank_values: int | None = None
     hot_buffer_size: int = 64
     use_spectral_attention: bool = True
     verbose: bool = True
@@ -103,10 +117,16 @@ class SpectralConfig:
     rsvd_power_iters: int = 2
     compile: bool = False
     compress_lag: int = 0
+    key_segments: tuple | None = None
+    value_segments: tuple | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "k_rank_keys", "k_rank_values", "quant_group"):
-            _positive_int(name, getattr(self, name))
+            if getattr(self, name) is not None or name in ("block_size", "quant_group"):
+                _positive_int(name, getattr(self, name))
+        for name in ("key_segments", "value_segments"):  # lists (JSON, CLI) become hashable tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(tuple(s) if isinstance(s, list) else s for s in getattr(self, name)))
         for name in ("hot_buffer_size", "sink_tokens", "seed", "rsvd_oversample", "rsvd_power_iters", "compress_lag"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -132,6 +152,7 @@ class SpectralConfig:
             COMPRESSORS.check(self.value_compressor)
         for role in ("keys", "values"):
             COMPRESSORS[self.compressor_name(role)].check_config(self, role)
+        self._check_fields_read()
         kc, vc = (COMPRESSORS[self.compressor_name(r)] for r in ("keys", "values"))
         if self.attention is not None:
             ATTENTION_STRATEGIES.check(self.attention)
@@ -147,6 +168,22 @@ class SpectralConfig:
                 "factored: set use_spectral_attention=False (attention='reconstruct')"
             )
 
+    def _check_fields_read(self) -> None:
+        """Nothing silently ignored: a layout-specific field set to a non-default value that
+        neither role's compressor reads (`Compressor.reads`) raises, naming field and layout."""
+        read = COMPRESSORS[self.compressor_name("keys")].reads(self, "keys") | COMPRESSORS[
+            self.compressor_name("values")
+        ].reads(self, "values")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in LAYOUT_FIELDS:
+            value = getattr(self, name)
+            if name not in read and value != defaults[name]:
+                raise ValueError(
+                    f"{name}={value!r} has no effect under the layout keys={self.compressor_name('keys')!r}, "
+                    f"values={self.compressor_name('values')!r} (it reads {sorted(read & set(LAYOUT_FIELDS))}); "
+                    "leave it unset or choose a compressor that uses it"
+                )
+
     @property
     def attention_name(self) -> str:
         """The attention strategy named by the config. With ``attention=None`` a layer on CUDA
@@ -156,8 +193,13 @@ class SpectralConfig:
             return self.attention
         return "spectral" if self.use_spectral_attention else "reconstruct"
 
-    def rank(self, role: str) -> int:
-        """Rank for ``role`` in ``{"keys", "values"}``."""
+    def segments(self, role: str) -> tuple | None:
+        """``key_segments`` / ``value_segments`` for ``role``."""
+        self.rank(role)
+        return self.key_segments if role == "keys" else self.value_segments
+
+    def rank(self, role: str) -> int | None:
+        """Rank for ``role`` in ``{"keys", "values"}`` (``None``: not set)."""
         if role == "keys":
             return self.k_rank_keys
         if role == "values":

@@ -11,13 +11,18 @@ the README's quality table is generated from those files.
 * ``balanced`` (the library default): Hadamard-rotated grouped quantization, keys 4-bit
   per channel over 128 tokens, values 3-bit per token over (up to) 128 channels.
 * ``max-compression``: the same with 3-bit keys and 2-bit values.
+* ``spectral-5x`` / ``spectral-8x`` (candidates, chosen on the TUNING split only by attention
+  fidelity of captured K/V, `results/TUNING_NOTES.md`; not yet validated, not the default):
+  keys in the per-row learned basis (``spectral_quant``) with widths per segment; values
+  Hadamard 2-bit (5x) or learned-basis with the tail dropped (8x). They need the tier
+  manager's per-row shared-basis plumbing (`Compressor.fit`) to run in a cache.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PRESETS", "preset_fields"]
+__all__ = ["PRESETS", "preset_fields", "design_call_fields"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "original": dict(compressor="exact_svd", k_rank_keys=16, k_rank_values=32, coeff_bits=8, sink_tokens=0,
@@ -28,6 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      value_compressor=None),
     "max-compression": dict(compressor="hadamard", coeff_bits=3, value_bits=2, quant_group=128, sink_tokens=4,
                             value_compressor=None),
+    "spectral-5x": dict(compressor="spectral_quant", key_segments=((16, 4), (48, 3)), value_compressor="hadamard",
+                        value_bits=2, quant_group=128, sink_tokens=4),
+    "spectral-8x": dict(compressor="spectral_quant", key_segments=((32, 3), (32, 0)), value_compressor=None,
+                        value_segments=((32, 2), (32, 0)), quant_group=128, sink_tokens=4),
 }
 
 
@@ -36,3 +45,30 @@ def preset_fields(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return dict(PRESETS[name])
+
+
+def design_call_fields(named: dict[str, Any], more: dict[str, Any], base_given: bool) -> dict[str, Any]:
+    """Config changes of the original design's call ``patch_unsloth_attention(model, block_size=...,
+    k_rank_keys=16, k_rank_values=32, ...)``.
+
+    Parameters
+    ----------
+    named : dict
+        The design's named arguments the caller passed (``None`` / absent = not passed).
+    more : dict
+        The other `SpectralConfig` fields passed.
+    base_given : bool
+        A ``preset`` or ``config`` was passed (then it decides the compressor).
+
+    Returns
+    -------
+    dict
+        ``named`` (without ``None``) and ``more``; with explicit ranks but no compressor, preset
+        or config, ``compressor="spectral_quant"``: the ranks then cap the components of the
+        learned basis (the default ``hadamard`` keeps every component and would refuse them).
+    """
+    changes = {k: v for k, v in named.items() if v is not None}
+    ranks = any(changes.get(k) is not None for k in ("k_rank_keys", "k_rank_values"))
+    if ranks and not base_given and "compressor" not in more and "value_compressor" not in more:
+        changes["compressor"] = "spectral_quant"
+    return {**changes, **more}

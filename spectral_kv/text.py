@@ -8,7 +8,9 @@ import pydoc
 import re
 from unittest import mock
 
-__all__ = ["CORPUS_MODULES", "stdlib_text", "stdlib_tokens", "CORPUS_NAME"]
+__all__ = [
+    "CORPUS_MODULES", "stdlib_text", "stdlib_tokens", "CORPUS_NAME", "SPLITS", "stdlib_source", "split_sources",
+]
 
 CORPUS_NAME = "pydoc rendering of CPython stdlib modules"
 # Prose-heavy modules first; the order is fixed so every run reads the same text.
@@ -19,6 +21,52 @@ CORPUS_MODULES = (
     "zipfile", "socket", "decimal", "fractions", "statistics", "random", "textwrap", "string",
     "inspect", "pickle", "heapq", "bisect", "enum", "abc", "io", "os", "time", "calendar",
 )
+
+
+# Tuning / validation split (disjoint modules; no choice of a preset or allocation is made on
+# validation). Each split holds two kinds of real text: pydoc prose of some modules and the
+# Python source code of others, no module in two places (a module's source contains its
+# docstrings, so source modules are never pydoc modules either). The Debian python3.*-doc
+# packages are reserved for independent checks and are used by neither split.
+SPLITS = {
+    "tuning": {
+        "pydoc": CORPUS_MODULES[0::2],
+        "source": ("configparser", "optparse", "tokenize", "smtplib", "ftplib", "tempfile", "shlex", "queue"),
+    },
+    "validation": {
+        "pydoc": CORPUS_MODULES[1::2],
+        "source": ("difflib", "pdb", "imaplib", "mailbox", "weakref", "pprint", "gettext", "uuid", "plistlib"),
+    },
+}
+
+
+@functools.lru_cache(maxsize=8)
+def stdlib_source(modules: tuple[str, ...]) -> str:
+    """The Python source files of ``modules`` as shipped with this interpreter, joined (each
+    preceded by a ``# file: name.py`` line). Modules without a Python source are skipped."""
+    import importlib
+    import inspect
+
+    parts = []
+    for name in modules:
+        try:
+            path = inspect.getsourcefile(importlib.import_module(name))
+        except (ImportError, TypeError):
+            continue
+        if path is None:
+            continue
+        with open(path, encoding="utf-8") as f:
+            parts.append(f"# file: {name.replace('.', '/')}.py\n" + f.read())
+    return "\n\n".join(parts)
+
+
+def split_sources(split: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``[(kind, text, modules), ...]`` of a split (``"tuning"`` or ``"validation"``), pydoc first."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    s = SPLITS[split]
+    return [("pydoc", stdlib_text(tuple(s["pydoc"])), tuple(s["pydoc"])),
+            ("source", stdlib_source(tuple(s["source"])), tuple(s["source"]))]
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

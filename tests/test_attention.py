@@ -36,6 +36,16 @@ LAYOUTS = {
 }
 
 
+def _layout(layout, k, v, **svd_only):
+    """The layout's fields, plus ranks (and ``svd_only`` fields) for the roles an SVD compresses:
+    a field no role's compressor reads must stay unset."""
+    cfg = dict(LAYOUTS[layout])
+    keys_svd = cfg["compressor"] == "exact_svd"
+    values_svd = (cfg.get("value_compressor") or cfg["compressor"]) == "exact_svd"
+    cfg.update({"k_rank_keys": k} if keys_svd else {}, **({"k_rank_values": v} if values_svd else {}))
+    return {**cfg, **svd_only} if keys_svd or values_svd else cfg
+
+
 def _values_hadamard(layout):
     return "hadamard" in (LAYOUTS[layout].get("value_compressor") or LAYOUTS[layout]["compressor"])
 
@@ -49,8 +59,8 @@ shapes = dict(
 @given(bits=st.sampled_from([None, 8, 4]), layout=st.sampled_from(sorted(LAYOUTS)), **shapes)
 def test_spectral_equals_reconstruct(bits, layout, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
     vbits = 3 if _values_hadamard(layout) else 8
-    cfg = SpectralConfig(block_size=8, k_rank_keys=2, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits,
-                         value_bits=vbits, **LAYOUTS[layout])
+    cfg = SpectralConfig(block_size=8, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits,
+                         value_bits=vbits, **_layout(layout, 2, 4))
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
@@ -63,8 +73,8 @@ def test_spectral_equals_reconstruct(bits, layout, batch, kv_heads, group, d, si
 @given(name=st.sampled_from(["spectral", "reconstruct"]), layout=st.sampled_from(sorted(LAYOUTS)), **shapes)
 def test_full_rank_lossless_equals_exact_attention(name, layout, batch, kv_heads, group, d, sizes, tq, pad_p, seed):
     # Full-rank SVD with float32 bases and unquantized hadamard coefficients are both lossless.
-    cfg = SpectralConfig(block_size=16, k_rank_keys=d, k_rank_values=d, hot_buffer_size=2, sink_tokens=1, coeff_bits=None,
-                         value_bits="same", basis_dtype="float32", **LAYOUTS[layout])
+    cfg = SpectralConfig(block_size=16, hot_buffer_size=2, sink_tokens=1, coeff_bits=None,
+                         value_bits="same", **_layout(layout, d, d, basis_dtype="float32"))
     tm, g = _filled(cfg, batch, kv_heads, d, sizes, pad_p, seed)
     q = torch.randn(batch, kv_heads * group, tq, d, generator=g)
     nk, nv = torch.randn(batch, kv_heads, tq, d, generator=g), torch.randn(batch, kv_heads, tq, d, generator=g)
@@ -85,8 +95,8 @@ def test_spectral_applies_a_shared_basis_once_not_per_block(layout, monkeypatch)
     # step (shared_basis), never as basis()'s per-block [B, H, NB, D, D] expansion, which the
     # old code copied (reshape) at every decode step. Ragged rows, GQA and a mask included.
     d, batch, kv_heads, group, tq = 12, 2, 2, 3, 2  # 12: a non-symmetric rotation (Sylvester-Hadamard is)
-    cfg = SpectralConfig(block_size=8, k_rank_keys=4, k_rank_values=4, hot_buffer_size=2, sink_tokens=1, coeff_bits=None,
-                         value_bits="same", basis_dtype="float32", **LAYOUTS[layout])
+    cfg = SpectralConfig(block_size=8, hot_buffer_size=2, sink_tokens=1, coeff_bits=None,
+                         value_bits="same", **_layout(layout, 4, 4, basis_dtype="float32"))
     g = torch.Generator().manual_seed(1)
     tm = TierManager(cfg)
     valid = torch.arange(40) >= torch.tensor([[0], [20]])  # row 1 is left-padded by 20 tokens

@@ -13,7 +13,7 @@ CFG = SpectralConfig.preset("fast", block_size=8, k_rank_keys=4, k_rank_values=4
 # The default layout: one rotation shared by all blocks (the spectral strategy's shared-basis path).
 HADAMARD = SpectralConfig(block_size=8, hot_buffer_size=3, sink_tokens=2, quant_group=8)
 # Per-block SVD basis for the keys, the shared rotation for the values.
-MIXED = CFG.replace(value_compressor="hadamard", value_bits=3, quant_group=8)
+MIXED = CFG.replace(value_compressor="hadamard", value_bits=3, quant_group=8, k_rank_values=None)
 B, H, G, D = 2, 2, 3, 8
 
 

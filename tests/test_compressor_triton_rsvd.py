@@ -11,6 +11,11 @@ from spectral_kv.tiers import TierManager
 LOSSLESS = dict(coeff_bits=None, value_bits="same", basis_dtype="float32")
 
 
+def _cfg(**kw):
+    """A triton_rsvd config (the compressors below get their rank as an argument)."""
+    return SpectralConfig(**{**LOSSLESS, "compressor": "triton_rsvd", "k_rank_keys": 16, "k_rank_values": 16, **kw})
+
+
 def low_rank_plus_noise(n, t, d, rank, noise, seed, decay=0.8):
     g = torch.Generator().manual_seed(seed)
     u = torch.linalg.qr(torch.randn(n, t, rank, generator=g)).Q
@@ -20,7 +25,7 @@ def low_rank_plus_noise(n, t, d, rank, noise, seed, decay=0.8):
 
 
 def rank_error(name, x, rank, **cfg):
-    comp = COMPRESSORS[name](SpectralConfig(**{**LOSSLESS, **cfg}), "keys", rank)
+    comp = COMPRESSORS[name](_cfg(**{"compressor": name, **cfg}), "keys", rank)
     y = comp.decompress(comp.compress(x), torch.float64)
     return (y - x.double()).norm(dim=(-1, -2))
 
@@ -74,9 +79,9 @@ def test_parts_shapes_and_dtypes():
 
 def test_seed_and_knobs_come_from_config():
     x = low_rank_plus_noise(2, 64, 32, 32, 0.0, seed=2, decay=0.95)  # slow decay: the sketch matters
-    a = COMPRESSORS["triton_rsvd"](SpectralConfig(seed=1, **LOSSLESS), "keys", 4).factorize(x, 4)
-    b = COMPRESSORS["triton_rsvd"](SpectralConfig(seed=1, **LOSSLESS), "keys", 4).factorize(x, 4)
-    c = COMPRESSORS["triton_rsvd"](SpectralConfig(seed=2, **LOSSLESS), "keys", 4).factorize(x, 4)
+    a = COMPRESSORS["triton_rsvd"](_cfg(seed=1), "keys", 4).factorize(x, 4)
+    b = COMPRESSORS["triton_rsvd"](_cfg(seed=1), "keys", 4).factorize(x, 4)
+    c = COMPRESSORS["triton_rsvd"](_cfg(seed=2), "keys", 4).factorize(x, 4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[1], c[1])
     # No oversampling and no power iterations must visibly lose accuracy on a flat spectrum.
@@ -110,7 +115,7 @@ def test_in_tiers_matches_exact_svd_on_low_rank_stream():
 def test_cpu_capturable_path_agrees_with_cpu_default(monkeypatch):
     # CPU runs the reference twin; the GPU's capturable ops compute the same factorization.
     x = low_rank_plus_noise(2, 32, 16, 6, 0.01, seed=7)
-    comp = COMPRESSORS["triton_rsvd"](SpectralConfig(**LOSSLESS), "keys", 4)
+    comp = COMPRESSORS["triton_rsvd"](_cfg(), "keys", 4)
     c_ref, b_ref = comp.factorize(x, 4)
     monkeypatch.setattr(TritonRSVD, "cpu_capturable", True)
     c, b = comp.factorize(x, 4)
@@ -121,7 +126,7 @@ def test_cpu_capturable_path_agrees_with_cpu_default(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_path_matches_eager():
     x = low_rank_plus_noise(8, 128, 64, 16, 0.01, seed=6).cuda()
-    comp = COMPRESSORS["triton_rsvd"](SpectralConfig(**LOSSLESS), "keys", 16)
+    comp = COMPRESSORS["triton_rsvd"](_cfg(), "keys", 16)
     graphed = comp.factorize(x, 16)
     again = comp.factorize(x * 2, 16)  # replay with new data
     TritonRSVD.use_cuda_graphs = False

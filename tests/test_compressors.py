@@ -22,7 +22,7 @@ def test_exact_svd_error_equals_tail_energy(t, d, seed, decay, data):
     """Eckart–Young: ||X - X_k||_F^2 == sum of the singular values beyond k, squared."""
     rank = data.draw(st.integers(1, min(t, d)))
     x, s = _matrix(2, t, d, seed, decay)
-    comp = COMPRESSORS["exact_svd"](SpectralConfig(**LOSSLESS), "keys", rank)
+    comp = COMPRESSORS["exact_svd"](SpectralConfig(**LOSSLESS, compressor="exact_svd", k_rank_keys=rank, k_rank_values=rank), "keys", rank)
     y = comp.decompress(comp.compress(x), torch.float64)
     err2 = ((y - x.double()) ** 2).sum(dim=(-1, -2))
     tail = (s[rank:] ** 2).sum()
@@ -35,7 +35,7 @@ def test_error_never_rises_with_rank(t, d, seed, name, bits):
     x = torch.randn(1, t, d, generator=g) * torch.linspace(3, 0.1, d)
     errs = []
     for rank in range(1, min(t, d) + 1):
-        comp = COMPRESSORS[name](SpectralConfig(coeff_bits=bits, basis_dtype="float32"), "keys", rank)
+        comp = COMPRESSORS[name](SpectralConfig(compressor=name, coeff_bits=bits, value_bits="same", basis_dtype="float32", k_rank_keys=rank, k_rank_values=rank), "keys", rank)
         errs.append(float((comp.decompress(comp.compress(x), torch.float64) - x.double()).norm()))
     slack = 1e-4 * float(x.norm()) + (0.02 * float(x.norm()) if bits else 0.0)
     assert all(b <= a + slack for a, b in zip(errs, errs[1:])), errs
@@ -46,7 +46,7 @@ def test_full_rank_unquantized_is_identity(seed, rank):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 20, rank, generator=g)  # rank == head_dim: full rank
     for name in ("exact_svd", "randomized_svd"):
-        comp = COMPRESSORS[name](SpectralConfig(**LOSSLESS), "values", rank)
+        comp = COMPRESSORS[name](SpectralConfig(**LOSSLESS, compressor=name, k_rank_keys=rank, k_rank_values=rank), "values", rank)
         assert torch.allclose(comp.decompress(comp.compress(x), torch.float32), x, atol=1e-4)
 
 
@@ -72,7 +72,7 @@ def test_user_compressor_is_selectable_by_name():
             basis = torch.eye(x.shape[-1])[:rank].expand(x.shape[0], rank, x.shape[-1])
             return x[..., :rank], basis
 
-    cfg = SpectralConfig(compressor="test_first_components", **LOSSLESS)
+    cfg = SpectralConfig(compressor="test_first_components", k_rank_keys=2, k_rank_values=2, **LOSSLESS)
     comp = COMPRESSORS[cfg.compressor](cfg, "keys", 2)
     x = torch.randn(1, 5, 4)
     y = comp.decompress(comp.compress(x), torch.float32)

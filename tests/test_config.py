@@ -41,7 +41,7 @@ def test_int4_needs_even_rank():
 
 def test_svd_compressors_reject_bits_they_cannot_store():
     with pytest.raises(ValueError, match=r"value_bits=3 is not supported by compressor 'exact_svd' \(values\)"):
-        SpectralConfig(compressor="exact_svd", coeff_bits=8, value_bits=3)
+        SpectralConfig(compressor="exact_svd", coeff_bits=8, value_bits=3, k_rank_keys=16, k_rank_values=32)
     SpectralConfig(value_compressor="kivi4")  # KIVI is factored (identity basis): spectral serves it
     import plugins  # noqa: F401  registers test_raw, a compressor that is not factored
 
@@ -55,13 +55,14 @@ def test_rank_above_head_dim_rejected_against_model():
     model_config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
     with pytest.raises(ValueError, match="k_rank_values=32 exceeds the model's head_dim=16"):
         SpectralCache(SpectralConfig(compressor="exact_svd", value_bits="same", k_rank_keys=8, k_rank_values=32), model_config)
-    # the ranks do not constrain compressors that have none (the default, hadamard)
-    assert SpectralCache(SpectralConfig(k_rank_keys=8, k_rank_values=32), model_config) is not None
+    # compressors without a rank (the default, hadamard) refuse ranks instead of ignoring them
+    with pytest.raises(ValueError, match="k_rank_keys=8 has no effect under the layout keys='hadamard'"):
+        SpectralConfig(k_rank_keys=8, k_rank_values=32)
 
 
 def test_defaults_are_the_balanced_preset_with_the_original_tiers():
     c = SpectralConfig()
-    assert (c.block_size, c.k_rank_keys, c.k_rank_values, c.hot_buffer_size) == (512, 16, 32, 64)
+    assert (c.block_size, c.k_rank_keys, c.k_rank_values, c.hot_buffer_size) == (512, None, None, 64)
     assert c.use_spectral_attention and c.verbose and c.sink_tokens == 4
     assert c == SpectralConfig.preset("balanced")
     assert (c.compressor_name("keys"), c.bits("keys"), c.bits("values")) == ("hadamard", 4, 3)

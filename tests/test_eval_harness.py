@@ -97,11 +97,13 @@ def test_harness_end_to_end(tmp_path):
 
     args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
         ["--model", "tiny-random", "--out", str(tmp_path), "--tag", "ci",
-         "--methods", "exact;spectral:block=64,hot=16,k=8,v=16;kivi2:block=64,hot=16"]
+         "--methods", "exact;spectral:block=64,hot=16,preset=fast,k=8,v=16;kivi2:block=64,hot=16"]
     )
     assert run_eval(args) == 0
     res = json.loads((tmp_path / "ci.json").read_text())
-    assert res["corpus"]["name"].startswith("pydoc") and res["versions"]["torch"]
+    assert res["split"] == res["corpus"]["split"] == res["quality"]["split"] == "validation" and res["versions"]["torch"]
+    assert [s["kind"] for s in res["corpus"]["sources"]] == ["pydoc", "source"]
+    assert res["quality"]["segment_sources"] == ["pydoc", "source"]  # one segment of each kind of text
     q = res["quality"]["methods"]
     assert q["exact"]["summary"]["delta"]["mean"] == 0.0
     assert q["exact"]["summary"]["top1_agreement"]["mean"] == 1.0

@@ -127,7 +127,7 @@ LAYERS = {
     "spectral_kv.integrations.transformers": ("spectral_kv.integrations.transformers", "spectral_kv.tiers",
                                               "spectral_kv.attention", "spectral_kv.config", "spectral_kv.graphs",
                                               "spectral_kv.codes", *BASE),
-    "spectral_kv.integrations.unsloth": ("spectral_kv.integrations.transformers", "spectral_kv.config"),
+    "spectral_kv.integrations.unsloth": ("spectral_kv.integrations.transformers", "spectral_kv.config", "spectral_kv.presets"),
 }
 # The math core: never imports transformers or unsloth (only the integrations do).
 CORE = ("spectral_kv.registry", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.codes", "spectral_kv.kernels",

@@ -27,7 +27,7 @@ ARCHS = {
 }
 LOSSLESS = sk.SpectralConfig(block_size=16, k_rank_keys=16, k_rank_values=16, hot_buffer_size=4, sink_tokens=2,
                              compressor="exact_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
-LOSSY = sk.SpectralConfig(block_size=16, k_rank_keys=3, k_rank_values=5, hot_buffer_size=4, sink_tokens=2, verbose=False)
+LOSSY = sk.SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, verbose=False)
 
 
 def tiny(arch, **extra):

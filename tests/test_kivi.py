@@ -26,7 +26,7 @@ def test_quantize_groups_hand_case():
 @pytest.mark.parametrize("cls", [K.Kivi4, K.Kivi2])
 @pytest.mark.parametrize("role", ["keys", "values"])
 def test_error_bound_layout_and_bytes(cls, role):
-    cfg = SpectralConfig(compressor=cls.name, use_spectral_attention=False, k_rank_keys=2, k_rank_values=2)
+    cfg = SpectralConfig(compressor=cls.name, use_spectral_attention=False)
     comp = cls(cfg, role, 2)
     torch.manual_seed(0)
     x = torch.randn(4, 512, 64) * torch.linspace(0.1, 5, 64)  # outlier channels, as real keys

@@ -45,7 +45,7 @@ def test_tokens_conserved_in_order(sizes, batch, sinks, hot, seed, pad_p):
 
 @given(sizes=chunks, batch=st.integers(1, 3), bits=st.sampled_from([None, 8, 4]), pad_p=st.floats(0, 0.4), seed=st.integers(0, 1000))
 def test_reported_bytes_equal_bytes_held(sizes, batch, bits, pad_p, seed):
-    cfg = SpectralConfig(block_size=8, k_rank_keys=4, k_rank_values=2, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits)
+    cfg = SpectralConfig(block_size=8, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits)
     tm = TierManager(cfg)
     g = torch.Generator().manual_seed(seed)
     for t in sizes:
@@ -55,7 +55,7 @@ def test_reported_bytes_equal_bytes_held(sizes, batch, bits, pad_p, seed):
 
 
 def test_long_prompt_compressed_at_prefill():
-    cfg = SpectralConfig(block_size=16, k_rank_keys=4, k_rank_values=4, hot_buffer_size=4, sink_tokens=4)
+    cfg = SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=4)
     tm = TierManager(cfg)
     tm.append(torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8))
     # 100 = 4 sinks + 5 blocks of 16 + 16 exact (>= 4 hot, < 16 + 4)

@@ -5,6 +5,7 @@ from .exact import ExactSVD
 from .grouped import GroupQuantCompressor, HadamardCompressor
 from .kivi import Kivi2, Kivi4, KiviCompressor
 from .randomized import RandomizedSVD, randomized_svd
+from .spectral_quant import SpectralQuantCompressor
 from .triton_rsvd import TritonRSVD
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "Kivi2",
     "RandomizedSVD",
     "randomized_svd",
+    "SpectralQuantCompressor",
     "TritonRSVD",
 ]

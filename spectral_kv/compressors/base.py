@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from ..config import DTYPES, SpectralConfig
+from ..config import DTYPES, LAYOUT_FIELDS, SpectralConfig
 from ..quant import dequantize, quantize
 from ..registry import COMPRESSORS
 
@@ -56,6 +56,12 @@ class Compressor(ABC):
     # Coefficient bit widths this compressor accepts (``None`` = unquantized); empty = it
     # ignores the config's bits (e.g. KIVI, whose width is in its name).
     supported_bits: ClassVar[tuple] = ()
+    # The role-dependent `SpectralConfig` fields this compressor reads, by generic name:
+    # "rank" (k_rank_keys / k_rank_values), "bits" (coeff_bits / value_bits), "segments"
+    # (key_segments / value_segments), or a field's own name. A field no role's compressor
+    # reads must keep its default (SpectralConfig raises otherwise: nothing is silently ignored).
+    # ``None`` (a compressor that declares nothing, e.g. an older plug-in): treated as reading all.
+    config_fields: ClassVar[tuple | None] = None
 
     def __init__(self, config: SpectralConfig, role: str, rank: int) -> None:
         self.config = config
@@ -98,6 +104,26 @@ class Compressor(ABC):
     @classmethod
     def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
         """Raise ``ValueError`` if heads of ``head_dim`` channels cannot be stored for ``role``."""
+
+    @classmethod
+    def reads(cls, config: SpectralConfig, role: str) -> frozenset[str]:
+        """The `SpectralConfig` field names this compressor reads for ``role`` (from `config_fields`)."""
+        if cls.config_fields is None:
+            return frozenset(LAYOUT_FIELDS)
+        out = set()
+        for f in cls.config_fields:
+            if f == "rank":
+                out.add("k_rank_keys" if role == "keys" else "k_rank_values")
+            elif f == "segments":
+                out.add("key_segments" if role == "keys" else "value_segments")
+            elif f == "bits":
+                if role == "keys" or config.value_bits == "same":
+                    out.add("coeff_bits")
+                if role == "values":
+                    out.add("value_bits")
+            else:
+                out.add(f)
+        return frozenset(out)
 
     @classmethod
     def check_config(cls, config: SpectralConfig, role: str) -> None:
@@ -163,11 +189,14 @@ class LowRankCompressor(FactoredCompressor):
 
     low_rank: ClassVar[bool] = True
     supported_bits: ClassVar[tuple] = (8, 4, None)
+    config_fields: ClassVar[tuple] = ("rank", "bits", "basis_dtype")
 
     @classmethod
     def check_config(cls, config: SpectralConfig, role: str) -> None:
         super().check_config(config, role)
         name = "k_rank_keys" if role == "keys" else "k_rank_values"
+        if config.rank(role) is None:
+            raise ValueError(f"{name} must be set for compressor {config.compressor_name(role)!r} ({role}): its rank")
         if config.rank(role) > config.block_size:
             raise ValueError(f"{name}={config.rank(role)} exceeds block_size={config.block_size}")
         if config.bits(role) == 4 and config.rank(role) % 2:

@@ -60,6 +60,7 @@ class GroupQuantCompressor(Compressor):
     """
 
     fixed_bits: ClassVar[int | None] = None  # KIVI: the width is part of the name
+    config_fields: ClassVar[tuple] = ("bits", "quant_group")
 
     def __init__(self, config: SpectralConfig, role: str, rank: int) -> None:
         super().__init__(config, role, rank)
@@ -207,6 +208,7 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
     """
 
     supported_bits: ClassVar[tuple] = (2, 3, 4, 8, None)
+    config_fields: ClassVar[tuple] = ("bits", "quant_group", "seed")  # seed: rotation of non-power-of-two dims
 
     def rotation(self, d: int) -> torch.Tensor:
         return rotation_matrix(d, self.config.seed)

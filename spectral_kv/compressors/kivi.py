@@ -30,6 +30,8 @@ class KiviCompressor(GroupQuantCompressor, FactoredCompressor):
     ``[N, T, D/32]``.
     """
 
+    config_fields = ()  # width in the name, groups of 32: no config field applies
+
     def __init__(self, config, role, rank):
         super().__init__(config, role, rank)
         self.group = GROUP

@@ -45,6 +45,8 @@ def randomized_svd(
 class RandomizedSVD(LowRankCompressor):
     """Randomized SVD with the config's oversampling, power iterations and seed."""
 
+    config_fields = ("rank", "bits", "basis_dtype", "seed", "rsvd_oversample", "rsvd_power_iters")
+
     def factorize(self, x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         return randomized_svd(x, rank, c.rsvd_oversample, c.rsvd_power_iters, c.seed)

@@ -72,6 +72,8 @@ class TritonRSVD(LowRankCompressor):
     once-off shape whose graph would only hold memory) run eagerly.
     """
 
+    config_fields = ("rank", "bits", "basis_dtype", "seed", "rsvd_oversample", "rsvd_power_iters")
+
     max_graphs = 8
     max_graph_matrices = 1024
     use_cuda_graphs = True

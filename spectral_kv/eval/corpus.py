@@ -1,4 +1,9 @@
-"""The evaluation corpus: rendered Python standard-library documentation (pydoc)."""
+"""The evaluation corpus: a tuning and a validation split of real text (`spectral_kv.text.SPLITS`).
+
+Each split is two sources, pydoc prose of some stdlib modules and the Python source code of
+others (disjoint modules across sources and splits). Presets and allocations are chosen on
+``tuning``; quality is reported on ``validation`` only.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +13,75 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_corpus"]
+__all__ = ["load_corpus", "quality_offsets", "haystack_range"]
+
+QUALITY_SHARE = 0.7  # of each source: the first 70% feeds perplexity segments, the rest (prose) haystacks
 
 
-def load_corpus(tokenizer, max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Token ids of the pydoc corpus and a description of it for the results.
+def load_corpus(tokenizer, split: str = "validation", max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Token ids of one split and a description of it for the results.
 
     Parameters
     ----------
     tokenizer : HF tokenizer (or the byte tokenizer of the tiny test model)
+    split : {"validation", "tuning"}
     max_tokens : int, optional
-        Keep only the first ``max_tokens`` ids.
+        Keep only the first ``max_tokens`` ids of each source.
 
     Returns
     -------
     ids : Tensor[N] int64
+        The sources' ids, concatenated in order.
     info : dict
-        ``name``, ``modules``, ``python`` (the pydoc text depends on the Python version),
-        ``sha256`` of the text and ``n_tokens``.
+        ``name``, ``split``, ``python`` (the text depends on the Python version), ``n_tokens``
+        and ``sources``: per source ``kind``, ``modules``, ``start`` / ``end`` (token range in
+        ``ids``), ``sha256`` of its text and ``n_chars``.
     """
-    from spectral_kv.text import CORPUS_MODULES, CORPUS_NAME, stdlib_text
+    from spectral_kv.text import split_sources
 
-    text = stdlib_text()
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
+    ids: list[int] = []
+    sources = []
+    for kind, text, modules in split_sources(split):
+        part = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if max_tokens is not None:
+            part = part[:max_tokens]
+        sources.append({"kind": kind, "modules": list(modules), "start": len(ids), "end": len(ids) + len(part),
+                        "sha256": hashlib.sha256(text.encode()).hexdigest(), "n_chars": len(text)})
+        ids += part
     info = {
-        "name": CORPUS_NAME,
-        "modules": list(CORPUS_MODULES),
+        "name": f"{split} split: pydoc prose + Python source of disjoint CPython stdlib modules",
+        "split": split,
         "python": platform.python_version(),
-        "sha256": hashlib.sha256(text.encode()).hexdigest(),
-        "n_chars": len(text),
         "n_tokens": len(ids),
+        "sources": sources,
     }
     return torch.tensor(ids, dtype=torch.long), info
+
+
+def quality_offsets(info: dict[str, Any], n_segments: int, length: int) -> list[int]:
+    """Start offsets of ``n_segments`` windows of ``length`` tokens, dealt round-robin over the
+    sources (pydoc, source, pydoc, ...) and spread evenly over each source's first 70%."""
+    from .quality import segment_slices
+
+    srcs = info["sources"]
+    counts = [len(range(i, n_segments, len(srcs))) for i in range(len(srcs))]
+    per_source = []
+    for src, k in zip(srcs, counts):
+        if not k:
+            per_source.append([])
+            continue
+        room = int((src["end"] - src["start"]) * QUALITY_SHARE)
+        try:
+            per_source.append([src["start"] + o for o in segment_slices(room, k, length)])
+        except ValueError:
+            raise ValueError(
+                f"the {src['kind']} source of the {info['split']} split ({room} tokens for quality) cannot hold "
+                f"{k} segments of {length}"
+            ) from None
+    return [per_source[i % len(srcs)][i // len(srcs)] for i in range(n_segments)]
+
+
+def haystack_range(info: dict[str, Any]) -> tuple[int, int]:
+    """Token range of the needle haystacks: the last 30% of the prose (pydoc) source."""
+    src = next(s for s in info["sources"] if s["kind"] == "pydoc")
+    return src["start"] + int((src["end"] - src["start"]) * QUALITY_SHARE), src["end"]

@@ -88,15 +88,15 @@ def exact_prefills(model, tokenizer, haystack: list[int], length: int, depths: l
     starts = [_needle_start(tokenizer, haystack, length, d, secret) for d in depths]
     base = DynamicCache(config=model.config)
     if max(starts):
-        model(torch.tensor([_prefix(tokenizer, haystack, max(starts))]), past_key_values=base, use_cache=True,
+        model(torch.tensor([_prefix(tokenizer, haystack, max(starts))], device=model.device), past_key_values=base, use_cache=True,
               logits_to_keep=1)
     for (depth, ids), p in zip(prompts, starts):
         assert ids[:p] == _prefix(tokenizer, haystack, p)
         cache = DynamicCache(config=model.config)
         for i, layer in enumerate(base.layers if p else []):
             cache.update(layer.keys[:, :, :p].clone(), layer.values[:, :, :p].clone(), i)
-        cp = torch.arange(p, length)
-        out = model(torch.tensor([ids[p:]]), past_key_values=cache, use_cache=True, cache_position=cp,
+        cp = torch.arange(p, length, device=model.device)
+        out = model(torch.tensor([ids[p:]], device=model.device), past_key_values=cache, use_cache=True, cache_position=cp,
                     position_ids=cp[None], logits_to_keep=1)
         yield depth, ids, _exact_kv(cache), out.logits[0, -1]
 
@@ -136,7 +136,7 @@ def greedy_answer(
     else:
         cache = method.new_cache(model)
         with method.prefill_context(model):
-            logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = model(torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     new: list[int] = []
     pos = len(ids)
     eos = getattr(model.config, "eos_token_id", None)
@@ -147,8 +147,8 @@ def greedy_answer(
         if tok in eos or (stop is not None and stop(new)) or len(new) == max_new_tokens:
             break
         cp, pid = positions(cache, pos, 1)
-        logits = model(torch.tensor([[tok]]), past_key_values=cache, use_cache=True, cache_position=cp,
-                       position_ids=pid).logits[0, -1]
+        logits = model(torch.tensor([[tok]], device=model.device), past_key_values=cache, use_cache=True,
+                       cache_position=cp.to(model.device), position_ids=pid.to(model.device)).logits[0, -1]
         pos += 1
     return new
 

@@ -77,12 +77,14 @@ def run_segment(
     SegmentRun
     """
     _, kv_heads, head_dim = model_kv_shape(model)
+    dev = model.device  # ids and positions go where the model is (the harness runs on CUDA too)
+    context, continuation = context.to(dev), continuation.to(dev)
     t0 = time.perf_counter()
     cache = method.new_cache(model)
     tc, tn = context.numel(), continuation.numel()
     with method.prefill_context(model):
         out = model(context[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    rows = [out.logits[0, -1:].float()]
+    rows = [out.logits[0, -1:].float().cpu()]
     if on_prefill is not None:
         on_prefill(cache)
     b_prefill = cache_bytes(cache, tc, kv_heads, head_dim)
@@ -92,8 +94,8 @@ def run_segment(
     for i in range(0, feed.numel(), step):
         piece = feed[i : i + step]
         cp, pid = positions(cache, pos, piece.numel())
-        out = model(piece[None], past_key_values=cache, use_cache=True, cache_position=cp, position_ids=pid)
-        rows.append(out.logits[0].float())
+        out = model(piece[None], past_key_values=cache, use_cache=True, cache_position=cp.to(dev), position_ids=pid.to(dev))
+        rows.append(out.logits[0].float().cpu())
         pos += piece.numel()
     logits = torch.cat(rows, 0)
     assert logits.shape[0] == tn, (logits.shape, tn)

@@ -46,6 +46,7 @@ def run_quality(
     fidelity_queries: int = 32,
     top_k: int = 16,
     log: Callable[[str], None] = print,
+    offsets: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run every method on every segment against the exact cache.
 
@@ -58,6 +59,8 @@ def run_quality(
     fidelity_queries : int
         Continuation positions whose exact queries probe attention fidelity (``<= chunk``).
     top_k : int
+    offsets : list of int, optional
+        Segment start offsets (default: spread evenly over ``corpus_ids``).
 
     Returns
     -------
@@ -68,7 +71,8 @@ def run_quality(
 
     n_layers, _, _ = model_kv_shape(model)
     length = context_len + continuation_len
-    offsets = segment_slices(corpus_ids.numel(), n_segments, length)
+    if offsets is None:
+        offsets = segment_slices(corpus_ids.numel(), n_segments, length)
     nq = min(fidelity_queries, chunk, continuation_len - 1)
     results: dict[str, Any] = {m.spec: {"method": m.describe(), "per_segment": []} for m in methods}
     exact = make_method("exact")

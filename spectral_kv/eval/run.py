@@ -47,6 +47,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--tag", default=None, help="file stem of this run's outputs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--split", choices=("validation", "tuning", "both"), default="validation",
+                   help="corpus split (spectral_kv.text.SPLITS): quality is reported on validation; 'both' also "
+                        "measures the tuning split (perplexity only; NIAH reads validation)")
+    p.add_argument("--device", default=None, help="torch device of the model and caches (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="model dtype (default float32; the exact reference runs in the same dtype)")
     return p
 
 
@@ -88,10 +94,24 @@ def _resolve(args) -> dict[str, Any]:
     return cfg
 
 
-def _load(args):
-    from spectral_kv.models import load_eval_model  # --model PATH_OR_ID, --gguf, --dtype, --device
+def _load(args, model=None, tokenizer=None, device=None, dtype=None):
+    """``((model, tokenizer), description)``, the model moved to ``device`` in ``dtype`` (the
+    ``--device`` / ``--dtype`` options, or the arguments of `run_eval`)."""
+    import torch
 
-    return load_eval_model(args)
+    device = device or getattr(args, "device", None) or "cpu"
+    dtype = dtype or getattr(args, "dtype", None) or "float32"
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if model is not None:
+        if tokenizer is None:
+            raise ValueError("run_eval: a loaded model needs its tokenizer too")
+        name = f"{getattr(model.config, '_name_or_path', '') or type(model).__name__} (loaded by the caller)"
+    else:
+        from spectral_kv.models import load_eval_model  # --model PATH_OR_ID, --gguf, --dtype, --device
+
+        (model, tokenizer), name = load_eval_model(args)
+    model = model.to(device=device, dtype=dtype)
+    return (model, tokenizer), f"{name}, {str(dtype).replace('torch.', '')}, {torch.device(device).type}"
 
 
 def _default_methods(args) -> list[str]:
@@ -100,7 +120,7 @@ def _default_methods(args) -> list[str]:
     if args.methods:
         return _split_specs(args.methods)
     if args.model == "tiny-random":
-        return ["exact", "spectral:block=64,hot=16,k=8,v=16", "kivi4:block=64,hot=16"]
+        return ["exact", "spectral:block=64,hot=16", "kivi4:block=64,hot=16"]
     return list(QUICK_METHODS if args.quick else DEFAULT_METHODS)
 
 
@@ -126,12 +146,17 @@ def _notes(methods) -> list[str]:
     return notes
 
 
-def run_eval(args) -> int:
-    """Run the evaluation described by ``args`` and write its outputs; returns an exit code."""
+def run_eval(args, model=None, tokenizer=None, device=None, dtype=None) -> int:
+    """Run the evaluation described by ``args`` and write its outputs; returns an exit code.
+
+    ``model`` / ``tokenizer``: an already loaded model (else ``args.model`` is loaded);
+    ``device`` / ``dtype`` (default ``args.device`` / ``args.dtype``, else cpu / float32): where
+    the model and every cache run, e.g. ``device="cuda", dtype="bfloat16"``.
+    """
     import torch
 
     from . import report
-    from .corpus import load_corpus
+    from .corpus import haystack_range, load_corpus, quality_offsets
     from .methods import make_method
     from .niah import run_niah
     from .quality import run_quality
@@ -152,11 +177,14 @@ def run_eval(args) -> int:
             skipped[spec] = f"{type(e).__name__}: {e}"
             log(f"skipping {spec}: {skipped[spec]}")
     timings: dict[str, float] = {}
-    (model, tokenizer), model_name = _load(args)
+    (model, tokenizer), model_name = _load(args, model, tokenizer, device, dtype)
     timings["model_load"] = time.perf_counter() - t_start
     log(f"model {model_name} loaded ({timings['model_load']:.0f}s)")
     t = time.perf_counter()
-    corpus_ids, corpus = load_corpus(tokenizer)
+    split = getattr(args, "split", "validation") or "validation"
+    corpora = {s: load_corpus(tokenizer, s) for s in (("tuning", "validation") if split == "both" else (split,))}
+    report_split = "validation" if split == "both" else split
+    corpus_ids, corpus = corpora[report_split]
     timings["corpus"] = time.perf_counter() - t
     log(f"corpus: {corpus['name']}, {corpus['n_tokens']} tokens ({timings['corpus']:.0f}s)")
     tag = args.tag or ("quick" if args.quick else "full") + ("-" + args.model if args.model != "smollm2" else "")
@@ -169,21 +197,28 @@ def run_eval(args) -> int:
                    "threads": torch.get_num_threads()},
         "versions": _versions(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "split": report_split,
         "corpus": corpus,
         "methods_run": [m.spec for m in methods],
         "methods_skipped": skipped,
         "method_details": {m.spec: m.describe() for m in methods},
     }
-    # The first ~70% of the corpus feeds the perplexity segments, the rest the haystacks.
-    split = int(corpus_ids.numel() * 0.7)
+    # Each source's first 70% feeds the perplexity segments, the prose source's last 30% the haystacks.
     if not args.no_quality:
-        log("== perplexity / fidelity / bytes ==")
-        t = time.perf_counter()
-        result["quality"] = run_quality(
-            model, methods, corpus_ids[:split], cfg["segments"], cfg["context"], cfg["continuation"], cfg["chunk"],
-            fidelity_queries=args.fidelity_queries, log=log,
-        )
-        timings["quality"] = time.perf_counter() - t
+        for name, (ids, info) in corpora.items():
+            log(f"== perplexity / fidelity / bytes ({name} split) ==")
+            t = time.perf_counter()
+            offsets = quality_offsets(info, cfg["segments"], cfg["context"] + cfg["continuation"])
+            q = run_quality(
+                model, methods, ids, cfg["segments"], cfg["context"], cfg["continuation"], cfg["chunk"],
+                fidelity_queries=args.fidelity_queries, log=log, offsets=offsets,
+            )
+            q["split"] = name
+            q["segment_sources"] = [next(s["kind"] for s in info["sources"] if s["start"] <= o < s["end"]) for o in offsets]
+            result["quality" if name == report_split else f"quality_{name}"] = q
+            if name != report_split:
+                result[f"corpus_{name}"] = info
+            timings["quality" if name == report_split else f"quality_{name}"] = time.perf_counter() - t
     if not args.no_niah and cfg["niah_lengths"]:
         log("== needle in a haystack ==")
         niah_methods = methods
@@ -191,8 +226,9 @@ def run_eval(args) -> int:
             wanted = _split_specs(args.niah_methods)
             niah_methods = [m for m in methods if m.spec in wanted]
         t = time.perf_counter()
+        h0, h1 = haystack_range(corpus)
         result["niah"] = run_niah(
-            model, tokenizer, niah_methods, corpus_ids[split:].tolist(), cfg["niah_lengths"], cfg["niah_depths"],
+            model, tokenizer, niah_methods, corpus_ids[h0:h1].tolist(), cfg["niah_lengths"], cfg["niah_depths"],
             trials=args.niah_trials, seed=args.seed, log=log,
         )
         timings["niah"] = time.perf_counter() - t

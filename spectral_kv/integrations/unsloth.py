@@ -38,6 +38,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from ..config import SpectralConfig
+from ..presets import design_call_fields
 from .transformers import COUNTERS, SpectralCache, SpectralPatch, patch_model
 
 __all__ = [
@@ -296,8 +297,8 @@ def _raise_unsupported(path: str) -> None:
 def patch_unsloth_attention(
     model,
     block_size: int = 512,
-    k_rank_keys: int = 16,
-    k_rank_values: int = 32,
+    k_rank_keys: int | None = None,
+    k_rank_values: int | None = None,
     hot_buffer_size: int = 64,
     use_spectral_attention: bool = True,
     verbose: bool = True,
@@ -341,8 +342,9 @@ def patch_unsloth_attention(
         verbose=verbose,
     )
     defaults = SpectralConfig()
-    changes = {k: v for k, v in named.items() if v != getattr(defaults, k)}
-    config = SpectralConfig.resolve(base, **changes, **more)
+    changes = {k: v for k, v in named.items() if v is not None and v != getattr(defaults, k)}
+    # explicit ranks without a compressor, preset or config: the low-rank learned-basis layout
+    config = SpectralConfig.resolve(base, **design_call_fields(changes, more, base_given=base is not None))
 
     previous = model.__dict__.get(_MARK)
     if previous is not None and previous.active:

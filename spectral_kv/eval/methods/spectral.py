@@ -47,7 +47,7 @@ def spectral_settings(opts: dict[str, str], base_fields: dict[str, Any], spectra
             except ValueError:
                 raise ValueError(f"option {key}={text!r}: want an integer or 'none'") from None
     config = config.replace(**changes, use_spectral_attention=spectral_attention, verbose=False)
-    fields = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    fields = {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool, tuple, type(None)))}
     return {"preset": preset or "default", **fields, "_config": config}
 
 
@@ -101,6 +101,5 @@ def build_spectral(spec: str, name: str, opts: dict[str, str]) -> SpectralMethod
 def build_kivi(spec: str, name: str, opts: dict[str, str]) -> SpectralMethod:
     import spectral_kv.compressors.kivi  # noqa: F401  (registers kivi4 / kivi2)
 
-    # The rank is not used by KIVI; a small even value passes the config's checks.
-    base = dict(compressor=name, value_compressor=None, k_rank_keys=2, k_rank_values=2)
+    base = dict(compressor=name, value_compressor=None)  # KIVI reads no rank (setting one is refused)
     return SpectralMethod(spec, "kivi", spectral_settings(opts, base, False))

@@ -1,0 +1,37 @@
+"""The tuning / validation split of the evaluation corpus."""
+
+import torch
+
+from spectral_kv.eval.corpus import haystack_range, load_corpus, quality_offsets
+from spectral_kv.eval.tiny import ByteTokenizer
+from spectral_kv.text import CORPUS_MODULES, SPLITS, split_sources
+
+
+def test_splits_use_disjoint_modules_and_both_kinds_of_text():
+    used = [m for s in SPLITS.values() for kind in ("pydoc", "source") for m in s[kind]]
+    assert len(used) == len(set(used))  # no module twice: not in two splits, not as prose and as code
+    assert set(SPLITS["tuning"]["pydoc"]) | set(SPLITS["validation"]["pydoc"]) == set(CORPUS_MODULES)
+    for split in SPLITS:
+        kinds = [(kind, len(text)) for kind, text, _ in split_sources(split)]
+        assert [k for k, _ in kinds] == ["pydoc", "source"] and all(n > 100_000 for _, n in kinds)
+    tune = {line for _, text, _ in split_sources("tuning") for line in map(str.strip, text.splitlines()) if len(line) > 60}
+    val = {line for _, text, _ in split_sources("validation") for line in map(str.strip, text.splitlines()) if len(line) > 60}
+    # only pydoc boilerplate ("Initialize self.  See help(type(self))...", inherited builtins docs) repeats
+    assert len(tune & val) < 0.03 * len(val)
+
+
+def test_segments_and_haystacks_stay_inside_their_sources():
+    ids, info = load_corpus(ByteTokenizer(), "validation")
+    assert info["split"] == "validation" and ids.dtype == torch.long and ids.numel() == info["n_tokens"]
+    srcs = info["sources"]
+    assert srcs[0]["start"] == 0 and srcs[0]["end"] == srcs[1]["start"] and srcs[1]["end"] == ids.numel()
+    length = 4096
+    offsets = quality_offsets(info, 5, length)
+    kinds = [next(s["kind"] for s in srcs if s["start"] <= o < s["end"]) for o in offsets]
+    assert kinds == ["pydoc", "source", "pydoc", "source", "pydoc"]
+    h0, h1 = haystack_range(info)
+    for o, kind in zip(offsets, kinds):
+        src = next(s for s in srcs if s["kind"] == kind)
+        assert src["start"] <= o and o + length <= src["start"] + 0.7 * (src["end"] - src["start"]) + 1
+        assert o + length <= h0 or o >= h1  # perplexity text never doubles as a haystack
+    assert srcs[0]["start"] < h0 < h1 == srcs[0]["end"]
