@@ -153,6 +153,40 @@ class StaticDecoder:
                 out = out[:, : int(finished.nonzero()[0]) + 1]
         return torch.cat((input_ids, out), dim=1)
 
+    @torch.no_grad()
+    def generate_from_cache(self, next_ids: torch.Tensor, max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy decoding from a cache that already holds the context: what `generate` does
+        after its prompt, for a cache filled elsewhere (restored with `SpectralCache.load`, or
+        filled by a benchmark). Every row must hold the same number of real tokens.
+
+        Parameters
+        ----------
+        next_ids : Tensor [B, 1] int64
+            The first token to feed (the one sampled after the context).
+        max_new_tokens : int
+
+        Returns
+        -------
+        Tensor [B, max_new_tokens]: the tokens chosen after ``next_ids``.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        length = int(self.cache.get_seq_length())
+        if length == 0:
+            raise ValueError("StaticDecoder.generate_from_cache needs a cache holding the context (use generate)")
+        if next_ids.dim() != 2 or next_ids.shape[1] != 1:
+            raise ValueError(f"next_ids must be [batch, 1], got shape {tuple(next_ids.shape)}")
+        self._select, self._eos, self._pad = Sampling(False, 1.0, 0, 1.0), None, None
+        dev = next_ids.device
+        self._bad = torch.zeros((), dtype=torch.bool, device=dev)
+        self._done = torch.zeros(next_ids.shape[0], 1, dtype=torch.bool, device=dev)
+        tokens = [next_ids]
+        self._decode(tokens, torch.ones(next_ids.shape[0], length, dtype=torch.long, device=dev), length,
+                     max_new_tokens + 1)
+        if bool(self._bad):
+            raise ValueError("StaticDecoder: the model produced NaN/Inf logits")
+        return torch.cat(tokens[1:], dim=1)
+
     def _finish(self, out: torch.Tensor) -> torch.Tensor:
         """Rows that already emitted EOS get padding; rows emitting it now are marked done."""
         if self._eos is None:

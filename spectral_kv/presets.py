@@ -33,10 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                      value_compressor=None),
     "max-compression": dict(compressor="hadamard", coeff_bits=3, value_bits=2, quant_group=128, sink_tokens=4,
                             value_compressor=None),
-    "spectral-5x": dict(compressor="spectral_quant", key_segments=((16, 4), (48, 3)), value_compressor="hadamard",
+    "spectral-5x": dict(compressor="spectral_quant", key_segments=((0.25, 4), (0.75, 3)), value_compressor="hadamard",
                         value_bits=2, quant_group=128, sink_tokens=4),
-    "spectral-8x": dict(compressor="spectral_quant", key_segments=((32, 3), (32, 0)), value_compressor=None,
-                        value_segments=((32, 2), (32, 0)), quant_group=128, sink_tokens=4),
+    "spectral-8x": dict(compressor="spectral_quant", key_segments=((0.5, 3), (0.5, 0)), value_compressor=None,
+                        value_segments=((0.5, 2), (0.5, 0)), quant_group=128, sink_tokens=4),
 }
 
 

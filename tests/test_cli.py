@@ -82,10 +82,10 @@ def test_bench_command_writes_json_and_png(model_dir, tmp_path, capsys):
 def test_eval_command_on_a_model_directory(model_dir, tmp_path):
     assert main(["eval", "--model", model_dir, "--out", str(tmp_path), "--tag", "own", "--segments", "1",
                  "--context", "160", "--continuation", "16", "--chunk", "8", "--niah-lengths", "192",
-                 "--niah-depths", "0.5", "--methods", "exact;spectral:block=64,hot=16,k=8,v=16"]) == 0
+                 "--niah-depths", "0.5", "--methods", "exact;spectral:block=64,hot=16,preset=fast,k=8,v=16"]) == 0
     res = json.loads((tmp_path / "own.json").read_text())
     assert model_dir in res["config"]["model"] and "LlamaForCausalLM" in res["config"]["model"]
-    assert res["methods_run"] == ["exact", "spectral:block=64,hot=16,k=8,v=16"]
+    assert res["methods_run"] == ["exact", "spectral:block=64,hot=16,preset=fast,k=8,v=16"]
     assert set(res["niah"]["methods"]) == set(res["methods_run"])
 
 

@@ -49,7 +49,7 @@ def test_exact_vs_exact_is_identical(tiny):
 
 
 ADAPTERS = [
-    "spectral:block=64,hot=16,k=8,v=16",
+    "spectral:block=64,hot=16,preset=fast,k=8,v=16",
     "kivi4:block=64,hot=16",
     "kivi2:block=64,hot=16",
     "hqq:bits=4,group=32,residual=16",
@@ -80,7 +80,7 @@ def test_adapter_round_trip_holds_fewer_bytes(tiny, spec):
 
 def test_spectral_bytes_match_library_report(tiny):
     model, _ = tiny
-    method = make_method("spectral:block=64,hot=16,k=8,v=16")
+    method = make_method("spectral:block=64,hot=16,preset=fast,k=8,v=16")
     method.setup(model)
     try:
         cache = method.new_cache(model)

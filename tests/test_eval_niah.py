@@ -37,7 +37,7 @@ def test_shared_prefill_equals_full_prefill(tiny):
             assert torch.allclose(v, layer.values, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", ["exact", "spectral:block=64,hot=16,k=8,v=16", "kivi4:block=64,hot=16",
+@pytest.mark.parametrize("spec", ["exact", "spectral:block=64,hot=16,preset=fast,k=8,v=16", "kivi4:block=64,hot=16",
                                   "hqq:bits=4,group=32,residual=16"])
 def test_seeded_cache_equals_prefilled_cache(tiny, spec):
     model, tok = tiny

@@ -142,6 +142,23 @@ def test_static_decoder_equals_the_dynamic_spectral_cache_when_lossy(model, atte
     assert torch.equal(got, expected)
 
 
+def test_generate_from_cache_continues_a_filled_cache_like_generate(model, tmp_path):
+    """A cache filled by one run and saved, then decoded from by another decoder, gives the
+    tokens that one uninterrupted `generate` gives."""
+    ids = torch.randint(1, 96, (2, 50), generator=torch.Generator().manual_seed(6))
+    expected = StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, max_new_tokens=25)
+    cache = sk.SpectralCache(LOSSY, model.config)
+    with torch.no_grad():
+        first = model(ids, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+    cache.save(tmp_path / "c.safetensors")
+    restored = sk.SpectralCache.load(tmp_path / "c.safetensors", model)
+    got = StaticDecoder(model, restored).generate_from_cache(first, max_new_tokens=24)
+    assert torch.equal(first, expected[:, 50:51])
+    assert torch.equal(got, expected[:, 51:])
+    with pytest.raises(ValueError, match="needs a cache holding the context"):
+        StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate_from_cache(first)
+
+
 def test_generate_with_a_frozen_cache_continues_like_a_dynamic_one(model):
     # Without the driver: transformers' own generate loop on a cache frozen after the prompt.
     ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(5))

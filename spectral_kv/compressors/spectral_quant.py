@@ -66,9 +66,25 @@ def pca_basis(x: torch.Tensor) -> torch.Tensor:
     return b.float()
 
 
+def resolve_segments(name: str, segments, head_dim: int) -> tuple[tuple[int, int], ...]:
+    """``segments`` with fractional channel counts (a float in (0, 1]: that share of ``head_dim``,
+    so one preset serves head_dim 64 and 128 alike) turned into channels; ``ValueError`` naming
+    ``name`` when a share is not a whole number of channels."""
+    out = []
+    for c, b in segments:
+        if isinstance(c, float):
+            n = c * head_dim
+            if abs(n - round(n)) > 1e-9 or round(n) <= 0:
+                raise ValueError(f"{name}={segments!r}: {c} of head_dim={head_dim} is not a whole number of channels")
+            c = int(round(n))
+        out.append((c, b))
+    return tuple(out)
+
+
 def check_segments(name: str, segments) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``segments`` is ``((channels > 0, bits 0..8), ...)``
-    with non-increasing widths (so the 0-bit, dropped segments are trailing)."""
+    """Raise ``ValueError`` naming ``name`` unless ``segments`` is ``((channels, bits 0..8), ...)``
+    with non-increasing widths (so the 0-bit, dropped segments are trailing); ``channels`` is a
+    positive int or a share of head_dim in (0, 1] (`resolve_segments`)."""
     if not isinstance(segments, (tuple, list)) or not segments:
         raise ValueError(f"{name} must be a non-empty tuple of (channels, bits) pairs, got {segments!r}")
     prev = 8
@@ -76,8 +92,10 @@ def check_segments(name: str, segments) -> None:
         if not isinstance(seg, (tuple, list)) or len(seg) != 2:
             raise ValueError(f"{name}={segments!r}: every entry must be a (channels, bits) pair, got {seg!r}")
         c, b = seg
-        if isinstance(c, bool) or not isinstance(c, int) or c <= 0:
-            raise ValueError(f"{name}={segments!r}: channels must be positive ints, got {c!r}")
+        share = isinstance(c, float) and 0 < c <= 1
+        if not share and (isinstance(c, bool) or not isinstance(c, int) or c <= 0):
+            raise ValueError(f"{name}={segments!r}: channels must be positive ints or shares of head_dim in (0, 1], "
+                             f"got {c!r}")
         if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= 8:
             raise ValueError(f"{name}={segments!r}: bits must be ints in 0..8, got {b!r}")
         if b > prev:
@@ -118,9 +136,9 @@ class SpectralQuantCompressor(FactoredCompressor):
                 CodeLayout(config.block_size, ((1, bits),))  # block_size must fill whole bytes
         else:
             check_segments(name, segs)
-            kept = tuple((c, b) for c, b in segs if b)
-            if kept:
-                CodeLayout(config.block_size, kept)
+            for _, b in segs:  # block_size must fill whole bytes in every plane
+                if b:
+                    CodeLayout(config.block_size, ((1, b),))
         if role == "keys":
             g = min(config.quant_group, config.block_size)
             if config.block_size % g:
@@ -133,9 +151,10 @@ class SpectralQuantCompressor(FactoredCompressor):
         if rank is not None and rank > head_dim:
             raise ValueError(f"{rname}={rank} exceeds the model's head_dim={head_dim}")
         segs = config.segments(role)
-        if segs is not None and sum(c for c, _ in segs) > head_dim:
-            name = f"{'key' if role == 'keys' else 'value'}_segments"
-            raise ValueError(f"{name}={segs!r} lists {sum(c for c, _ in segs)} channels, more than head_dim={head_dim}")
+        name = f"{'key' if role == 'keys' else 'value'}_segments"
+        if segs is not None and sum(c for c, _ in resolve_segments(name, segs, head_dim)) > head_dim:
+            n = sum(c for c, _ in resolve_segments(name, segs, head_dim))
+            raise ValueError(f"{name}={segs!r} lists {n} channels, more than head_dim={head_dim}")
 
     @classmethod
     def describe(cls, config: SpectralConfig, role: str) -> str:
@@ -163,6 +182,8 @@ class SpectralQuantCompressor(FactoredCompressor):
         self.check_head_dim(self.config, self.role, head_dim)
         cap = min(self.rank or head_dim, head_dim)
         segs = self.config.segments(self.role)
+        if segs is not None:
+            segs = resolve_segments(f"{'key' if self.role == 'keys' else 'value'}_segments", segs, head_dim)
         if segs is None:
             if self.bits is None:
                 return None
@@ -184,6 +205,18 @@ class SpectralQuantCompressor(FactoredCompressor):
         if not any(b for _, b in out):
             raise ValueError(f"{self.role}: the layout {tuple(out)} keeps no component")
         return CodeLayout(self.config.block_size, tuple(out))
+
+    # ------------------------------------------------------------------ what the fused kernel reads
+    def code_layout(self, head_dim: int, tokens: int | None = None) -> CodeLayout:
+        """The `CodeLayout` of a block (`spectral_kv.attention.quant_fused`); quantized layouts only."""
+        layout = self.layout(head_dim)
+        if layout is None or (tokens is not None and tokens != layout.tokens):
+            raise ValueError(f"spectral_quant {self.role}: no code layout for {tokens} tokens at bits={self.bits}")
+        return layout
+
+    def rotation_on(self, d: int, device: torch.device) -> None:
+        """None: the basis is per row (the shared state), handed to the kernel glue by the strategy."""
+        return None
 
     # ------------------------------------------------------------------ shared state
     def shared_specs(self, head_dim: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
