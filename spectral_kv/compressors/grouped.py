@@ -10,7 +10,8 @@ float16 scale and zero point) in groups:
 
 Codes of any width 1..8 are bit-packed on the token axis in the bit planes of
 `spectral_kv.codes` (3-bit codes cost 3 bits; the layout the fused decode kernel reads), one
-uint8 buffer per block described by :meth:`GroupQuantCompressor.code_layout`. A rotation spreads
+uint8 buffer per block described by :meth:`GroupQuantCompressor.code_layout`. On CUDA the
+compression runs as one fused op (`spectral_kv.kernels.quant_compress`), elsewhere as its torch twin. A rotation spreads
 outlier channels over all channels before quantizing (QuaRot, SpinQuant): on the embedded
 SmolLM2, 3-bit values after a Hadamard rotation lose less than 4-bit values without one.
 """

@@ -84,14 +84,15 @@ def _check(x, rotation, layout, role, key_group) -> CodeLayout:
 
 
 # --------------------------------------------------------------------------- reference
-def _quantize(c: torch.Tensor, levels: torch.Tensor, dim: int):
-    # quant.quantize_groups with a per-element level count (a layout's segments may differ)
+def _quantize(c: torch.Tensor, bits: int, dim: int):
+    # quant.quantize_groups, op for op (a Python-int level count: no device tensor, capturable)
+    levels = (1 << bits) - 1
     lo = c.amin(dim=dim, keepdim=True)
     hi = c.amax(dim=dim, keepdim=True)
     zero = lo.to(torch.float16)
     scale = ((hi - zero.float()) / levels).to(torch.float16)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.minimum(torch.round((c - zero.float()) / scale.float()).clamp_(min=0), levels).to(torch.uint8)
+    codes = torch.round((c - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
 
 
@@ -116,16 +117,17 @@ def quant_compress_reference(x, rotation, layout, role, key_group):
     n, t, d = x.shape
     x = x.float()
     c = (x if rotation is None else x @ rotation.T)[..., : lay.kept]
-    if role == "keys":
+    segs = c.split([ch for ch, _ in lay.kept_segments], -1)
+    if role == "keys":  # per channel over key groups of g tokens
         g = int(key_group)
-        levels = torch.tensor([2.0**b - 1 for ch, b in lay.kept_segments for _ in range(ch)], device=x.device)
-        codes, scale, zero = _quantize(c.reshape(n, t // g, g, lay.kept), levels, dim=2)
-        scale, zero, codes = scale.squeeze(2), zero.squeeze(2), codes.reshape(n, t, lay.kept)
-    else:
-        parts = [_quantize(seg, torch.tensor(2.0**b - 1, device=x.device), dim=2)
-                 for seg, (_, b) in zip(c.split([ch for ch, _ in lay.kept_segments], -1), lay.kept_segments)]
+        parts = [_quantize(seg.reshape(n, t // g, g, seg.shape[-1]), b, dim=2)
+                 for seg, (_, b) in zip(segs, lay.kept_segments)]
+        codes = torch.cat([p[0] for p in parts], -1).reshape(n, t, lay.kept)
+        scale, zero = (torch.cat([p[i].squeeze(2) for p in parts], -1) for i in (1, 2))
+    else:  # per token over each segment
+        parts = [_quantize(seg, b, dim=2) for seg, (_, b) in zip(segs, lay.kept_segments)]
         codes = torch.cat([p[0] for p in parts], -1)
-        scale, zero = torch.cat([p[1] for p in parts], -1), torch.cat([p[2] for p in parts], -1)
+        scale, zero = (torch.cat([p[i] for p in parts], -1) for i in (1, 2))
     return lay.pack(codes), scale, zero
 
 
