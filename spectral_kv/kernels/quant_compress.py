@@ -15,15 +15,16 @@ quant_compress_reference(...)  Pure torch, the math of ``GroupQuantCompressor.co
 torch.ops.spectral_kv.quant_compress  The kernel as a ``torch.library.triton_op``.
 
 Where the two can differ: without a rotation nothing (same fp32 ops, same rounding: codes,
-scales and zeros are bit-identical). With one, the kernel's ``x @ Rᵀ`` is an fp32 dot in
-another summation order than torch's matmul, so a coefficient can differ by an ulp or so; a
+scales and zeros are bit-identical). With one, the kernel's ``x @ Rᵀ`` is a tf32x3 dot on the
+GPU (~fp32 accuracy; fp32 under the interpreter) in another summation order than torch's matmul,
+so a coefficient can differ by a few ulps; a
 group's min/max then moves by as much (its fp16 scale/zero by at most one fp16 ulp, and only
 when the fp32 value sits at an fp16 rounding boundary) and a code whose ``(c - zero) / scale``
 lies within that of a half-integer flips by one.
 
 Cost (head_dim 128, block 512): the pack kernel reads each block once (bf16: 128 KiB) and writes
-its codes and statistics; the rotation is 2 * 512 * 128 * 128 fp32 FMAs per block and role (keys
-twice: the statistics kernel recomputes it rather than storing fp32 coefficients).
+its codes and statistics; the rotation is 512 * 128 * 128 multiply-adds per block and role on the
+tensor cores (keys twice: the statistics kernel recomputes it rather than storing fp32 coefficients).
 """
 
 from __future__ import annotations

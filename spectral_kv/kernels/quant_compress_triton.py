@@ -12,8 +12,10 @@ bit_2)``: ``C`` channels from channel ``c0``, padded to ``C_PAD``; codes in ``0.
 Rounding is the torch path's, op for op: ``min``/``max`` are exact, the float16 casts round to
 nearest even, divisions are ``div_rn`` (IEEE, as torch's ``/``), and ``round`` is half-to-even
 by the magic number ``1.5 * 2**23`` (exact for ``|v| < 2**22``; codes are clamped to
-``0..LEVELS`` anyway). The one difference is the rotation's dot product (another summation order
-than the matmul of the torch path), see ``quant_compress.py``.
+``0..LEVELS`` anyway). The one difference is the rotation's dot product (tf32x3 on the GPU, in
+another summation order than the matmul of the torch path), see ``quant_compress.py``.
+`benchmarks/quant_compress_compile.py` prints registers and spills for sm_90 without a GPU (8 warps,
+the default: 218-255 registers, no spills).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ def _rotated(x_ptr, r_ptr, tok, t_ok, sx_t, sx_d, D, c0, offs_c, c_ok, HAS_R: tl
         d_ok = offs_d < D
         x = tl.load(x_ptr + tok[:, None].to(tl.int64) * sx_t + offs_d[None, :] * sx_d,
                     mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        # rt[k, j] = R[c0 + j, k]; fp32 FMA ("ieee"): tf32 would round R and x to 10 bits.
+        # rt[k, j] = R[c0 + j, k]. tf32x3 (three tf32 tensor-core products, ~fp32 accuracy): plain
+        # tf32 would round R and x to 10 bits; an fp32 FMA dot ("ieee") spilled ~9 KB (ptxas sm_90).
         rt = tl.load(r_ptr + (c0 + offs_c)[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & c_ok[None, :], other=0.0)
-        return tl.dot(x, rt, input_precision="ieee")
+        return tl.dot(x, rt, input_precision="tf32x3")
     return tl.load(x_ptr + tok[:, None].to(tl.int64) * sx_t + (c0 + offs_c)[None, :] * sx_d,
                    mask=t_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
 
@@ -78,6 +81,22 @@ def qc_key_stats_kernel(
 
 
 @triton.jit
+def _pack_plane(code, out_ptr, r0, offs_c, R_MIN: tl.constexpr, P_MIN: tl.constexpr, BR: tl.constexpr,
+                C_PAD: tl.constexpr, C: tl.constexpr, P: tl.constexpr, OFF: tl.constexpr, BIT: tl.constexpr):
+    """Write plane ``P`` (bits ``BIT..BIT+P``, at byte ``OFF``) of codes ``[NSUB * BR, C_PAD]``."""
+    MP: tl.constexpr = P // P_MIN  # plane P's rows for these tokens: R_MIN * k + rows, k < MP
+    piece = (code >> BIT) & ((tl.constexpr(1) << P) - 1)  # constexpr first: the interpreter's has no __rlshift__
+    # [M] = (sub-index i, row) and i = jj * MP + k: token i sits in row R_MIN * k at shift P * jj
+    piece = tl.reshape(piece, [tl.constexpr(8) // P, MP, BR, C_PAD])
+    jj = tl.arange(0, tl.constexpr(8) // P)[:, None, None, None]
+    byte = tl.sum(piece << (P * jj), axis=0)  # disjoint bits: the sum is the OR
+    kk = tl.arange(0, MP)[:, None, None]
+    r3 = (r0 + tl.arange(0, BR))[None, :, None]
+    c3 = offs_c[None, None, :]
+    tl.store(out_ptr + OFF + (R_MIN * kk + r3) * C + c3, byte.to(tl.uint8), mask=(r3 < R_MIN) & (c3 < C))
+
+
+@triton.jit
 def qc_pack_kernel(
     x_ptr, r_ptr, sc_ptr, zr_ptr, codes_ptr,
     sx_n, sx_t, sx_d, ss_n, ss_a, ss_b, sco_n,
@@ -96,9 +115,8 @@ def qc_pack_kernel(
     tok = R_MIN * (offs_m // BR) + rr  # [M] in (sub-index, row) order
     x_base = x_ptr + n * sx_n
     for si in tl.static_range(len(SEGS)):
-        C_PAD: tl.constexpr = SEGS[si][1]
-        LEVELS: tl.constexpr = SEGS[si][3]
-        offs_c = tl.arange(0, C_PAD)
+        # constexpr names cannot be rebound per segment / plane: the tuple is read in place
+        offs_c = tl.arange(0, tl.constexpr(SEGS[si][1]))
         c_ok = offs_c < SEGS[si][0]
         c = _rotated(x_base, r_ptr, tok, row_ok, sx_t, sx_d, D, SEGS[si][2], offs_c, c_ok, HAS_R, D_PAD)
         if KEYS:  # per channel over key groups: written by qc_key_stats_kernel
@@ -108,24 +126,15 @@ def qc_pack_kernel(
             zero = tl.load(zr_ptr + st, mask=msk, other=0.0).to(tl.float32)
         else:  # per token over the segment: every token of the block is in exactly one tile
             s16, z16 = _stats(tl.min(tl.where(c_ok[None, :], c, float("inf")), axis=1),
-                              tl.max(tl.where(c_ok[None, :], c, float("-inf")), axis=1), LEVELS)
+                              tl.max(tl.where(c_ok[None, :], c, float("-inf")), axis=1), tl.constexpr(SEGS[si][3]))
             st = n * ss_n + tok.to(tl.int64) * ss_a + si * ss_b
             tl.store(sc_ptr + st, s16, mask=row_ok)
             tl.store(zr_ptr + st, z16, mask=row_ok)
             scale = s16.to(tl.float32)[:, None]
             zero = z16.to(tl.float32)[:, None]
         v = tl.math.div_rn(c - zero, scale)
-        code = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, 0.0), LEVELS).to(tl.int32)
-        for j in tl.static_range(SEGS[si][4]):
-            P: tl.constexpr = SEGS[si][5 + 3 * j]
-            MP: tl.constexpr = P // P_MIN  # plane P's rows for these tokens: R_MIN * k + rows, k < MP
-            piece = (code >> SEGS[si][7 + 3 * j]) & ((1 << P) - 1)
-            # [M] = (sub-index i, row) and i = jj * MP + k: token i sits in row R_MIN * k at shift P * jj
-            piece = tl.reshape(piece, [8 // P, MP, BR, C_PAD])
-            jj = tl.arange(0, 8 // P)[:, None, None, None]
-            byte = tl.sum(piece << (P * jj), axis=0)  # disjoint bits: the sum is the OR
-            kk = tl.arange(0, MP)[:, None, None]
-            r3 = (r0 + tl.arange(0, BR))[None, :, None]
-            c3 = offs_c[None, None, :]
-            addr = SEGS[si][6 + 3 * j] + (R_MIN * kk + r3) * SEGS[si][0] + c3
-            tl.store(codes_ptr + n * sco_n + addr, byte.to(tl.uint8), mask=(r3 < R_MIN) & (c3 < SEGS[si][0]))
+        code = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, 0.0), SEGS[si][3]).to(tl.int32)
+        for j in tl.static_range(tl.constexpr(SEGS[si][4])):
+            _pack_plane(code, codes_ptr + n * sco_n, r0, offs_c, R_MIN, P_MIN, BR, tl.constexpr(SEGS[si][1]),
+                        tl.constexpr(SEGS[si][0]), tl.constexpr(SEGS[si][5 + 3 * j]), tl.constexpr(SEGS[si][6 + 3 * j]),
+                        tl.constexpr(SEGS[si][7 + 3 * j]))
