@@ -10,7 +10,8 @@ float16 scale and zero point) in groups:
 
 Codes of any width 1..8 are bit-packed on the token axis in the bit planes of
 `spectral_kv.codes` (3-bit codes cost 3 bits; the layout the fused decode kernel reads), one
-uint8 buffer per block described by :meth:`GroupQuantCompressor.code_layout`. A rotation spreads
+uint8 buffer per block described by :meth:`GroupQuantCompressor.code_layout`. On CUDA the
+compression runs as one fused op (`spectral_kv.kernels.quant_compress`), elsewhere as its torch twin. A rotation spreads
 outlier channels over all channels before quantizing (QuaRot, SpinQuant): on the embedded
 SmolLM2, 3-bit values after a Hadamard rotation lose less than 4-bit values without one.
 """
@@ -24,7 +25,8 @@ import torch
 
 from ..codes import CodeLayout, check_tokens
 from ..config import SpectralConfig
-from ..quant import quantize_groups
+from ..kernels.quant_compress import HAS_TRITON as QC_TRITON
+from ..kernels.quant_compress import group_layout, quant_compress, quant_compress_reference
 from .base import Compressor, FactoredCompressor, register_compressor
 
 __all__ = ["GroupQuantCompressor", "HadamardCompressor", "rotation_matrix", "hadamard_matrix"]
@@ -93,9 +95,7 @@ class GroupQuantCompressor(Compressor):
         if self.bits is None:
             raise ValueError(f"{type(self).__name__} {self.role}: unquantized coefficients have no code layout")
         t = self.config.block_size if tokens is None else tokens
-        if self.role == "keys":
-            return CodeLayout(t, ((head_dim, self.bits),))
-        return CodeLayout.uniform(t, head_dim, self.bits, min(self.group, head_dim))
+        return group_layout(self.role, t, head_dim, self.bits, self.group)
 
     # ------------------------------------------------------------------ rotation
     def rotation(self, d: int) -> torch.Tensor | None:
@@ -111,25 +111,25 @@ class GroupQuantCompressor(Compressor):
 
     # ------------------------------------------------------------------ codec
     def compress(self, x: torch.Tensor, shared: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``x`` [N, T, D] -> parts; on CUDA (triton importable) through the fused
+        `kernels.quant_compress` op, elsewhere its torch twin (the same math; bit-identical
+        codes without a rotation, see that module for where a rotation's rounding differs)."""
         n, t, d = x.shape
-        x = x.float()
         r = self._rotation(d, x.device)
-        c = x if r is None else x @ r.T
         if self.bits is None:
-            return {"coeffs": c}
+            x = x.float()
+            return {"coeffs": x if r is None else x @ r.T}
         if self.role == "keys":
             g = min(self.group, t)
             if t % g:
                 raise ValueError(f"{type(self).__name__} keys: a block of {t} tokens is not a multiple of quant_group={g}")
-            codes, scale, zero = quantize_groups(c.reshape(n, t // g, g, d), self.bits, dim=2)
-            scale, zero = scale.squeeze(2), zero.squeeze(2)  # [N, T/g, D]
         else:
             g = min(self.group, d)
             if d % g:
                 raise ValueError(f"{type(self).__name__} values: head_dim {d} is not a multiple of quant_group={g}")
-            codes, scale, zero = quantize_groups(c.reshape(n, t, d // g, g), self.bits, dim=3)
-            scale, zero = scale.squeeze(3), zero.squeeze(3)  # [N, T, D/g]
-        codes = self.code_layout(d, t).pack(codes.reshape(n, t, d))  # [N, nbytes]
+        layout = [v for seg in self.code_layout(d, t).segments for v in seg]
+        fn = quant_compress if x.is_cuda and QC_TRITON else quant_compress_reference
+        codes, scale, zero = fn(x, r, layout, self.role, g)
         return {"codes": codes, "scale": scale, "zero": zero}
 
     def coefficients(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:

@@ -1,0 +1,428 @@
+"""GPU benchmark: the fused quantized decode kernel (`balanced`, `max-compression`, a mixed
+learned-style layout) and the SVD `fast` kernel vs SDPA (flash) over dense bf16 K/V; one layer,
+32 query / 8 KV heads, head_dim 128, 512-token blocks + 68 exact tokens (4 sinks + 64 hot).
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/quant_decode_bench.py [--out DIR] [--quick] [--sweep]
+    PYTHONPATH=. python benchmarks/quant_decode_bench.py --cpu-smoke   # CI: tiny sizes, TRITON_INTERPRET=1
+
+Order: correctness (kernels vs their fp32 references on fresh random inputs, NaN past the counts;
+exit 1 on failure), the copy and read bandwidths of this card, the timing table, the fused
+compression op, then the short table. Every time is the median of `triton.testing.do_bench` over
+one CUDA graph holding one call per input set (sets like layers, enough that the working set is
+>= 3x the L2), divided by the sets. "kernel" times the op alone, "step" adds the once-per-step
+rotations (q @ R_kᵀ before, @ R_v after) of `attention.quant_fused.quant_fused_decode`.
+Bytes of a layout: its cold codes + scales/zeros (+ the SVD bases) + the exact tail, bf16.
+Longer than ~350 lines: correctness, bandwidths, the table and the sweep read as one script (the
+compression part is benchmarks/quant_compress_bench.py).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+if "--cpu-smoke" in sys.argv:  # read when triton is first imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from spectral_kv.attention.quant_fused import quant_fused_decode  # noqa: E402
+from spectral_kv.codes import CodeLayout  # noqa: E402
+from spectral_kv.compressors import COMPRESSORS  # noqa: E402
+from spectral_kv.config import SpectralConfig  # noqa: E402
+from spectral_kv.kernels import fused_decode as fd  # noqa: E402
+from spectral_kv.kernels import quant_decode as qd  # noqa: E402
+
+import quant_compress_bench as parts  # noqa: E402  (benchmarks/: the fused compression op)
+
+H, G, D, T, TE, RK, RV = 8, 4, 128, 512, 68, 16, 32
+SIZES = [(1, 4096), (1, 32768), (16, 32768), (4, 131072), (64, 32768)]
+QUICK = [(1, 4096), (16, 32768)]
+TOL = 1e-2  # bf16 inputs, tf32 dots: ~1e-3 expected
+MIXED = (((32, 6), (32, 4), (64, 2)), ((32, 5), (32, 3), (64, 2)))
+LOG: list[str] = []
+DEV = "cuda"
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.append(s)
+
+
+# ----------------------------------------------------------------------------- layouts
+class Learned:
+    """Stand-in for a learned-basis compressor: a mixed `CodeLayout` in one orthonormal basis."""
+
+    bits = 1  # any int: "quantized" (serves_quant_fused)
+
+    def __init__(self, segments, basis):
+        self.segments, self.basis, self._on = segments, basis, {}
+
+    def code_layout(self, head_dim, tokens=None):
+        return CodeLayout(tokens, self.segments)
+
+    def rotation_on(self, d, device):
+        # cached per device like the compressors': a copy inside a CUDA-graph capture would fail
+        return self._on.setdefault(str(device), self.basis.to(device))
+
+
+def layouts(t):
+    """name -> (key compressor, value compressor, key_group) for blocks of ``t`` tokens."""
+    out = {}
+    for name in ("balanced", "max-compression"):
+        cfg = SpectralConfig.preset(name, block_size=t, hot_buffer_size=min(64, t // 2))
+        kc = COMPRESSORS[cfg.compressor_name("keys")](cfg, "keys", cfg.k_rank_keys)
+        vc = COMPRESSORS[cfg.compressor_name("values")](cfg, "values", cfg.k_rank_values)
+        out[name] = (kc, vc, min(cfg.quant_group, t))
+    g = torch.Generator().manual_seed(5)
+    basis = lambda: torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0].float()  # noqa: E731
+    out["mixed"] = (Learned(MIXED[0], basis()), Learned(MIXED[1], basis()), min(128, t))
+    return out
+
+
+def flat(layout):
+    return [x for seg in layout.segments for x in seg]
+
+
+def quant_inputs(lay, B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=True, seed=0, dtype=torch.bfloat16):
+    """Random codes (any byte is a valid code), scales ~ 2 / levels, and an exact tail: a dict
+    with the op's arguments (``op``) and the glue's (``glue``)."""
+    kc, vc, kg = lay
+    kl, vl = kc.code_layout(D, t), vc.code_layout(D, t)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g, device=DEV)  # noqa: E731
+    levels = lambda lay_: torch.tensor([2.0**b - 1 for c, b in lay_.kept_segments for _ in range(c)], device=DEV)  # noqa: E731
+    vlev = torch.tensor([2.0**b - 1 for _, b in vl.kept_segments], device=DEV)
+    ks = ((u(B, Hh, NB, t // kg, kl.kept) * 0.5 + 0.5) * 2 / levels(kl)).half()
+    kz = (r(B, Hh, NB, t // kg, kl.kept) * 0.3 - 1).half()
+    vs = ((u(B, Hh, NB, t, len(vl.kept_segments)) * 0.5 + 0.5) * 2 / vlev).half()
+    vz = (r(B, Hh, NB, t, len(vl.kept_segments)) * 0.3 - 1).half()
+    kcode = torch.randint(0, 256, (B, Hh, NB, kl.nbytes), generator=g, device=DEV, dtype=torch.uint8)
+    vcode = torch.randint(0, 256, (B, Hh, NB, vl.nbytes), generator=g, device=DEV, dtype=torch.uint8)
+    q = r(B, Hh * Gg, 1, D).to(dtype)
+    ek, ev = r(B, Hh, Te, D).to(dtype), r(B, Hh, Te, D).to(dtype)
+    n_cold = [NB] * B if n_cold is None else n_cold
+    n_exact = [Te] * B if n_exact is None else n_exact
+    if poison:  # garbage past the counts must never reach the output
+        for b in range(B):
+            ks[b, :, n_cold[b]:] = float("nan")
+            vz[b, :, n_cold[b]:] = float("nan")
+            ek[b, :, n_exact[b]:] = float("nan")
+            ev[b, :, n_exact[b]:] = float("inf")
+    nc = torch.tensor(n_cold, dtype=torch.int32, device=DEV)
+    ne = torch.tensor(n_exact, dtype=torch.int32, device=DEV)
+    rk = kc.rotation_on(D, DEV)
+    qk = (q.float().reshape(B, Hh, Gg, D) @ (rk.T if rk is not None else torch.eye(D, device=DEV)))[..., : kl.kept]
+    op = (qk.reshape(B, Hh * Gg, kl.kept).contiguous(), q.reshape(B, Hh * Gg, D), kcode, ks, kz, vcode, vs, vz, nc,
+          ek, ev, ne, D**-0.5, flat(kl), flat(vl), kg)
+    glue = (q, kc, vc, dict(codes=kcode, scale=ks, zero=kz), dict(codes=vcode, scale=vs, zero=vz), nc, ek, ev, ne, D**-0.5)
+    return dict(op=op, glue=glue, rv=vc.rotation_on(D, DEV), dv=vl.kept)
+
+
+def quant_bytes(lay, B, NB, t, Te):
+    kc, vc, kg = lay
+    kl, vl = kc.code_layout(D, t), vc.code_layout(D, t)
+    per_block = kl.nbytes + vl.nbytes + 2 * 2 * (t // kg * kl.kept + t * len(vl.kept_segments))
+    return B * H * (NB * per_block + Te * D * 2 * 2)
+
+
+def svd_inputs(B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=True, seed=0, dtype=torch.bfloat16):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
+    kc = torch.randint(-127, 128, (B, Hh, NB, t, RK), generator=g, device=DEV, dtype=torch.int8)
+    vc = torch.randint(-127, 128, (B, Hh, NB, t, RV), generator=g, device=DEV, dtype=torch.int8)
+    ks = (r(B, Hh, NB, RK).abs() * 0.5 + 0.5) * 0.85 ** torch.arange(RK, device=DEV) * (3.0 / 127)
+    vs = (r(B, Hh, NB, RV).abs() * 0.5 + 0.5) * 0.9 ** torch.arange(RV, device=DEV) * (1.0 / 127)
+    kb, vb = (r(B, Hh, NB, RK, D) / math.sqrt(D) * 4).half(), (r(B, Hh, NB, RV, D) / math.sqrt(D) * 4).half()
+    ek, ev = r(B, Hh, Te, D).to(dtype), r(B, Hh, Te, D).to(dtype)
+    n_cold = [NB] * B if n_cold is None else n_cold
+    n_exact = [Te] * B if n_exact is None else n_exact
+    if poison:
+        for b in range(B):
+            ks[b, :, n_cold[b]:] = float("nan")
+            vb[b, :, n_cold[b]:] = float("inf")
+            ek[b, :, n_exact[b]:] = float("nan")
+            ev[b, :, n_exact[b]:] = float("nan")
+    return (r(B, Hh * Gg, D).to(dtype), kc, ks, kb, vc, vs, vb, torch.tensor(n_cold, dtype=torch.int32, device=DEV),
+            ek, ev, torch.tensor(n_exact, dtype=torch.int32, device=DEV), D**-0.5)
+
+
+def svd_bytes(B, NB, t, Te):
+    return B * H * (NB * (t * (RK + RV) + (RK + RV) * (4 + 2 * D)) + Te * D * 2 * 2)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------- correctness
+def correctness(smoke):
+    log("== correctness: kernels vs fp32 references (fresh random inputs, NaN/inf past the counts), "
+        f"pass if rel. error < {TOL:g}")
+    t, NB, Te, Hh = (16, 2, 5, 1) if smoke else (T, 9, TE, H)
+    nc, ne = [NB, 1, 0, 0], [Te, 1, Te // 2, 0]  # ragged rows; the last row attends to nothing
+    # blocks_per_split is a runtime argument; every other knob compiles the kernel again (seconds)
+    knobs = [{}] if smoke else [{}, dict(blocks_per_split=1)]
+    ok = True
+    for name, lay in layouts(t).items():
+        for Gg in (4, 1) if not smoke or name == "balanced" else (4,):  # the smoke: code paths, not coverage
+            x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, nc, ne, seed=10 * len(name) + Gg)
+            ref = torch.cat(qd.quant_decode_reference(*x["op"]), -1)
+            errs = []
+            extra = [dict(blocks_per_split=3, block_rows=16, num_warps=8)] if name == "balanced" and not smoke else []
+            for kn in knobs + extra:
+                out = torch.cat(qd.quant_decode(*x["op"], **kn), -1)
+                errs.append(rel(out, ref) if torch.isfinite(out).all() else float("nan"))
+            good = all(e < TOL for e in errs)  # NaN compares False
+            ok &= good
+            log(f"  quant_decode {name:15s} G={Gg} B=4 H={Hh} NB={NB} T={t} Te={Te} bf16 knobs {len(knobs + extra)}: "
+                f"rel_err {' '.join('%.1e' % e for e in errs)} {'OK' if good else 'FAIL'}")
+        # the glue (rotations once per step) against the reference composed in fp32
+        x = quant_inputs(lay, 4, Hh, 4, NB, t, Te, nc, ne, seed=11)
+        oc, oe = qd.quant_decode_reference(*x["op"])
+        want = (oc.reshape(4, Hh, 4, x["dv"]) @ x["rv"][: x["dv"]]).reshape(oe.shape) + oe if x["rv"] is not None else oc + oe
+        e = rel(quant_fused_decode(*x["glue"]).squeeze(2).float(), want)
+        ok &= e < TOL
+        log(f"  quant_fused_decode {name:15s} (bf16 output) rel_err {e:.1e} {'OK' if e < TOL else 'FAIL'}")
+    for Gg in (4, 1):
+        a = svd_inputs(2, Hh, Gg, NB, t, Te, [NB, 2], [Te, 1], seed=20 + Gg)
+        ref = fd.fused_decode_reference(*a)
+        errs = [rel(fd.fused_decode(*a, **kn), ref) for kn in ([{}] if smoke else [{}, dict(blocks_per_split=1)])]
+        good = all(e < TOL for e in errs)
+        ok &= good
+        log(f"  fused_decode (SVD int8 rank {RK}/{RV}) G={Gg}: rel_err {' '.join('%.1e' % e for e in errs)} "
+            f"{'OK' if good else 'FAIL'}")
+    if not smoke:
+        ok &= graph_and_opcheck()
+    ok &= parts.compress_correctness(DEV, smoke, log)
+    log(f"  correctness overall: {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
+def graph_and_opcheck():
+    lay = layouts(T)["balanced"]
+    x = quant_inputs(lay, 2, H, G, 3, T, TE, [3, 1], [TE, 5], poison=False, seed=3)
+    eager = qd.quant_decode(*x["op"])
+    gr = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(gr):
+        captured = qd.quant_decode(*x["op"])
+    gr.replay()
+    torch.cuda.synchronize()
+    same = all(torch.equal(a, b) for a, b in zip(eager, captured))
+    log(f"  quant_decode in a CUDA graph == eager: {same}")
+    try:
+        res = torch.library.opcheck(torch.ops.spectral_kv.quant_decode.default, x["op"])
+        good = all(v == "SUCCESS" for v in res.values())
+        log(f"  opcheck spectral_kv::quant_decode (CUDA): {res}")
+    except Exception as exc:
+        good = False
+        log(f"  opcheck FAILED: {exc!r}"[:2000])
+    return same and good
+
+
+# ----------------------------------------------------------------------------- timing
+def graph_ms(fns, rep=60):
+    """Median ms per call of replaying one CUDA graph that calls every fn once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up off the capture: compiles, allocator
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    ms = triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")
+    del g
+    return ms / len(fns)
+
+
+def eager_ms(fns, rep=60):
+    """Median ms per call of `triton.testing.do_bench` on the fns one after the other (no graph)."""
+    return triton.testing.do_bench(lambda: [f() for f in fns], warmup=10, rep=rep, return_mode="median") / len(fns)
+
+
+def wall_ms(fns, rep=0):
+    """CPU smoke stand-in for `graph_ms` (exercises the table's code path, not a measurement)."""
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    return (time.perf_counter() - t0) * 1e3 / len(fns)
+
+
+def bandwidths(timer):
+    n = (1 << 30) if DEV == "cuda" else (1 << 20)
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    copy = 2 * n / timer([lambda: dst.copy_(src)]) / 1e6  # GB/s, read + write
+    x = src.view(torch.float32)
+    read = n / timer([lambda: x.sum()]) / 1e6
+    del src, dst
+    log(f"\n== bandwidth: device-to-device copy {copy:.0f} GB/s (read + write), read (sum of fp32) {read:.0f} GB/s")
+    return copy, read
+
+
+def n_sets(nbytes, l2, cap=64):
+    return max(1, min(cap, math.ceil(3 * l2 / nbytes)))
+
+
+def fits(nbytes):
+    return DEV != "cuda" or torch.cuda.mem_get_info()[0] > 1.3 * nbytes + (2 << 30)
+
+
+def time_shape(B, ctx, timer, l2, t):
+    """{method: (ms, bytes)} for one B x ctx; SDPA under 'sdpa' (absent if it does not fit)."""
+    NB, Te = ctx // t, TE if t == T else 5
+    L = NB * t + Te
+    dense_b = B * H * L * D * 2 * 2
+    out = {}
+    log(f"\n== B={B} ctx={ctx}: {NB} blocks of {t} + {Te} exact; dense K/V {dense_b / 1e6:.1f} MB per layer")
+    if fits(dense_b):
+        k = [(torch.randn(B, H * G, 1, D, device=DEV, dtype=torch.bfloat16),
+              torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16),
+              torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16)) for _ in range(n_sets(dense_b, l2))]
+
+        backends = [SDPBackend.FLASH_ATTENTION]
+        try:
+            with sdpa_kernel(backends):
+                F.scaled_dot_product_attention(k[0][0], k[0][1], k[0][2], enable_gqa=True)
+        except RuntimeError as exc:  # said, not hidden: the table's baseline is then another backend
+            backends = list(SDPBackend)
+            log(f"  [warn] flash SDPA with enable_gqa refused ({str(exc)[:200]!r}); timing torch's own choice")
+
+        def sdpa(d):
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(d[0], d[1], d[2], enable_gqa=True)
+
+        out["sdpa"] = (timer([lambda d=d: sdpa(d) for d in k]), dense_b)
+        log(f"  sdpa ({'flash' if len(backends) == 1 else 'default backend'}, {len(k)} sets): {out['sdpa'][0]:.4f} ms")
+        del k
+    else:
+        log(f"  sdpa SKIPPED: {dense_b / 1e9:.1f} GB of dense K/V does not fit in the free memory")
+    for name, lay in layouts(t).items():
+        nbytes = quant_bytes(lay, B, NB, t, Te)
+        sets = [quant_inputs(lay, B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]
+        out[f"{name} kernel"] = (timer([lambda x=x: qd.quant_decode(*x["op"]) for x in sets]), nbytes)
+        out[f"{name} step"] = (timer([lambda x=x: quant_fused_decode(*x["glue"]) for x in sets]), nbytes)
+        log(f"  {name} ({len(sets)} sets): kernel {out[f'{name} kernel'][0]:.4f} ms, step {out[f'{name} step'][0]:.4f} ms")
+        del sets
+    nbytes = svd_bytes(B, NB, t, Te)
+    sets = [svd_inputs(B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]
+    out["fast (SVD)"] = (timer([lambda a=a: fd.fused_decode(*a) for a in sets]), nbytes)
+    log(f"  fast SVD ({len(sets)} sets): {out['fast (SVD)'][0]:.4f} ms")
+    del sets
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+    return out, dense_b
+
+
+def report(B, ctx, out, dense_b, copy_bw):
+    sd = out.get("sdpa", (float("nan"), dense_b))[0]
+    log(f"  {'method':24s} {'ms':>8s} {'x SDPA':>7s} {'GB/s':>6s} {'%copy':>6s} {'bytes x':>8s} {'%of bytes x':>11s}")
+    rows = []
+    for name, (ms, nbytes) in out.items():
+        gbs, bx = nbytes / ms / 1e6, dense_b / nbytes
+        frac = (sd / ms) / bx
+        log(f"  {name:24s} {ms:8.4f} {sd / ms:7.2f} {gbs:6.0f} {100 * gbs / copy_bw:6.1f} {bx:8.2f} {100 * frac:11.1f}")
+        rows.append((B, ctx, name, ms, sd / ms, gbs, 100 * gbs / copy_bw, bx, 100 * frac))
+    return rows
+
+
+def sweep(timer, l2):
+    """Knobs of quant_decode for `balanced` at 16 x 32K, one input set (already > L2)."""
+    lay = layouts(T)["balanced"]
+    x = quant_inputs(lay, 16, H, G, 32768 // T, T, TE, poison=False, seed=1)
+    log("\n== sweep: quant_decode knobs, balanced, B=16 ctx=32768 (blocks_per_split 0 = heuristic)")
+    rows = []
+    for br in (16, 32, 64):
+        for nw in (4, 8):
+            for ns in (1, 2, 3):
+                for bps in (0, 1, 2, 4, 8, 16):
+                    kn = dict(blocks_per_split=bps, block_rows=br, num_warps=nw, num_stages=ns)
+                    try:
+                        ms = timer([lambda: qd.quant_decode(*x["op"], **kn)], rep=30)
+                    except Exception as exc:  # e.g. out of shared memory / registers for this tile
+                        log(f"    {kn} failed: {exc!r}"[:300])
+                        break
+                    rows.append((ms, kn))
+    rows.sort(key=lambda r: r[0])
+    for ms, kn in rows[:10]:
+        log(f"    {ms * 1e3:8.1f} us  {kn}")
+    if rows:
+        log(f"  best: {rows[0][1]} at {rows[0][0] * 1e3:.1f} us (heuristic default: "
+            f"{next((m for m, k in rows if k == dict(blocks_per_split=0, block_rows=32, num_warps=4, num_stages=2)), float('nan')) * 1e3:.1f} us)")
+
+
+def main():
+    global DEV, H
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="1x4K and 16x32K only")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the kernel's knobs at 16x32K")
+    ap.add_argument("--keep-going", action="store_true", help="time even if a correctness check fails")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (CI)")
+    args = ap.parse_args()
+    t_start = time.time()
+    if args.cpu_smoke:
+        DEV, H = "cpu", 1  # one KV head: the interpreter runs every program in Python
+        log(f"cpu smoke; torch {torch.__version__}, triton {triton.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")
+        ok = correctness(smoke=True)
+        copy_bw, read_bw = bandwidths(wall_ms)
+        out, dense_b = time_shape(1, 16, wall_ms, 0, 16)  # one block: the table's code path, not a measurement
+        rows = report(1, 16, out, dense_b, copy_bw)
+        parts.compress_timing(DEV, True, wall_ms, wall_ms, {1: 1.0}, read_bw, log)
+        log(f"\n== summary (cpu smoke, {time.time() - t_start:.0f} s): {len(rows)} rows")
+        log(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+        sys.exit(0 if ok else 1)
+    props = torch.cuda.get_device_properties(0)
+    card, l2 = props.name, props.L2_cache_size
+    log(f"card: {card}, SMs {props.multi_processor_count}, L2 {l2 / 1e6:.0f} MB; torch {torch.__version__}, "
+        f"triton {triton.__version__}")
+    tag = card.replace("NVIDIA ", "").replace(" ", "_").replace("/", "_")
+    path = os.path.join(args.out, f"quant_decode_{tag}.txt")
+    ok = correctness(smoke=False)
+    if not ok and not args.keep_going:
+        log("\ncorrectness: FAIL (no timings; --keep-going times anyway)")
+        _write(path)
+        sys.exit(1)
+    copy_bw, read_bw = bandwidths(graph_ms)
+    rows, step = [], {}
+    for B, ctx in QUICK if args.quick else SIZES:
+        out, dense_b = time_shape(B, ctx, graph_ms, l2, T)
+        rows += report(B, ctx, out, dense_b, copy_bw)
+        if ctx == 32768:
+            step[B] = out["balanced step"][0]
+    for B in (1, 16):
+        if B not in step:  # the amortization needs a measured step at B x 32K
+            step[B] = time_shape(B, 32768, graph_ms, l2, T)[0]["balanced step"][0]
+    parts.compress_timing(DEV, False, graph_ms, eager_ms, step, read_bw, log)
+    if args.sweep:
+        sweep(graph_ms, l2)
+    log(f"\n== summary ({card}; {time.time() - t_start:.0f} s; copy {copy_bw:.0f} GB/s, read {read_bw:.0f} GB/s)")
+    log(f"  {'B x ctx':>10s} {'method':24s} {'ms':>8s} {'x SDPA':>7s} {'GB/s':>6s} {'%copy':>6s} {'bytes x':>8s} {'%bytes x':>8s}")
+    for B, ctx, name, ms, xs, gbs, pc, bx, fr in rows:
+        log(f"  {f'{B}x{ctx // 1024}K':>10s} {name:24s} {ms:8.4f} {xs:7.2f} {gbs:6.0f} {pc:6.1f} {bx:8.2f} {fr:8.1f}")
+    log(f"\ncorrectness: {'PASS' if ok else 'FAIL'}")
+    _write(path)
+    sys.exit(0 if ok else 1)
+
+
+def _write(path):
+    with open(path, "w") as f:
+        f.write("\n".join(LOG) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
