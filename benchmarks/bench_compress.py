@@ -39,7 +39,8 @@ def timed(fn, reps):
 
 
 def compressor(rank, device):
-    cfg = SpectralConfig(compressor="triton_rsvd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False)
+    cfg = SpectralConfig(compressor="triton_rsvd", coeff_bits=None, value_bits="same", basis_dtype="float32", verbose=False,
+                         k_rank_keys=rank, k_rank_values=rank)
     return COMPRESSORS["triton_rsvd"](cfg, "keys", rank)
 
 

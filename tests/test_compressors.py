@@ -86,7 +86,8 @@ def test_randomized_compressor_is_the_kernel_modules_algorithm():
     # (the separate implementation it replaced gave the same bits).
     from spectral_kv.kernels.rsvd import randomized_svd_lowrank_reference
 
-    cfg = SpectralConfig(compressor="randomized_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", seed=5)
+    cfg = SpectralConfig(compressor="randomized_svd", coeff_bits=None, value_bits="same", basis_dtype="float32", seed=5,
+                         k_rank_keys=8, k_rank_values=8)
     x = torch.randn(6, 64, 32, generator=torch.Generator().manual_seed(4))
     comp = COMPRESSORS["randomized_svd"](cfg, "keys", 8)
     got = comp.factorize(x, 8)

@@ -10,6 +10,8 @@ every tier (shared state included).
 
 import json
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors.torch import load as st_load
@@ -25,10 +27,16 @@ SCALE = D**-0.5
 
 
 def _config(compressor: str, attention: str, storage: str) -> SpectralConfig:
-    # Full rank, unquantized, float32 bases: lossless wherever the compressor allows it.
-    return SpectralConfig(compressor=compressor, attention=attention, block_size=BS, k_rank_keys=D, k_rank_values=D,
-                          hot_buffer_size=3, sink_tokens=2, coeff_bits=None, value_bits="same", basis_dtype="float32",
-                          quant_group=8, compress_lag=2 if storage == "static" else 0, verbose=False)
+    # Full rank, unquantized, float32 bases: lossless wherever the compressor allows it. Only the
+    # layout fields the compressor reads are set (setting one it ignores is refused by name).
+    layout = dict(k_rank_keys=D, k_rank_values=D, coeff_bits=None, value_bits="same", basis_dtype="float32",
+                  quant_group=8)
+    cls = COMPRESSORS[compressor]
+    probe = SimpleNamespace(value_bits="same", segments=lambda role: None)  # what `reads` looks at
+    read = cls.reads(probe, "keys") | cls.reads(probe, "values")
+    return SpectralConfig(compressor=compressor, attention=attention, block_size=BS, hot_buffer_size=3, sink_tokens=2,
+                          compress_lag=2 if storage == "static" else 0, verbose=False,
+                          **{k: v for k, v in layout.items() if k in read})
 
 
 def _matrix():

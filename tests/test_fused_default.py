@@ -76,8 +76,8 @@ def test_exact_tail_through_the_quant_kernel_equals_dynamic_cache(compressor):
     model = tiny("llama")
     ids = torch.randint(1, 96, (2, 30), generator=torch.Generator().manual_seed(3))
     expected = greedy(model, ids, n=12, past_key_values=DynamicCache())
-    cfg = sk.SpectralConfig(block_size=64, hot_buffer_size=8, quant_group=32, compressor=compressor,
-                            attention="fused", verbose=False)
+    cfg = sk.SpectralConfig(block_size=64, hot_buffer_size=8, compressor=compressor, attention="fused", verbose=False,
+                            **({} if compressor.startswith("kivi") else dict(quant_group=32)))
     patch = sk.patch_unsloth_attention(model, config=cfg)
     try:
         got = greedy(model, ids, n=12)

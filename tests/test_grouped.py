@@ -118,7 +118,7 @@ def test_bad_group_is_a_clear_error():
 def test_block_size_must_fill_the_bit_planes(name, bits, block, ok):
     """Codes are packed on the token axis (8/p tokens per byte of a p-bit plane), so the block
     size, not head_dim, must fill whole bytes; checked when the config is built."""
-    kw = dict(compressor=name, block_size=block, hot_buffer_size=2, quant_group=2)
+    kw = dict(compressor=name, block_size=block, hot_buffer_size=2, **({} if name.startswith("kivi") else dict(quant_group=2)))
     kw.update(dict(coeff_bits=bits, value_bits=bits) if bits else dict(use_spectral_attention=False))
     if ok:
         SpectralConfig(**kw)
@@ -130,8 +130,8 @@ def test_block_size_must_fill_the_bit_planes(name, bits, block, ok):
 @pytest.mark.parametrize("name,role,bits,d", [("hadamard", "keys", 3, 12), ("hadamard", "values", 3, 12), ("kivi2", "values", None, 64),
                                               ("hadamard", "values", 2, 96)])
 def test_codes_are_one_buffer_in_the_code_layout(name, role, bits, d):
-    cfg = SpectralConfig(compressor=name, block_size=16, hot_buffer_size=2, quant_group=16 if d != 64 else 32,
-                         **(dict(coeff_bits=bits, value_bits=bits) if bits else dict(use_spectral_attention=False)))
+    cfg = SpectralConfig(compressor=name, block_size=16, hot_buffer_size=2,
+                         **(dict(coeff_bits=bits, value_bits=bits, quant_group=16) if bits else dict(use_spectral_attention=False)))
     comp = COMPRESSORS[name](cfg, role, 0)
     layout = comp.code_layout(d)
     x = torch.randn(3, 16, d, generator=torch.Generator().manual_seed(0))

@@ -159,8 +159,8 @@ def test_opcheck():
 
 # ------------------------------------------------------------------ glue on real compressed blocks
 def _compressed(name, bits, vbits, d, B=2, H=2, NB=3, T=16, group=16, seed=0):
-    kw = dict(coeff_bits=bits, value_bits=vbits) if name == "hadamard" else dict(use_spectral_attention=False)
-    cfg = SpectralConfig(compressor=name, block_size=T, hot_buffer_size=2, quant_group=group, **kw)
+    kw = dict(coeff_bits=bits, value_bits=vbits, quant_group=group) if name == "hadamard" else {}  # KIVI: fixed groups
+    cfg = SpectralConfig(compressor=name, block_size=T, hot_buffer_size=2, **kw)
     kc, vc = COMPRESSORS[name](cfg, "keys", 0), COMPRESSORS[name](cfg, "values", 0)
     g = torch.Generator().manual_seed(seed)
     k, v = torch.randn(B * H * NB, T, d, generator=g), torch.randn(B * H * NB, T, d, generator=g)

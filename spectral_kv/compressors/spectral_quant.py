@@ -26,6 +26,9 @@ are dropped); otherwise ``coeff_bits`` / ``value_bits`` is one width for the fir
 components. ``k_rank_keys`` / ``k_rank_values`` cap the kept components in both cases.
 Widths must not increase along the components. Keys are post-RoPE (as the cache receives
 them); a pre-RoPE variant would need the model's RoPE applied at attend time.
+
+longer than ~350 lines because the compressor's three faces belong together: the static layout
+(segments, rank cap, shares of head_dim), the per-row fit, and the codec with its factored view.
 """
 
 from __future__ import annotations
