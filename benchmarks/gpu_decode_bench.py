@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_compress
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # spectral_kv
 
 fd = _load("fused_decode")
+svd_decode_inputs = _load("inputs").svd_decode_inputs
 rs = _load("rsvd")
 import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
@@ -62,30 +63,9 @@ def log(*a):
 
 # ----------------------------------------------------------------------------- inputs
 def make_inputs(B, H, G, D, T, NB, Te, rk, rv, dtype, n_cold=None, n_exact=None, poison=True, seed=0):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=DEV)
-    q = r(B, H * G, D).to(dtype)
-    kc = torch.randint(-127, 128, (B, H, NB, T, rk), generator=g, device=DEV, dtype=torch.int8)
-    vc = torch.randint(-127, 128, (B, H, NB, T, rv), generator=g, device=DEV, dtype=torch.int8)
-    decay_k = 0.85 ** torch.arange(rk, device=DEV)
-    decay_v = 0.9 ** torch.arange(rv, device=DEV)
-    ks = (r(B, H, NB, rk).abs() * 0.5 + 0.5) * decay_k * (3.0 / 127)
-    vs = (r(B, H, NB, rv).abs() * 0.5 + 0.5) * decay_v * (1.0 / 127)
-    kb = (r(B, H, NB, rk, D) / math.sqrt(D) * 4).half()
-    vb = (r(B, H, NB, rv, D) / math.sqrt(D) * 4).half()
-    ek, ev = r(B, H, Te, D).to(dtype), r(B, H, Te, D).to(dtype)
     n_cold = n_cold if n_cold is not None else [NB] * B
     n_exact = n_exact if n_exact is not None else [Te] * B
-    if poison:
-        for b in range(B):
-            ks[b, :, n_cold[b]:] = float("nan")
-            kb[b, :, n_cold[b]:] = float("nan")
-            vb[b, :, n_cold[b]:] = float("inf")
-            ek[b, :, n_exact[b]:] = float("nan")
-            ev[b, :, n_exact[b]:] = float("nan")
-    return dict(q=q, k_coeffs=kc, k_scales=ks, k_basis=kb, v_coeffs=vc, v_scales=vs, v_basis=vb,
-                n_cold=torch.tensor(n_cold, dtype=torch.int32, device=DEV), exact_k=ek, exact_v=ev,
-                n_exact=torch.tensor(n_exact, dtype=torch.int32, device=DEV), scaling=D ** -0.5)
+    return svd_decode_inputs(B, H, G, D, T, NB, Te, rk, rv, dtype, seed, n_cold, n_exact, DEV, poison, decay=True)
 
 
 def rel(a, b):

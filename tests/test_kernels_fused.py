@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from spectral_kv.kernels import fused_decode as fd
+from spectral_kv.kernels.inputs import svd_decode_inputs
 
 needs_triton = pytest.mark.skipif(not fd.HAS_TRITON, reason=f"triton not importable: {fd._TRITON_IMPORT_ERROR!r}")
 DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -17,34 +18,7 @@ DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET")
 def make_inputs(B, H, G, D, T, NB, Te, rk=4, rv=8, dtype=torch.float32, seed=0, n_cold=None,
                 n_exact=None, device=DEV, poison=True):
     """Random decode inputs; invalid pool slots hold NaN/huge garbage the kernel must ignore."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)
-    q = r(B, H * G, D).to(dtype)
-    kc = torch.randint(-127, 128, (B, H, NB, T, rk), generator=g, dtype=torch.int8)
-    vc = torch.randint(-127, 128, (B, H, NB, T, rv), generator=g, dtype=torch.int8)
-    ks = (r(B, H, NB, rk).abs() + 0.1) / 127.0
-    vs = (r(B, H, NB, rv).abs() + 0.1) / 127.0
-    kb = (r(B, H, NB, rk, D) / D ** 0.5).half()
-    vb = (r(B, H, NB, rv, D) / rv ** 0.5).half()
-    ek, ev = r(B, H, Te, D).to(dtype), r(B, H, Te, D).to(dtype)
-    if n_cold is None:
-        n_cold = [NB - (b % 2) if NB else 0 for b in range(B)]
-    if n_exact is None:
-        n_exact = [max(1, Te - 3 * b) for b in range(B)] if Te else [0] * B
-    if poison:
-        for b in range(B):
-            ks[b, :, n_cold[b]:] = float("nan")
-            vs[b, :, n_cold[b]:] = float("nan")
-            kb[b, :, n_cold[b]:] = float("nan")
-            vb[b, :, n_cold[b]:] = float("inf")
-            ek[b, :, n_exact[b]:] = float("nan")
-            ev[b, :, n_exact[b]:] = float("nan")
-    t = dict(q=q, k_coeffs=kc, k_scales=ks, k_basis=kb, v_coeffs=vc, v_scales=vs, v_basis=vb,
-             n_cold=torch.tensor(n_cold, dtype=torch.int32), exact_k=ek, exact_v=ev,
-             n_exact=torch.tensor(n_exact, dtype=torch.int32))
-    t = {k: v.to(device) for k, v in t.items()}
-    t["scaling"] = D ** -0.5
-    return t
+    return svd_decode_inputs(B, H, G, D, T, NB, Te, rk, rv, dtype, seed, n_cold, n_exact, device, poison)
 
 
 def dense_reference(t):
