@@ -1,11 +1,11 @@
 """The embedded SmolLM2-135M-Instruct with the library's default settings and the SVD layout.
 
-Regression guard, not a goal: on this fixed prompt (pydoc text from token 5000, 1100 tokens
+Regression guard, not a goal: on this fixed prompt (validation-split pydoc text from token 5000, 1100 tokens
 of context = 4 sinks + 2 cold blocks + exact tail, then 100 tokens teacher-forced through the
 same cache) `python tests/test_real_model.py` prints PPL and top-1 agreement with the exact
-cache per preset. Measured (exact PPL 3.576): ``original`` 4.061 (+13.6%), agreement 0.84;
-``fast`` (SVD k16/v32 int8 + 4 sinks, the default before the presets) 4.094 (+14.5%), 0.87;
-``balanced`` (the default) 3.578 (+0.1%), 0.98; ``max-compression`` 3.664 (+2.5%), 0.97.
+cache per preset. Measured on the CPU (exact PPL 4.307): ``original`` 6.919 (+60.6%), agreement 0.76;
+``fast`` (SVD k16/v32 int8 + 4 sinks) 4.790 (+11.2%), 0.91; ``balanced`` (the default) 4.317 (+0.2%),
+0.99; ``max-compression`` 4.296 (-0.3%), 0.93 (results/real_model_guard.txt).
 The bounds leave room for BLAS rounding only; a real regression moves them far more.
 """
 
@@ -16,13 +16,22 @@ import torch
 from transformers import DynamicCache
 
 import spectral_kv as sk
-from spectral_kv.text import stdlib_tokens
+from spectral_kv.text import split_sources, stdlib_tokens
 
 pytestmark = pytest.mark.slow
 
 CONTEXT, CONTINUATION, CHUNK = 1100, 100, 33
-# preset -> (max relative PPL increase, min top-1 agreement)
-BOUNDS = {"fast": (0.17, 0.84), "balanced": (0.02, 0.95)}
+# preset -> (max relative PPL increase, min top-1 agreement). balanced and max-compression: the worst
+# segment of each on the validation split (results/validation/, H200: +2.8% / 0.977 and +11.7% /
+# 0.938), rounded outwards; fast: this prompt's measurement (+11.2% / 0.91) with room for rounding,
+# since its validation worst (+144%) would guard nothing. This prompt is validation text too.
+BOUNDS = {"fast": (0.20, 0.85), "balanced": (0.03, 0.97), "max-compression": (0.12, 0.92)}
+
+
+def validation_tokens(tok, n, offset=5000):
+    """``n`` tokens of the validation split's pydoc text from token ``offset`` (a text no preset was tuned on)."""
+    _, text, _ = split_sources("validation")[0]
+    return tok(text, add_special_tokens=False)["input_ids"][offset : offset + n]
 
 
 def teacher_forced(model, ids, cache):
@@ -37,7 +46,7 @@ def teacher_forced(model, ids, cache):
 
 
 def measure(model, tok, preset):
-    ids = torch.tensor([stdlib_tokens(tok, CONTEXT + CONTINUATION, offset=5000)])
+    ids = torch.tensor([validation_tokens(tok, CONTEXT + CONTINUATION)])
     ppl_exact, top_exact = teacher_forced(model, ids, DynamicCache())
     patch = sk.patch_unsloth_attention(model, verbose=False, preset=preset)
     try:
