@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+from transformers import DynamicCache, MistralConfig
 
 import spectral_kv  # noqa: F401  (registers the "spectral_kv" attention)
 from spectral_kv import SpectralCache, SpectralConfig
@@ -31,11 +31,14 @@ def mistral_config(layers=32, tiny=False):
 
 
 def build_model(cfg, device, dtype):
+    """A model of ``cfg`` (Mistral, else Llama) with random weights in ``dtype`` on ``device``."""
+    from transformers import AutoModelForCausalLM
+
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = MistralForCausalLM(cfg)
+            model = AutoModelForCausalLM.from_config(cfg)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()

@@ -40,11 +40,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_e2e
 
 import spectral_kv  # noqa: E402,F401  (registers the "spectral_kv" attention)
 from spectral_kv import SpectralCache, SpectralConfig, StaticDecoder  # noqa: E402
 from spectral_kv.presets import PRESETS  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, StaticCache  # noqa: E402
+from transformers import DynamicCache, LlamaConfig, MistralConfig, StaticCache  # noqa: E402
+
+from bench_e2e import build_model, weight_bytes  # noqa: E402  (the random-weight model, its bytes)
 
 LOG: list[str] = []
 
@@ -70,22 +73,6 @@ def model_config(shape: str, tiny: bool = False):
                            num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
                            max_position_embeddings=1 << 20, rope_theta=1e5)
     raise ValueError(f"unknown shape {shape!r}")
-
-
-def build_model(cfg, device, dtype):
-    cls = MistralForCausalLM if isinstance(cfg, MistralConfig) else LlamaForCausalLM
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.eval()
-
-
-def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def dense_cache_bytes(cfg, batch, ctx, elem=2) -> int:
