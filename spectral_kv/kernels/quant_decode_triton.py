@@ -97,11 +97,12 @@ def qd_partial_kernel(
                 # Inductor passes the float argument as fp64.
                 qks = qks + ((qx * qk_scale).to(tl.float32),)
         accs = ()
-        zaccs = ()
+        zaccs = ()  # per value segment: sum_t p_t * z_t, kept per token column (one reduction at the end)
         for si in tl.static_range(len(VSEGS)):
             for j in tl.static_range(4):
                 accs = accs + (tl.zeros([G_PAD, tl.constexpr(VSEGS[si][18])], tl.float32),)
-            zaccs = zaccs + (tl.zeros([G_PAD], tl.float32),)
+            zaccs = zaccs + (tl.zeros([G_PAD, BR], tl.float32),)
+        l_t = tl.zeros([G_PAD, BR], tl.float32)  # the softmax sum, likewise
         n_c = tl.load(ncold_ptr + b).to(tl.int64)
         u_lo = split.to(tl.int64) * TPS
         u_hi = tl.minimum(u_lo + TPS, n_c * NR)
@@ -157,13 +158,14 @@ def qd_partial_kernel(
                         if i - (i // KSTEP) * KSTEP == 0:  # chunks i .. i+KSTEP-1 share the group
                             grp = (R_BASE * i + r0) // KG
                             qs = ()
-                            bias = tl.zeros([G_PAD], tl.float32)
+                            qz = tl.zeros([G_PAD, tl.constexpr(KSEGS[si][18])], tl.float32)
                             for j in tl.static_range(4):
                                 st = grp * sks_g + (KSEGS[si][2] + 4 * offs_w + j) * sks_d
                                 ks = tl.load(ks_base + st, mask=w_ok, other=0.0).to(tl.float32)
                                 kz = tl.load(kz_base + st, mask=w_ok, other=0.0).to(tl.float32)
                                 qs = qs + ((qks[4 * si + j] * ks[None, :]).to(tl.float16 if F16 else tl.float32),)
-                                bias += tl.sum(qks[4 * si + j] * kz[None, :], axis=1)
+                                qz += qks[4 * si + j] * kz[None, :]
+                            bias = tl.sum(qz, axis=1)  # q . z_k in fp32, one reduction per group
                         for j in tl.static_range(4):
                             s = tl.dot(qs[j], tl.trans(_byte(w, j, F16)), s)
                         s = s + bias[:, None]
@@ -178,16 +180,21 @@ def qd_partial_kernel(
                             s = tl.dot(qks[4 * si + j].to(f.dtype), tl.trans(kx.to(f.dtype)), s)
                     new_ss = new_ss + (s,)
                 ss = new_ss
-            # one online-softmax step per unit
-            m_new = m_i
-            for i in tl.static_range(8 // P_BASE):
-                m_new = tl.maximum(m_new, tl.max(tl.where(r_ok[None, :], ss[i], float("-inf")), axis=1))
+            # one online-softmax step per unit, one cross-thread reduction (the max)
+            mx = ss[0]
+            for i in tl.static_range(1, 8 // P_BASE):
+                mx = tl.maximum(mx, ss[i])
+            if R_BASE < BR:
+                mx = tl.where(r_ok[None, :], mx, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(mx, axis=1))
             alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
+            l_t = l_t * alpha[:, None]
             ps = ()
             for i in tl.static_range(8 // P_BASE):
-                p = tl.where(r_ok[None, :], tl.exp2(ss[i] - m_new[:, None]), 0.0)
-                l_i += tl.sum(p, axis=1)
+                p = tl.exp2(ss[i] - m_new[:, None])
+                if R_BASE < BR:
+                    p = tl.where(r_ok[None, :], p, 0.0)
+                l_t += p
                 ps = ps + (p,)
             m_i = m_new
             # values: the per-token scale folded into p, the zero into one row sum
@@ -197,7 +204,7 @@ def qd_partial_kernel(
                 acc = ()
                 for j in tl.static_range(4):
                     acc = acc + (accs[4 * si + j] * alpha[:, None],)
-                zacc = zaccs[si] * alpha
+                zacc = zaccs[si] * alpha[:, None]
                 for i in tl.static_range(8 // P_BASE):
                     w = _plane_of(vt, i, VSEGS[si][8], VSEGS[si][5], VSEGS[si][7], P_BASE)
                     if VSEGS[si][4] > 1:
@@ -212,7 +219,7 @@ def qd_partial_kernel(
                     for j in tl.static_range(4):
                         nxt = nxt + (tl.dot(pv, _byte(w, j, F16), acc[j]),)
                     acc = nxt
-                    zacc += tl.sum(ps[i] * vz[None, :], axis=1)
+                    zacc += ps[i] * vz[None, :]
                 new_accs = new_accs + acc
                 new_zaccs = new_zaccs + (zacc,)
             accs = new_accs
@@ -221,7 +228,9 @@ def qd_partial_kernel(
             offs_w = tl.arange(0, tl.constexpr(VSEGS[si][18]))
             for j in tl.static_range(4):
                 tl.store(accc_ptr + ws * (G_PAD * DV_PAD) + offs_g[:, None] * DV_PAD + (VSEGS[si][2] + 4 * offs_w + j)[None, :],
-                         accs[4 * si + j] + zaccs[si][:, None], mask=g_ok[:, None] & (offs_w < VSEGS[si][17])[None, :])
+                         accs[4 * si + j] + tl.sum(zaccs[si], axis=1)[:, None],
+                         mask=g_ok[:, None] & (offs_w < VSEGS[si][17])[None, :])
+        l_i = tl.sum(l_t, axis=1)
     else:
         offs_d = tl.arange(0, D_PAD)
         d_ok = offs_d < D
