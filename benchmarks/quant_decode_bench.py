@@ -43,7 +43,7 @@ import quant_compress_bench as parts  # noqa: E402  (benchmarks/: the fused comp
 
 H, G, D, T, TE, RK, RV = 8, 4, 128, 512, 68, 16, 32
 SIZES = [(1, 4096), (1, 32768), (16, 32768), (4, 131072), (64, 32768)]
-QUICK = [(1, 4096), (16, 32768)]
+QUICK = [(1, 4096), (8, 32768), (16, 32768)]  # 8 x 32K: the e2e shape
 TOL = 1e-2  # bf16 inputs, tf32 dots: ~1e-3 expected
 MIXED = (((32, 6), (32, 4), (64, 2)), ((32, 5), (32, 3), (64, 2)))
 LOG: list[str] = []
@@ -69,8 +69,12 @@ class Learned:
         return CodeLayout(tokens, self.segments)
 
     def rotation_on(self, d, device):
-        # cached per device like the compressors': a copy inside a CUDA-graph capture would fail
-        return self._on.setdefault(str(device), self.basis.to(device))
+        # cached per device like the compressors', copied only when missing: a CPU->GPU copy
+        # inside a CUDA-graph capture fails (graph_ms warms every fn up before capturing)
+        key = str(torch.device(device))
+        if key not in self._on:
+            self._on[key] = self.basis.to(device)
+        return self._on[key]
 
 
 def layouts(t):
@@ -169,15 +173,16 @@ def correctness(smoke):
         f"pass if rel. error < {TOL:g}")
     t, NB, Te, Hh = (16, 2, 5, 1) if smoke else (T, 9, TE, H)
     nc, ne = [NB, 1, 0, 0], [Te, 1, Te // 2, 0]  # ragged rows; the last row attends to nothing
-    # blocks_per_split is a runtime argument; every other knob compiles the kernel again (seconds)
-    knobs = [{}] if smoke else [{}, dict(blocks_per_split=1)]
+    # tiles_per_split is a runtime argument; every other knob compiles the kernel again (seconds)
+    knobs = [{}] if smoke else [{}, dict(tiles_per_split=1), dict(operands="fp32")]
     ok = True
     for name, lay in layouts(t).items():
         for Gg in (4, 1) if not smoke or name == "balanced" else (4,):  # the smoke: code paths, not coverage
             x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, nc, ne, seed=10 * len(name) + Gg)
             ref = torch.cat(qd.quant_decode_reference(*x["op"]), -1)
             errs = []
-            extra = [dict(blocks_per_split=3, block_rows=16, num_warps=8)] if name == "balanced" and not smoke else []
+            extra = [dict(tiles_per_split=3, block_rows=16, num_warps=8), dict(block_rows=64, num_warps=8, num_stages=3)] \
+                if name == "balanced" and not smoke else []
             for kn in knobs + extra:
                 out = torch.cat(qd.quant_decode(*x["op"], **kn), -1)
                 errs.append(rel(out, ref) if torch.isfinite(out).all() else float("nan"))
@@ -340,36 +345,47 @@ def report(B, ctx, out, dense_b, copy_bw):
 
 
 def sweep(timer, l2):
-    """Knobs of quant_decode for `balanced` at 16 x 32K, one input set (already > L2)."""
-    lay = layouts(T)["balanced"]
-    x = quant_inputs(lay, 16, H, G, 32768 // T, T, TE, poison=False, seed=1)
-    log("\n== sweep: quant_decode knobs, balanced, B=16 ctx=32768 (blocks_per_split 0 = heuristic)")
-    rows = []
-    for br in (16, 32, 64):
-        for nw in (4, 8):
-            for ns in (1, 2, 3):
-                for bps in (0, 1, 2, 4, 8, 16):
-                    kn = dict(blocks_per_split=bps, block_rows=br, num_warps=nw, num_stages=ns)
-                    try:
-                        ms = timer([lambda: qd.quant_decode(*x["op"], **kn)], rep=30)
-                    except Exception as exc:  # e.g. out of shared memory / registers for this tile
-                        log(f"    {kn} failed: {exc!r}"[:300])
-                        break
-                    rows.append((ms, kn))
-    rows.sort(key=lambda r: r[0])
-    for ms, kn in rows[:10]:
-        log(f"    {ms * 1e3:8.1f} us  {kn}")
-    if rows:
-        log(f"  best: {rows[0][1]} at {rows[0][0] * 1e3:.1f} us (heuristic default: "
-            f"{next((m for m, k in rows if k == dict(blocks_per_split=0, block_rows=32, num_warps=4, num_stages=2)), float('nan')) * 1e3:.1f} us)")
+    """Knobs of quant_decode for `balanced` and `max-compression` at 1 x 4K and 8 x 32K (the e2e
+    shape, one input set there: already > L2)."""
+    rows = {}
+    for name in ("balanced", "max-compression"):
+        lay = layouts(T)[name]
+        for B, ctx in ((1, 4096), (8, 32768)):
+            NB = ctx // T
+            nsets = n_sets(quant_bytes(lay, B, NB, T, TE), l2, cap=16)
+            sets = [quant_inputs(lay, B, H, G, NB, T, TE, poison=False, seed=s) for s in range(nsets)]
+            log(f"\n== sweep: quant_decode knobs, {name}, B={B} ctx={ctx} ({nsets} sets; 0 = heuristic)")
+            res = []
+            for br in (16, 32, 64):
+                for nw in (4, 8):
+                    for ns in (1, 2, 3):
+                        for tps in (0, 1, 4, 16):
+                            kn = dict(tiles_per_split=tps, block_rows=br, num_warps=nw, num_stages=ns)
+                            try:
+                                ms = timer([lambda x=x: qd.quant_decode(*x["op"], **kn) for x in sets], rep=30)
+                            except Exception as exc:  # e.g. out of shared memory / registers for this tile
+                                log(f"    {kn} failed: {exc!r}"[:300])
+                                break
+                            res.append((ms, kn))
+            for kn in (dict(), dict(operands="fp32")):  # the heuristic, and the tf32 operands
+                res.append((timer([lambda x=x: qd.quant_decode(*x["op"], **kn) for x in sets], rep=30), dict(kn, default=1)))
+            res.sort(key=lambda r: r[0])
+            for ms, kn in res[:10]:
+                log(f"    {ms * 1e3:8.1f} us  {kn}")
+            dflt = {k.get("operands", "fp16"): m for m, k in res if "default" in k}
+            log(f"  best: {res[0][1]} at {res[0][0] * 1e3:.1f} us; heuristic default {dflt['fp16'] * 1e3:.1f} us, "
+                f"operands=fp32 {dflt['fp32'] * 1e3:.1f} us")
+            rows[(name, B, ctx)] = res
+            del sets
+    return rows
 
 
 def main():
     global DEV, H
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--quick", action="store_true", help="1x4K and 16x32K only")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the kernel's knobs at 16x32K")
+    ap.add_argument("--quick", action="store_true", help="1x4K, 8x32K and 16x32K only")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the kernel's knobs at 1x4K and 8x32K")
     ap.add_argument("--keep-going", action="store_true", help="time even if a correctness check fails")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (CI)")
     args = ap.parse_args()

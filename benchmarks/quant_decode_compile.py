@@ -18,20 +18,30 @@ def sig(fn, ptrs, const):
         else: s[n] = "i64" if n.startswith("s") and n not in ("S_COLD", "S_TOT") else "i32"
     return s
 
-def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=16, nw=4, ns=2):
+def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=2, operands="fp16", maxnreg=None):
     kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
-    const = dict(KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, KSEGS=QD._segments(kl, p_base), VSEGS=QD._segments(vl, p_base),
-                 KEY_BCAST=kg % br == 0 and r_base % br == 0, G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16), BLOCK_E=64)
-    ptrs = dict(qk_ptr="*fp32", q_ptr=f"*{dt}", kc_ptr="*u8", ks_ptr="*fp16", kz_ptr="*fp16", vc_ptr="*u8", vs_ptr="*fp16",
+    br = br or QD.choose_block_rows(QD._words_per_row((kl, vl), p_base), r_base, nw)
+    const = dict(KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=-(-r_base // br), KSEGS=QD._segments(kl, p_base),
+                 VSEGS=QD._segments(vl, p_base), KEY_BCAST=kg % br == 0 and r_base % br == 0,
+                 KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",
+                 G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16), BLOCK_E=64)
+    ptrs = dict(qk_ptr="*fp32", q_ptr=f"*{dt}", kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", vc_ptr="*i32", vs_ptr="*fp16",
                 vz_ptr="*fp16", ncold_ptr="*i32", ek_ptr=f"*{dt}", ev_ptr=f"*{dt}", nexact_ptr="*i32",
                 m_ptr="*fp32", l_ptr="*fp32", accc_ptr="*fp32", acce_ptr="*fp32")
     t = time.time()
-    src = ASTSource(fn=qd_partial_kernel, signature=sig(qd_partial_kernel, ptrs, const), constexprs=const)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns))
+    # what a launch specializes: unit strides become constants, pointers and the other strides
+    # of real pools are multiples of 16 (Triton's divisibility hint)
+    ones = ["sqk_d", "sq_d", "sks_d", "sek_d", "sev_d", "svs_s"] + (["svs_t"] if len(vl.kept_segments) == 1 else [])
+    const.update({n: 1 for n in ones})
+    names = list(inspect.signature(qd_partial_kernel.fn).parameters)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n in ptrs or (n.startswith("s") and n[1:3] in ("qk", "q_", "kc", "ks", "vc", "vs", "ek", "ev") and n not in ones)}
+    src = ASTSource(fn=qd_partial_kernel, signature=sig(qd_partial_kernel, ptrs, const), constexprs=const, attrs=attrs)
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns, maxnreg=maxnreg))
     md = out.metadata
-    print(kseg, vseg, br, nw, f"compiled in {time.time()-t:.1f}s shared={md.shared}")
+    print(kseg, vseg, f"br={br} nw={nw} ns={ns} {operands} maxnreg={maxnreg}", f"compiled in {time.time()-t:.1f}s shared={md.shared}")
     ptx = out.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -48,6 +58,7 @@ if __name__ == "__main__":
     check(((128, 3),), ((128, 2),))                   # max-compression
     check(((128, 4),), ((32, 4),) * 4, kg=32)         # kivi4 at head_dim 128
     check(((16, 6), (16, 4), (32, 2)), ((16, 6), (16, 4), (32, 2)), D=64, T=64, kg=64)  # learned-basis shape
+    check(((128, 4),), ((128, 3),), operands="fp32")  # the tf32 operands
     for nw in (4, 8):
         for br in (16, 32, 64):
             check(((128, 4),), ((128, 3),), nw=nw, br=br)

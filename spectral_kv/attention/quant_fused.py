@@ -55,7 +55,9 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
 
     Returns
     -------
-    [B, Hq, 1, D] in q's dtype.
+    [B, Hq, 1, D] in q's dtype. The kernel's dot operands follow q's precision: fp16 for
+    fp16/bf16 models (codes exact, scaled query and weights rounded to fp16), fp32 (tf32 on the
+    GPU) for fp32 ones.
     """
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"quant_fused_decode serves one query token (Tq=1), got q shaped {tuple(q.shape)}")
@@ -87,6 +89,7 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
         qk, q.reshape(b, hq, d), cold_k["codes"], cold_k["scale"], cold_k["zero"], cold_v["codes"], cold_v["scale"],
         cold_v["zero"], n_cold.to(device=q.device, dtype=torch.int32), exact_k, exact_v,
         n_exact.to(device=q.device, dtype=torch.int32), scaling, flat(kl), flat(vl), key_group,
+        operands="fp32" if q.dtype == torch.float32 else "fp16",
     )
     if rv is None:
         out = out_cold if vl.kept == d else torch.nn.functional.pad(out_cold, (0, d - vl.kept))

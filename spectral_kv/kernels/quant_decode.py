@@ -15,20 +15,21 @@ quant_decode(...)            Triton split-K kernel + a small combine kernel; nee
 quant_decode_reference(...)  Pure-torch fp32 twin that defines the math; always available.
 torch.ops.spectral_kv.quant_decode  The kernel as a ``torch.library.triton_op``.
 
-Kernel plan (ptxas for sm_90, balanced layout: 229-234 registers at 4 warps, ~196 at 8, no
-spills; `benchmarks/quant_decode_compile.py` reprints it without a GPU). One program per (batch row, KV head, run of blocks) plus one per (row, head) for
-the exact tail; runs are sized so the grid fills every SM at batch 1 (BitDecoding's >= 85%
-wave efficiency). The G query heads of the KV head are the M dimension (padded to 16) of
-every dot, so each byte is read once for all of them. Per block, for each row tile
-r0..r0+BR-1 of the smallest plane (``P_BASE`` bits, ``R_BASE = T * P_BASE / 8`` rows), each of
-the ``8 / P_BASE`` sub-indices yields BR consecutive tokens from the matching rows of every
-plane by shift + mask + OR in registers, converted with the fp32 magic number (OR into 2**23,
-subtract). A plane's row tile is loaded once per sub-index that reads it, back to back (DRAM
-reads each byte once, L1 serves the repeats): holding all planes' tiles across an unrolled
-sub-index loop, as first written, spilled 600-1100 bytes at 255 registers. Keys: ``x = f * s + z`` with the [C] statistics of the run's key
-group broadcast, one tl.dot per segment. Values: the per-token scale is folded into p
-(``(p * s) @ f``) and the zero into a row sum (``p @ z``), so no per-code multiply. Online
-softmax in fp32 on exp2.
+Kernel plan (issue 13; `benchmarks/quant_decode_compile.py` prints ptxas's registers and
+spills for sm_90 without a GPU). One program per (batch row, KV head, run of *units*) plus one
+per (row, head) for the exact tail. A unit is rows r0..r0+BR-1 of the smallest plane
+(``P_BASE`` bits) of one block: ``8 / P_BASE`` chunks of BR consecutive tokens. Runs are sized
+so every SM gets several programs (`choose_tiles_per_split`; a block may span programs, so
+batch 1 fills the SMs too). Per unit: every plane's row tiles are loaded once, up front, as
+int32 words of 4 channels (one memory latency per unit; Triton's pipeliner prefetches the next
+unit's words into shared memory with ``num_stages`` >= 2); each chunk's codes come from shift +
+mask + OR on words, byte j of a word being channel 4w + j, so every [.., C] operand is handled
+as four [.., C/4] ones and the words are never reshaped. Keys: the key scale is folded into the
+query once per key group (``(q * s_k) . code + q . z_k``), values: the per-token scale into p and
+the zero into one row sum, so a code costs shift/mask and an OR-into-the-mantissa convert; the
+dots take fp16 operands (codes < 256 exact; ``operands="fp32"`` keeps tf32). The G query heads
+of the KV head are the M dimension (padded to 16) of every dot, so each byte is read once for
+all of them. One online-softmax step (fp32, exp2) per unit.
 
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
 ``balanced`` (K4/V3): keys 64 + 4 (fp16 scale+zero per channel per 128 tokens), values 48 + 4
@@ -56,7 +57,8 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     triton = None
     _TRITON_IMPORT_ERROR = exc
 
-__all__ = ["quant_decode", "quant_decode_reference", "HAS_TRITON", "layout_pairs", "choose_blocks_per_split"]
+__all__ = ["quant_decode", "quant_decode_reference", "HAS_TRITON", "layout_pairs", "choose_tiles_per_split",
+           "choose_block_rows"]
 
 HAS_TRITON = triton is not None
 _LOG2E = 1.4426950408889634
@@ -71,7 +73,10 @@ def layout_pairs(flat) -> tuple[tuple[int, int], ...]:
 
 
 def _layouts(k_codes, v_scale, key_layout, value_layout, key_group):
-    t = v_scale.shape[3]
+    # The block size is a compile-time constant of the kernel: under dynamic-shape tracing
+    # (torch.compile(dynamic=True), AOT) it arrives as a SymInt and int() specializes on it
+    # (one guard; a layer's block size never changes).
+    t = int(v_scale.shape[3])
     kl, vl = CodeLayout(t, layout_pairs(key_layout)), CodeLayout(t, layout_pairs(value_layout))
     if isinstance(key_group, bool) or int(key_group) <= 0 or t % int(key_group):
         raise ValueError(f"key_group={key_group!r} must be a positive divisor of the block's {t} tokens")
@@ -140,17 +145,33 @@ def _pow2(x: int, lo: int) -> int:
 
 
 def _segments(layout: CodeLayout, p_base: int) -> tuple:
-    """The constexpr description of `quant_decode_triton` (its module docstring)."""
+    """The constexpr description of `quant_decode_triton` (its module docstring); offsets in
+    int32 words."""
     out, c0, tile = [], 0, 0
     for col, ((channels, bits), offs) in enumerate(zip(layout.kept_segments, layout.offsets)):
         pl, bit = [], 0
         for p, off in zip(planes(bits), offs):
-            pl += [p, off, bit, tile]
+            pl += [p, off // 4, bit, tile]
             bit, tile = bit + p, tile + p // p_base
         pl += [0] * (12 - len(pl))
-        out.append((channels, _pow2(channels, 16), c0, col, len(planes(bits)), *pl))
+        # words padded to 16: the K (keys) / N (values) of a dot
+        out.append((channels, _pow2(channels, 16), c0, col, len(planes(bits)), *pl, channels // 4, _pow2(channels // 4, 16)))
         c0 += channels
     return tuple(out)
+
+
+def _words_per_row(layouts, p_base: int) -> int:
+    """int32 words a unit holds per row of the smallest plane, all planes of both roles."""
+    return sum(c // 4 * b // p_base for lay in layouts for c, b in lay.kept_segments)
+
+
+def choose_block_rows(words_per_row: int, r_base: int, num_warps: int, budget: int = 64) -> int:
+    """Rows of the smallest plane per unit: the most (fewest softmax steps, most bytes in flight)
+    whose code words fit ``budget`` registers a thread (16..64; 16 when the plane has fewer rows)."""
+    br = 16
+    while br < 64 and br < r_base and 2 * br * words_per_row <= budget * 32 * num_warps:
+        br *= 2
+    return br
 
 
 def _num_sms(device: torch.device) -> int:
@@ -159,15 +180,13 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def choose_blocks_per_split(bh: int, nb: int, sms: int, max_bps: int = 32) -> int:
-    """Blocks per program: the most (fewest partials to combine) that still gives at least one
-    full wave of ``bh * splits`` programs at >= 85% wave efficiency (BitDecoding); 1 when even
-    one block per program cannot fill the SMs."""
+def choose_tiles_per_split(bh: int, units: int, sms: int, per_sm: int = 4, max_tps: int = 64) -> int:
+    """Units (row tiles of a block) per program: the most, a power of two (fewest partials to
+    combine), that still gives every SM ``per_sm`` programs to interleave (one program waits on
+    memory while another computes); 1 when even one unit per program cannot."""
     best = 1
-    for bps in range(1, min(nb, max_bps) + 1):
-        progs = bh * -(-nb // bps)
-        if progs >= sms and progs / (-(-progs // sms) * sms) >= 0.85:
-            best = bps
+    while 2 * best <= min(units, max_tps) and bh * -(-units // (2 * best)) >= per_sm * sms:
+        best *= 2
     return best
 
 
@@ -191,19 +210,21 @@ def _strides(t: torch.Tensor, ndim: int) -> list[int]:
 
 
 def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
-          scaling, key_layout, value_layout, key_group, blocks_per_split, block_rows, num_warps, num_stages, launch):
+          scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
+          launch):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
     B, Hq, _ = qk.shape
     H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
     G, NB, T, dev = Hq // H, k_codes.shape[2], kl.tokens, qk.device
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
-    # N of the score dot, K of the value dot (>= 16); 32 compiled without spills at 4 and 8 warps
-    br = block_rows if block_rows > 0 else (32 if r_base >= 32 else 16)
+    nw = num_warps if num_warps > 0 else 4
+    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), r_base, nw)
+    nr = -(-r_base // br)  # units per block
     kg = int(key_group)
     G_PAD, D_PAD, DV_PAD = _pow2(G, 16), _pow2(D, 16), _pow2(vl.kept, 16)
-    bps = blocks_per_split if blocks_per_split > 0 else choose_blocks_per_split(B * H, NB, _num_sms(dev))
-    S_COLD = -(-NB // bps) if NB > 0 else 0
+    tps = tiles_per_split if tiles_per_split > 0 else choose_tiles_per_split(B * H, NB * nr, _num_sms(dev))
+    S_COLD = -(-(NB * nr) // tps) if NB > 0 else 0
     S_TOT = S_COLD + 1  # the last split: the exact tail
     m_ws = torch.empty((B * H * S_TOT, G_PAD), dtype=torch.float32, device=dev)
     l_ws = torch.empty_like(m_ws)
@@ -215,21 +236,24 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
         # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
         # try to read fake storage; shapes are all the fake kernel has to produce.
         return out_cold, out_exact
+    # 4 codes of a plane row per int32 word (_check_inputs: channels and strides allow it)
+    kw, vw = k_codes.view(torch.int32), v_codes.view(torch.int32)
     launch(qd_partial_kernel)[(B * H, S_TOT)](
-        qk, q, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
-        _nonempty(v_codes), _nonempty(v_scale), _nonempty(v_zero), n_cold,
+        qk, q, _nonempty(kw), _nonempty(k_scale), _nonempty(k_zero),
+        _nonempty(vw), _nonempty(v_scale), _nonempty(v_zero), n_cold,
         _nonempty(exact_k), _nonempty(exact_v), n_exact,
         m_ws, l_ws, accc_ws, acce_ws,
         float(scaling) * _LOG2E,
-        H, G, D, bps, S_COLD, S_TOT,
+        H, G, D, tps, S_COLD, S_TOT,
         *qk.stride(), *q.stride(),
-        *_strides(k_codes, 4), *_strides(k_scale, 5), *_strides(v_codes, 4), *_strides(v_scale, 5),
+        *_strides(kw, 4)[:3], *_strides(k_scale, 5), *_strides(vw, 4)[:3], *_strides(v_scale, 5),
         *_strides(exact_k, 4), *_strides(exact_v, 4),
-        KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br,
+        KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=nr,
         KSEGS=_segments(kl, p_base), VSEGS=_segments(vl, p_base),
-        KEY_BCAST=kg % br == 0 and r_base % br == 0,
+        KEY_BCAST=kg % br == 0 and r_base % br == 0, KSTEP=kg // r_base if kg % r_base == 0 else 1,
+        F16=operands == "fp16",
         G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_E=64 if Te >= 64 else _pow2(max(Te, 1), 16),
-        num_warps=num_warps if num_warps > 0 else 4, num_stages=num_stages if num_stages > 0 else 2,
+        num_warps=nw, num_stages=num_stages if num_stages > 0 else 2,
     )
     launch(qd_combine_kernel)[(B * H,)](
         m_ws, l_ws, accc_ws, acce_ws, out_cold, out_exact, H, G, D, vl.kept, S_COLD, S_TOT,
@@ -264,6 +288,18 @@ def _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_c
         (exact_v.shape == exact_k.shape and exact_k.shape[0] == B, "exact_k/exact_v must both be [B, H, Te, D]"),
         (n_cold.shape == n_exact.shape == (B,), f"n_cold/n_exact must be [B={B}]"),
     ]
+    for role, codes, lay in (("key", k_codes, kl), ("value", v_codes, vl)):
+        name = "k_codes" if role == "key" else "v_codes"
+        checks += [
+            (all(c % 4 == 0 for c, _ in lay.kept_segments),
+             f"{role} segments {lay.kept_segments}: the kernel reads 4 channels per int32 word, so every kept "
+             "segment's channels must be a multiple of 4"),
+            # the int32 view of the codes: a contiguous last dim, word-aligned blocks and start
+            (codes.numel() == 0 or (codes.stride(-1) == 1 and all(s % 4 == 0 for s in codes.stride()[:-1])
+                                    and codes.storage_offset() % 4 == 0),
+             f"{name} (strides {tuple(codes.stride())}, storage offset {codes.storage_offset()}) must have a "
+             "contiguous last dim and 4-byte aligned rows"),
+        ]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"quant_decode: {msg}")
@@ -279,21 +315,25 @@ if HAS_TRITON:
         v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
         n_cold: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, n_exact: torch.Tensor,
         scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
-        blocks_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
+        tiles_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
+        operands: str = "fp16",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
-                     scaling, key_layout, value_layout, key_group, blocks_per_split, block_rows, num_warps, num_stages,
-                     wrap_triton)
+                     scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
+                     operands, wrap_triton)
 
 
 def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
-                 scaling, key_layout, value_layout, key_group, *, blocks_per_split: int = 0, block_rows: int = 0,
-                 num_warps: int = 0, num_stages: int = 0):
+                 scaling, key_layout, value_layout, key_group, *, tiles_per_split: int = 0, block_rows: int = 0,
+                 num_warps: int = 0, num_stages: int = 0, operands: str = "fp16"):
     """Triton fused decode; same contract as :func:`quant_decode_reference` (shapes there).
 
-    ``blocks_per_split``, ``block_rows`` (rows of the smallest plane per tile, a power of two
-    >= 16), ``num_warps``, ``num_stages``: tuning knobs, 0 = heuristic. Dots run in tf32 on the
-    GPU (fp32 under the interpreter): expect ~1e-3 relative difference from the reference.
+    Tuning knobs, 0 = heuristic: ``block_rows`` (rows of the smallest plane per unit, a power of
+    two >= 16; a unit is ``block_rows * 8 / p_min`` tokens of one block), ``tiles_per_split``
+    (units per program), ``num_warps``, ``num_stages``. ``operands``: the dtype of the dots'
+    inputs, ``"fp16"`` (codes exact, the query times the key scale and p times the value scale
+    rounded to fp16: ~5e-4 relative per term) or ``"fp32"`` (tf32 on the GPU, exact fp32 under the
+    interpreter). Expect ~1e-3 relative difference from the reference on the GPU.
     Raises ``ValueError`` naming a bad argument; ``RuntimeError`` without triton.
     """
     if not HAS_TRITON:
@@ -303,9 +343,11 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
                   key_layout, value_layout, key_group)
     if block_rows and (block_rows < 16 or block_rows & (block_rows - 1)):
         raise ValueError(f"block_rows={block_rows} must be a power of two >= 16")
+    if operands not in ("fp16", "fp32"):
+        raise ValueError(f"operands={operands!r} must be 'fp16' or 'fp32'")
     args = (qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
             [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
-            blocks_per_split, block_rows, num_warps, num_stages)
+            tiles_per_split, block_rows, num_warps, num_stages, operands)
     if qk.is_cuda and qk.get_device() != torch.cuda.current_device():
         with torch.cuda.device(qk.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_decode(*args)

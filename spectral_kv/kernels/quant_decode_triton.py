@@ -3,13 +3,18 @@
 Kept apart from the op so each file reads in one sitting; the math, the layout constants and
 the launch live in ``quant_decode.py``. Importing this module needs triton.
 
+Codes are read as int32 words (4 consecutive channels of one plane row, little-endian), so a
+shift and a mask extract a plane's bits of 4 codes at once (``quant_decode`` refuses segments
+whose channels are not a multiple of 4).
+
 Constexpr layout descriptions (built by ``quant_decode._segments``), one flat int tuple per
 segment (Triton 3.7 cannot index constexpr tuples nested deeper than two levels):
 ``(C, C_PAD, c0, col, NP, p_0, off_0, bit_0, tile_0, ..., p_2, off_2, bit_2, tile_2)``:
 ``C`` channels from channel ``c0`` of the role's kept components, padded to ``C_PAD``; ``col``
 the segment's column in the value scales (unused for keys); ``NP <= 3`` planes, plane ``j`` of
-``p_j`` bits starts at byte ``off_j`` of the block's buffer, holds bits ``bit_j..bit_j+p_j`` of
-each code (``tile_j``: unused by the kernel; unused planes: 0).
+``p_j`` bits starts at WORD ``off_j`` of the block's buffer, holds bits ``bit_j..bit_j+p_j`` of
+each code, and its ``p_j / P_BASE`` row tiles of a unit are entries ``tile_j ..`` of the role's
+tile tuple (unused planes: 0).
 """
 
 from __future__ import annotations
@@ -21,39 +26,34 @@ __all__ = ["qd_partial_kernel", "qd_combine_kernel"]
 
 
 @triton.jit
-def _as_float(code):
-    # int32 code < 2**23 -> its float32 value with one OR and one FSUB (no int->float convert):
-    # OR-ing into the mantissa of 2**23 gives 2**23 + code exactly.
-    return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _plane(tile, SH: tl.constexpr, P: tl.constexpr, BIT: tl.constexpr):
+    # Bits [SH, SH + P) of every byte of 4-code words -> bits [BIT, BIT + P) of each code;
+    # SH + P <= 8, so the arithmetic shift's sign bits never reach a kept bit.
+    w = tile
+    if P < 8:
+        w = ((tile >> SH) & (((1 << P) - 1) * 0x01010101)) << BIT
+    return w
 
 
 @triton.jit
-def _plane_bits(base, stride_x, rr, msk, offs_c, C: tl.constexpr, i, R_BASE: tl.constexpr,
-                P_BASE: tl.constexpr, P: tl.constexpr, OFF: tl.constexpr, BIT: tl.constexpr):
-    # Sub-index i of the smallest plane: plane P's tokens sit in its rows rr + R_BASE * (i % m)
-    # at shift P * (i // m), m = P / P_BASE (codes.py docstring). The row tile is re-loaded
-    # for each of its 8/P sub-indices back to back (L1 hits; DRAM reads each byte once):
-    # keeping every plane's tiles live in registers across the sub-indices spilled (ptxas).
-    k = i - (i // (P // P_BASE)) * (P // P_BASE)  # i % m (the interpreter's constexpr has no __rmod__)
-    byte = OFF + (rr + R_BASE * k)[:, None] * C + offs_c[None, :]
-    part = tl.load(base + byte.to(tl.int64) * stride_x, mask=msk, other=0).to(tl.int32)
-    return ((part >> (P * (i // (P // P_BASE)))) & ((tl.constexpr(1) << P) - 1)) << BIT
+def _plane_of(tiles, I: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, BIT: tl.constexpr, P_BASE: tl.constexpr):
+    # Chunk I: plane P's tokens sit in its row tile I % m at shift P * (I // m), m = P / P_BASE
+    # (codes.py docstring); `I - (I // m) * m`: the interpreter's constexpr has no __rmod__.
+    return _plane(tiles[TILE + I - (I // (P // P_BASE)) * (P // P_BASE)], P * (I // (P // P_BASE)), P, BIT)
 
 
 @triton.jit
-def _codes(base, stride_x, rr, r_ok, i, R_BASE: tl.constexpr, P_BASE: tl.constexpr,
-           C: tl.constexpr, C_PAD: tl.constexpr, NP: tl.constexpr,
-           P0: tl.constexpr, O0: tl.constexpr, B0: tl.constexpr, P1: tl.constexpr, O1: tl.constexpr,
-           B1: tl.constexpr, P2: tl.constexpr, O2: tl.constexpr, B2: tl.constexpr):
-    """Codes [BR, C_PAD] of one segment for tokens R_BASE * i + rr, as exact float32."""
-    offs_c = tl.arange(0, C_PAD)
-    msk = r_ok[:, None] & (offs_c < C)[None, :]
-    code = _plane_bits(base, stride_x, rr, msk, offs_c, C, i, R_BASE, P_BASE, P0, O0, B0)
-    if NP > 1:
-        code = code | _plane_bits(base, stride_x, rr, msk, offs_c, C, i, R_BASE, P_BASE, P1, O1, B1)
-    if NP > 2:
-        code = code | _plane_bits(base, stride_x, rr, msk, offs_c, C, i, R_BASE, P_BASE, P2, O2, B2)
-    return _as_float(code)
+def _byte(w, J: tl.constexpr, F16: tl.constexpr):
+    """Byte J of every word (the code of channel 4 * word + J) as its exact fp16 (or fp32) value."""
+    if F16:
+        # bytes J and J + 2 into the mantissas of two fp16 1024s with one mask-and-OR (shared by
+        # J and J + 2 after CSE), then the 16-bit half: no int->float convert
+        x = ((w >> (8 * (J - (J // 2) * 2))) & 0x00FF00FF) | 0x64006400
+        f = (x >> (16 * (J // 2))).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+    else:
+        # OR into the mantissa of 2**23 and subtract
+        f = (((w >> (8 * J)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return f
 
 
 @triton.jit
@@ -62,17 +62,17 @@ def qd_partial_kernel(
     ek_ptr, ev_ptr, nexact_ptr,
     m_ptr, l_ptr, accc_ptr, acce_ptr,
     qk_scale,
-    H, G, D, BPS, S_COLD, S_TOT,
+    H, G, D, TPS, S_COLD, S_TOT,
     sqk_b, sqk_h, sqk_d,
     sq_b, sq_h, sq_d,
-    skc_b, skc_h, skc_n, skc_x,
+    skc_b, skc_h, skc_n,
     sks_b, sks_h, sks_n, sks_g, sks_d,
-    svc_b, svc_h, svc_n, svc_x,
+    svc_b, svc_h, svc_n,
     svs_b, svs_h, svs_n, svs_t, svs_s,
     sek_b, sek_h, sek_t, sek_d,
     sev_b, sev_h, sev_t, sev_d,
-    KG: tl.constexpr, R_BASE: tl.constexpr, P_BASE: tl.constexpr, BR: tl.constexpr,
-    KSEGS: tl.constexpr, VSEGS: tl.constexpr, KEY_BCAST: tl.constexpr,
+    KG: tl.constexpr, R_BASE: tl.constexpr, P_BASE: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr,
+    KSEGS: tl.constexpr, VSEGS: tl.constexpr, KEY_BCAST: tl.constexpr, KSTEP: tl.constexpr, F16: tl.constexpr,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -87,78 +87,152 @@ def qd_partial_kernel(
     ws = pid_bh.to(tl.int64) * S_TOT + split
 
     if split < S_COLD:
+        # Channel 4w + j of a segment is byte j of word w: every [.., C] operand is held as four
+        # [.., W_PAD] ones (index 4 * si + j), so the words never need reshaping into bytes.
         qks = ()
         for si in tl.static_range(len(KSEGS)):
-            offs_c = tl.arange(0, tl.constexpr(KSEGS[si][1]))
-            qx = tl.load(qk_ptr + b * sqk_b + rows[:, None] * sqk_h + (KSEGS[si][2] + offs_c)[None, :] * sqk_d,
-                        mask=g_ok[:, None] & (offs_c < KSEGS[si][0])[None, :], other=0.0)
-            # scaling * log2(e) folded in once (the softmax runs on exp2); cast back because
-            # Inductor passes the float argument as fp64.
-            qks = qks + ((qx * qk_scale).to(tl.float32),)
+            offs_w = tl.arange(0, tl.constexpr(KSEGS[si][18]))
+            for j in tl.static_range(4):
+                qx = tl.load(qk_ptr + b * sqk_b + rows[:, None] * sqk_h + (KSEGS[si][2] + 4 * offs_w + j)[None, :] * sqk_d,
+                             mask=g_ok[:, None] & (offs_w < KSEGS[si][17])[None, :], other=0.0)
+                # scaling * log2(e) folded in once (the softmax runs on exp2); cast back because
+                # Inductor passes the float argument as fp64.
+                qks = qks + ((qx * qk_scale).to(tl.float32),)
         accs = ()
-        zaccs = ()
+        zaccs = ()  # per value segment: sum_t p_t * z_t, kept per token column (one reduction at the end)
         for si in tl.static_range(len(VSEGS)):
-            accs = accs + (tl.zeros([G_PAD, tl.constexpr(VSEGS[si][1])], tl.float32),)
-            zaccs = zaccs + (tl.zeros([G_PAD], tl.float32),)
+            for j in tl.static_range(4):
+                accs = accs + (tl.zeros([G_PAD, tl.constexpr(VSEGS[si][18])], tl.float32),)
+            zaccs = zaccs + (tl.zeros([G_PAD, BR], tl.float32),)
+        l_t = tl.zeros([G_PAD, BR], tl.float32)  # the softmax sum, likewise
         n_c = tl.load(ncold_ptr + b).to(tl.int64)
-        blk_lo = split.to(tl.int64) * BPS
-        blk_hi = tl.minimum(blk_lo + BPS, n_c)
+        u_lo = split.to(tl.int64) * TPS
+        u_hi = tl.minimum(u_lo + TPS, n_c * NR)
         offs_r = tl.arange(0, BR)
-        for n64 in range(blk_lo, blk_hi):  # int64: pool offsets cannot overflow
+        # One unit = rows r0..r0+BR-1 of the smallest plane of one block: 8 / P_BASE chunks of
+        # BR consecutive tokens (chunk i: tokens R_BASE * i + r0 + 0..BR-1).
+        for u in range(u_lo, u_hi):  # int64: pool offsets cannot overflow
+            n64 = u // NR
+            r0 = (u - n64 * NR) * BR
+            rr = r0 + offs_r
+            r_ok = rr < R_BASE  # only when R_BASE < BR (tiny blocks)
             kc_base = kc_ptr + b * skc_b + h * skc_h + n64 * skc_n
             vc_base = vc_ptr + b * svc_b + h * svc_h + n64 * svc_n
             ks_base = ks_ptr + b * sks_b + h * sks_h + n64 * sks_n
             kz_base = kz_ptr + b * sks_b + h * sks_h + n64 * sks_n
             vs_base = vs_ptr + b * svs_b + h * svs_h + n64 * svs_n
             vz_base = vz_ptr + b * svs_b + h * svs_h + n64 * svs_n
-            for r0 in range(0, R_BASE, BR):
-                rr = r0 + offs_r
-                r_ok = rr < R_BASE  # only when R_BASE < BR (tiny blocks)
-                for i in range(0, 8 // P_BASE):  # not unrolled: an unrolled body spilled (ptxas)
-                    tok = R_BASE * i + rr  # BR consecutive tokens
-                    s = tl.zeros([G_PAD, BR], tl.float32)
-                    for si in tl.static_range(len(KSEGS)):
-                        f = _codes(kc_base, skc_x, rr, r_ok, i, R_BASE, P_BASE, tl.constexpr(KSEGS[si][0]), tl.constexpr(KSEGS[si][1]), tl.constexpr(KSEGS[si][4]),
-                                   tl.constexpr(KSEGS[si][5]), tl.constexpr(KSEGS[si][6]), tl.constexpr(KSEGS[si][7]), tl.constexpr(KSEGS[si][9]), tl.constexpr(KSEGS[si][10]), tl.constexpr(KSEGS[si][11]),
-                                   tl.constexpr(KSEGS[si][13]), tl.constexpr(KSEGS[si][14]), tl.constexpr(KSEGS[si][15]))  # [BR, C_PAD] exact code values
-                        offs_c = KSEGS[si][2] + tl.arange(0, tl.constexpr(KSEGS[si][1]))
-                        c_ok = offs_c < KSEGS[si][2] + KSEGS[si][0]
-                        if KEY_BCAST:  # the whole run lies in one key group: [C] vectors
+            # Every word of the unit is loaded once, up front (one memory latency per unit, not
+            # one per chunk): tile KSEGS[si][8 + 4j] + k holds plane j's rows rr + R_BASE * k.
+            kt = ()
+            for si in tl.static_range(len(KSEGS)):
+                offs_w = tl.arange(0, tl.constexpr(KSEGS[si][18]))
+                msk = r_ok[:, None] & (offs_w < KSEGS[si][17])[None, :]
+                for j in tl.static_range(tl.constexpr(KSEGS[si][4])):
+                    for k in tl.static_range(tl.constexpr(KSEGS[si][5 + 4 * j] // P_BASE)):
+                        kt = kt + (tl.load(kc_base + KSEGS[si][6 + 4 * j] + (rr + R_BASE * k)[:, None] * KSEGS[si][17]
+                                           + offs_w[None, :], mask=msk, other=0),)
+            vt = ()
+            for si in tl.static_range(len(VSEGS)):
+                offs_w = tl.arange(0, tl.constexpr(VSEGS[si][18]))
+                msk = r_ok[:, None] & (offs_w < VSEGS[si][17])[None, :]
+                for j in tl.static_range(tl.constexpr(VSEGS[si][4])):
+                    for k in tl.static_range(tl.constexpr(VSEGS[si][5 + 4 * j] // P_BASE)):
+                        vt = vt + (tl.load(vc_base + VSEGS[si][6 + 4 * j] + (rr + R_BASE * k)[:, None] * VSEGS[si][17]
+                                           + offs_w[None, :], mask=msk, other=0),)
+            # scores of every chunk: s = (q * s_k) . code + q . z_k, the key scale folded into
+            # the query per key group, so a code costs shift/mask/convert only
+            ss = ()
+            for i in tl.static_range(8 // P_BASE):
+                ss = ss + (tl.zeros([G_PAD, BR], tl.float32),)
+            for si in tl.static_range(len(KSEGS)):
+                offs_w = tl.arange(0, tl.constexpr(KSEGS[si][18]))
+                w_ok = offs_w < KSEGS[si][17]
+                new_ss = ()
+                for i in tl.static_range(8 // P_BASE):
+                    w = _plane_of(kt, i, KSEGS[si][8], KSEGS[si][5], KSEGS[si][7], P_BASE)
+                    if KSEGS[si][4] > 1:
+                        w = w | _plane_of(kt, i, KSEGS[si][12], KSEGS[si][9], KSEGS[si][11], P_BASE)
+                    if KSEGS[si][4] > 2:
+                        w = w | _plane_of(kt, i, KSEGS[si][16], KSEGS[si][13], KSEGS[si][15], P_BASE)
+                    s = ss[i]
+                    if KEY_BCAST:  # the chunk lies in one key group: [C] statistics
+                        if i - (i // KSTEP) * KSTEP == 0:  # chunks i .. i+KSTEP-1 share the group
                             grp = (R_BASE * i + r0) // KG
-                            ks = tl.load(ks_base + grp * sks_g + offs_c * sks_d, mask=c_ok, other=0.0).to(tl.float32)
-                            kz = tl.load(kz_base + grp * sks_g + offs_c * sks_d, mask=c_ok, other=0.0).to(tl.float32)
-                            kx = f * ks[None, :] + kz[None, :]
-                        else:  # runs that cross key groups (small blocks): per-token statistics
-                            grp = (tok // KG).to(tl.int64)
-                            msk = r_ok[:, None] & c_ok[None, :]
-                            kst = grp[:, None] * sks_g + offs_c[None, :] * sks_d
-                            kx = f * tl.load(ks_base + kst, mask=msk, other=0.0).to(tl.float32) \
-                                + tl.load(kz_base + kst, mask=msk, other=0.0).to(tl.float32)
-                        s += tl.dot(qks[si], tl.trans(kx))
-                    s = tl.where(r_ok[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(s - m_new[:, None])
-                    l_i = l_i * alpha + tl.sum(p, axis=1)
-                    new_accs = ()
-                    new_zaccs = ()
-                    for si in tl.static_range(len(VSEGS)):
-                        fv = _codes(vc_base, svc_x, rr, r_ok, i, R_BASE, P_BASE, tl.constexpr(VSEGS[si][0]), tl.constexpr(VSEGS[si][1]), tl.constexpr(VSEGS[si][4]),
-                                   tl.constexpr(VSEGS[si][5]), tl.constexpr(VSEGS[si][6]), tl.constexpr(VSEGS[si][7]), tl.constexpr(VSEGS[si][9]), tl.constexpr(VSEGS[si][10]), tl.constexpr(VSEGS[si][11]),
-                                   tl.constexpr(VSEGS[si][13]), tl.constexpr(VSEGS[si][14]), tl.constexpr(VSEGS[si][15]))
-                        st = tok.to(tl.int64) * svs_t + VSEGS[si][3] * svs_s
-                        vs = tl.load(vs_base + st, mask=r_ok, other=0.0).to(tl.float32)
-                        vz = tl.load(vz_base + st, mask=r_ok, other=0.0).to(tl.float32)
-                        # per-token scale folded into p, zero into one row sum: no per-code multiply
-                        new_accs = new_accs + (accs[si] * alpha[:, None] + tl.dot(p * vs[None, :], fv),)
-                        new_zaccs = new_zaccs + (zaccs[si] * alpha + tl.sum(p * vz[None, :], axis=1),)
-                    accs = new_accs
-                    zaccs = new_zaccs
-                    m_i = m_new
+                            qs = ()
+                            qz = tl.zeros([G_PAD, tl.constexpr(KSEGS[si][18])], tl.float32)
+                            for j in tl.static_range(4):
+                                st = grp * sks_g + (KSEGS[si][2] + 4 * offs_w + j) * sks_d
+                                ks = tl.load(ks_base + st, mask=w_ok, other=0.0).to(tl.float32)
+                                kz = tl.load(kz_base + st, mask=w_ok, other=0.0).to(tl.float32)
+                                qs = qs + ((qks[4 * si + j] * ks[None, :]).to(tl.float16 if F16 else tl.float32),)
+                                qz += qks[4 * si + j] * kz[None, :]
+                            bias = tl.sum(qz, axis=1)  # q . z_k in fp32, one reduction per group
+                        for j in tl.static_range(4):
+                            s = tl.dot(qs[j], tl.trans(_byte(w, j, F16)), s)
+                        s = s + bias[:, None]
+                    else:  # chunks that cross key groups (small blocks): per-token statistics
+                        grp = ((R_BASE * i + rr) // KG).to(tl.int64)
+                        msk = r_ok[:, None] & w_ok[None, :]
+                        for j in tl.static_range(4):
+                            st = grp[:, None] * sks_g + (KSEGS[si][2] + 4 * offs_w + j)[None, :] * sks_d
+                            f = _byte(w, j, F16)
+                            kx = f.to(tl.float32) * tl.load(ks_base + st, mask=msk, other=0.0).to(tl.float32) \
+                                + tl.load(kz_base + st, mask=msk, other=0.0).to(tl.float32)
+                            s = tl.dot(qks[4 * si + j].to(f.dtype), tl.trans(kx.to(f.dtype)), s)
+                    new_ss = new_ss + (s,)
+                ss = new_ss
+            # one online-softmax step per unit, one cross-thread reduction (the max)
+            mx = ss[0]
+            for i in tl.static_range(1, 8 // P_BASE):
+                mx = tl.maximum(mx, ss[i])
+            if R_BASE < BR:
+                mx = tl.where(r_ok[None, :], mx, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(mx, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            l_t = l_t * alpha[:, None]
+            ps = ()
+            for i in tl.static_range(8 // P_BASE):
+                p = tl.exp2(ss[i] - m_new[:, None])
+                if R_BASE < BR:
+                    p = tl.where(r_ok[None, :], p, 0.0)
+                l_t += p
+                ps = ps + (p,)
+            m_i = m_new
+            # values: the per-token scale folded into p, the zero into one row sum
+            new_accs = ()
+            new_zaccs = ()
+            for si in tl.static_range(len(VSEGS)):
+                acc = ()
+                for j in tl.static_range(4):
+                    acc = acc + (accs[4 * si + j] * alpha[:, None],)
+                zacc = zaccs[si] * alpha[:, None]
+                for i in tl.static_range(8 // P_BASE):
+                    w = _plane_of(vt, i, VSEGS[si][8], VSEGS[si][5], VSEGS[si][7], P_BASE)
+                    if VSEGS[si][4] > 1:
+                        w = w | _plane_of(vt, i, VSEGS[si][12], VSEGS[si][9], VSEGS[si][11], P_BASE)
+                    if VSEGS[si][4] > 2:
+                        w = w | _plane_of(vt, i, VSEGS[si][16], VSEGS[si][13], VSEGS[si][15], P_BASE)
+                    st = (R_BASE * i + rr).to(tl.int64) * svs_t + VSEGS[si][3] * svs_s
+                    vs = tl.load(vs_base + st, mask=r_ok, other=0.0).to(tl.float32)
+                    vz = tl.load(vz_base + st, mask=r_ok, other=0.0).to(tl.float32)
+                    pv = (ps[i] * vs[None, :]).to(tl.float16 if F16 else tl.float32)
+                    nxt = ()
+                    for j in tl.static_range(4):
+                        nxt = nxt + (tl.dot(pv, _byte(w, j, F16), acc[j]),)
+                    acc = nxt
+                    zacc += ps[i] * vz[None, :]
+                new_accs = new_accs + acc
+                new_zaccs = new_zaccs + (zacc,)
+            accs = new_accs
+            zaccs = new_zaccs
         for si in tl.static_range(len(VSEGS)):
-            offs_c = tl.arange(0, tl.constexpr(VSEGS[si][1]))
-            tl.store(accc_ptr + ws * (G_PAD * DV_PAD) + offs_g[:, None] * DV_PAD + (VSEGS[si][2] + offs_c)[None, :],
-                     accs[si] + zaccs[si][:, None], mask=g_ok[:, None] & (offs_c < VSEGS[si][0])[None, :])
+            offs_w = tl.arange(0, tl.constexpr(VSEGS[si][18]))
+            for j in tl.static_range(4):
+                tl.store(accc_ptr + ws * (G_PAD * DV_PAD) + offs_g[:, None] * DV_PAD + (VSEGS[si][2] + 4 * offs_w + j)[None, :],
+                         accs[4 * si + j] + tl.sum(zaccs[si], axis=1)[:, None],
+                         mask=g_ok[:, None] & (offs_w < VSEGS[si][17])[None, :])
+        l_i = tl.sum(l_t, axis=1)
     else:
         offs_d = tl.arange(0, D_PAD)
         d_ok = offs_d < D
