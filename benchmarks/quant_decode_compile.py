@@ -22,7 +22,8 @@ def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=2, op
     kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
-    br = br or QD.choose_block_rows(QD._words_per_row((kl, vl), p_base), r_base, nw)
+    multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
+    br = br or QD.choose_block_rows(QD._words_per_row((kl, vl), p_base), 16 if multi else r_base, nw)
     const = dict(KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=-(-r_base // br), KSEGS=QD._segments(kl, p_base),
                  VSEGS=QD._segments(vl, p_base), KEY_BCAST=kg % br == 0 and r_base % br == 0,
                  KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",
@@ -58,6 +59,7 @@ if __name__ == "__main__":
     check(((128, 3),), ((128, 2),))                   # max-compression
     check(((128, 4),), ((32, 4),) * 4, kg=32)         # kivi4 at head_dim 128
     check(((16, 6), (16, 4), (32, 2)), ((16, 6), (16, 4), (32, 2)), D=64, T=64, kg=64)  # learned-basis shape
+    check(((32, 6), (32, 4), (64, 2)), ((32, 5), (32, 3), (64, 2)))  # the bench's mixed layout
     check(((128, 4),), ((128, 3),), operands="fp32")  # the tf32 operands
     for nw in (4, 8):
         for br in (16, 32, 64):

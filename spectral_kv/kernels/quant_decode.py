@@ -31,6 +31,11 @@ dots take fp16 operands (codes < 256 exact; ``operands="fp32"`` keeps tf32). The
 of the KV head are the M dimension (padded to 16) of every dot, so each byte is read once for
 all of them. One online-softmax step (fp32, exp2) per unit.
 
+ptxas for sm_90 (2 stages, 4 warps): ``balanced`` and ``max-compression`` at 32 rows 255
+registers, 16 / 56 bytes of spills. Known weak spot: layouts with several small segments
+(``kivi*`` values at head_dim 128, learned mixed widths) spill 1.5-2.5 KB at 16 rows, since
+their [16, 16] dot tiles make Triton replicate the mma over the 4 warps.
+
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
 ``balanced`` (K4/V3): keys 64 + 4 (fp16 scale+zero per channel per 128 tokens), values 48 + 4
 (one segment) = 120 B, 4.27x fewer than dense; ``max-compression`` (K3/V2): 48+4 + 32+4 = 88 B,
@@ -219,7 +224,9 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
     nw = num_warps if num_warps > 0 else 4
-    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), r_base, nw)
+    # several segments: 16 rows (ptxas, the bench's mixed layout at 32 rows: 9 KB of spills; 16: 2 KB)
+    multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
+    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), 16 if multi else r_base, nw)
     nr = -(-r_base // br)  # units per block
     kg = int(key_group)
     G_PAD, D_PAD, DV_PAD = _pow2(G, 16), _pow2(D, 16), _pow2(vl.kept, 16)
