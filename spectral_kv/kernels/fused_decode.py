@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .launch import pow2 as _pow2, num_sms as _num_sms, is_fake as _is_fake, nonempty as _nonempty, strides as _strides
+
 try:  # triton is optional: the reference must work without it.
     import triton
     import triton.language as tl
@@ -275,16 +277,6 @@ if HAS_TRITON:
                  mask=g_ok[:, None] & (offs_d < D)[None, :])
 
 
-def _pow2(x: int, lo: int) -> int:
-    return max(lo, 1 << max(0, (int(x) - 1).bit_length()))
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _default_blocks_per_split(B: int, H: int, NB: int, device: torch.device) -> int:
     # H100 sweep (NOTES_kernels.md): best at ~1-8 programs per SM, <= 16 blocks per program.
     bps = (B * H * NB) // max(1, _num_sms(device))
@@ -293,21 +285,6 @@ def _default_blocks_per_split(B: int, H: int, NB: int, device: torch.device) -> 
 
 def _interpreted() -> bool:
     return type(_fd_partial_kernel).__name__ == "InterpretedFunction"
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
-
-
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    # Triton cannot take a null pointer; a zero-size pool (NB = 0) is never dereferenced.
-    return t if t.numel() > 0 else torch.zeros(1, dtype=t.dtype, device=t.device)
-
-
-def _strides(t: torch.Tensor, ndim: int) -> list[int]:
-    return list(t.stride()) if t.numel() > 0 else [0] * ndim
 
 
 def _fused_decode_impl(q, k_coeffs, k_scales, k_basis, v_coeffs, v_scales, v_basis,

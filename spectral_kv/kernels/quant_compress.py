@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import torch
 
+from .launch import pow2 as _pow2, is_fake as _is_fake
+
 from ..codes import CodeLayout, planes, plane_rows
 
 try:  # triton is optional: the reference must work without it.
@@ -133,8 +135,6 @@ def quant_compress_reference(x, rotation, layout, role, key_group):
 
 
 # --------------------------------------------------------------------------- launch
-def _pow2(v: int, lo: int) -> int:
-    return max(lo, 1 << max(0, (int(v) - 1).bit_length()))
 
 
 def _segments(lay: CodeLayout) -> tuple:
@@ -153,12 +153,6 @@ def _segments(lay: CodeLayout) -> tuple:
 
 def _interpreted() -> bool:
     return type(qc_pack_kernel).__name__ == "InterpretedFunction"
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
 
 
 def _impl(x, rotation, layout, role, key_group, block_rows, num_warps, launch):

@@ -51,6 +51,7 @@ from __future__ import annotations
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
+from .launch import is_fake as _is_fake, nonempty as _nonempty, num_sms as _num_sms, pow2 as _pow2, strides as _strides
 
 try:  # triton is optional: the reference must work without it.
     import triton
@@ -145,8 +146,6 @@ def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
 
 
 # --------------------------------------------------------------------------- launch
-def _pow2(x: int, lo: int) -> int:
-    return max(lo, 1 << max(0, (int(x) - 1).bit_length()))
 
 
 def _segments(layout: CodeLayout, p_base: int) -> tuple:
@@ -179,12 +178,6 @@ def choose_block_rows(words_per_row: int, r_base: int, num_warps: int, budget: i
     return br
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def choose_tiles_per_split(bh: int, units: int, sms: int, per_sm: int = 4, max_tps: int = 64) -> int:
     """Units (row tiles of a block) per program: the most, a power of two (fewest partials to
     combine), that still gives every SM ``per_sm`` programs to interleave (one program waits on
@@ -197,21 +190,6 @@ def choose_tiles_per_split(bh: int, units: int, sms: int, per_sm: int = 4, max_t
 
 def _interpreted() -> bool:
     return type(qd_partial_kernel).__name__ == "InterpretedFunction"
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "meta" or is_fake(t)
-
-
-def _nonempty(t: torch.Tensor) -> torch.Tensor:
-    # Triton cannot take a null pointer; a zero-size pool (NB = 0) is never dereferenced.
-    return t if t.numel() > 0 else torch.zeros(1, dtype=t.dtype, device=t.device)
-
-
-def _strides(t: torch.Tensor, ndim: int) -> list[int]:
-    return list(t.stride()) if t.numel() > 0 else [0] * ndim
 
 
 def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
