@@ -111,7 +111,7 @@ LAYERS = {
     "spectral_kv.quant": (),
     "spectral_kv.codes": (),
     "spectral_kv.config": ("spectral_kv.registry", "spectral_kv.presets"),
-    "spectral_kv.kernels": ("spectral_kv.kernels", "spectral_kv.codes"),
+    "spectral_kv.kernels": ("spectral_kv.kernels", "spectral_kv.codes", "spectral_kv.quant"),
     "spectral_kv.compressors": ("spectral_kv.compressors", "spectral_kv.config", "spectral_kv.quant", "spectral_kv.codes",
                                 "spectral_kv.kernels", *BASE),
     "spectral_kv.view": (),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from ..quant import quantize_groups
 from .launch import pow2 as _pow2, is_fake as _is_fake
 
 from ..codes import CodeLayout, planes, plane_rows
@@ -87,18 +88,6 @@ def _check(x, rotation, layout, role, key_group) -> CodeLayout:
 
 
 # --------------------------------------------------------------------------- reference
-def _quantize(c: torch.Tensor, bits: int, dim: int):
-    # quant.quantize_groups, op for op (a Python-int level count: no device tensor, capturable)
-    levels = (1 << bits) - 1
-    lo = c.amin(dim=dim, keepdim=True)
-    hi = c.amax(dim=dim, keepdim=True)
-    zero = lo.to(torch.float16)
-    scale = ((hi - zero.float()) / levels).to(torch.float16)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((c - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
-    return codes, scale, zero
-
-
 def quant_compress_reference(x, rotation, layout, role, key_group):
     """Rotate, quantize in groups and pack blocks, in torch.
 
@@ -123,12 +112,12 @@ def quant_compress_reference(x, rotation, layout, role, key_group):
     segs = c.split([ch for ch, _ in lay.kept_segments], -1)
     if role == "keys":  # per channel over key groups of g tokens
         g = int(key_group)
-        parts = [_quantize(seg.reshape(n, t // g, g, seg.shape[-1]), b, dim=2)
+        parts = [quantize_groups(seg.reshape(n, t // g, g, seg.shape[-1]), b, dim=2)
                  for seg, (_, b) in zip(segs, lay.kept_segments)]
         codes = torch.cat([p[0] for p in parts], -1).reshape(n, t, lay.kept)
         scale, zero = (torch.cat([p[i].squeeze(2) for p in parts], -1) for i in (1, 2))
     else:  # per token over each segment
-        parts = [_quantize(seg, b, dim=2) for seg, (_, b) in zip(segs, lay.kept_segments)]
+        parts = [quantize_groups(seg, b, dim=2) for seg, (_, b) in zip(segs, lay.kept_segments)]
         codes = torch.cat([p[0] for p in parts], -1)
         scale, zero = (torch.cat([p[i] for p in parts], -1) for i in (1, 2))
     return lay.pack(codes), scale, zero
