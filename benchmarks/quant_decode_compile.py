@@ -49,7 +49,7 @@ def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=2, op
         f.write(ptx)
     r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True)
     print("   ", " ".join(l.split(":", 1)[-1].strip() for l in r.stderr.splitlines() if "Used" in l or "spill" in l))
-    const2 = dict(S_PAD=64, G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16))
+    const2 = dict(S_PAD=64, G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16), CH=min(32, QD._pow2(D, 16), QD._pow2(vl.kept, 16)), SB=16)
     ptrs2 = dict(m_ptr="*fp32", l_ptr="*fp32", accc_ptr="*fp32", acce_ptr="*fp32", outc_ptr="*fp32", oute_ptr="*fp32")
     triton.compile(ASTSource(fn=qd_combine_kernel, signature=sig(qd_combine_kernel, ptrs2, const2), constexprs=const2),
                    target=GPUTarget("cuda", 90, 32))

@@ -132,6 +132,15 @@ def test_knobs_and_splits_give_the_same_answer():
 
 
 @needs_triton
+def test_many_splits_combine():
+    # ~40 splits per (row, head): the combine sums them 16 at a time, with a ragged last chunk
+    args, raw = make(2, 1, 4, 64, 41, 16, ((64, 4),), ((64, 2),), 16, 3, [41, 19], [3, 0], seed=12)
+    _check(args, raw, tiles_per_split=1)
+    with pytest.raises(ValueError, match="max_registers=8"):
+        quant_decode(*args, max_registers=8)
+
+
+@needs_triton
 def test_poison_past_the_counts_does_not_leak():
     args, raw = make(2, 1, 4, 64, 3, 16, ((64, 3),), ((64, 2),), 16, 9, [1, 2], [4, 9], seed=3, poison=False)
     clean = quant_decode(*args)

@@ -48,6 +48,8 @@ do not fit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
@@ -83,10 +85,16 @@ def _layouts(k_codes, v_scale, key_layout, value_layout, key_group):
     # (torch.compile(dynamic=True), AOT) it arrives as a SymInt and int() specializes on it
     # (one guard; a layer's block size never changes).
     t = int(v_scale.shape[3])
-    kl, vl = CodeLayout(t, layout_pairs(key_layout)), CodeLayout(t, layout_pairs(value_layout))
     if isinstance(key_group, bool) or int(key_group) <= 0 or t % int(key_group):
         raise ValueError(f"key_group={key_group!r} must be a positive divisor of the block's {t} tokens")
-    return kl, vl
+    return _layout_pair(t, tuple(int(x) for x in key_layout), tuple(int(x) for x in value_layout))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_pair(t: int, key_layout: tuple, value_layout: tuple) -> tuple[CodeLayout, CodeLayout]:
+    # Built once per (block size, layouts): every layer of a model asks for the same pair at
+    # every decode step (host time, not GPU time, in eager decoding).
+    return CodeLayout(t, layout_pairs(key_layout)), CodeLayout(t, layout_pairs(value_layout))
 
 
 # --------------------------------------------------------------------------- reference
@@ -151,6 +159,12 @@ def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
 def _segments(layout: CodeLayout, p_base: int) -> tuple:
     """The constexpr description of `quant_decode_triton` (its module docstring); offsets in
     int32 words."""
+    return _segments_of(layout.tokens, tuple(tuple(s) for s in layout.segments), p_base)
+
+
+@functools.lru_cache(maxsize=256)
+def _segments_of(tokens: int, segments: tuple, p_base: int) -> tuple:
+    layout = CodeLayout(tokens, segments)
     out, c0, tile = [], 0, 0
     for col, ((channels, bits), offs) in enumerate(zip(layout.kept_segments, layout.offsets)):
         pl, bit = [], 0
@@ -194,7 +208,7 @@ def _interpreted() -> bool:
 
 def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
-          launch):
+          launch, max_registers=0):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
     B, Hq, _ = qk.shape
     H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
@@ -239,11 +253,13 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
         F16=operands == "fp16",
         G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_E=64 if Te >= 64 else _pow2(max(Te, 1), 16),
         num_warps=nw, num_stages=num_stages if num_stages > 0 else 2,
+        **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
-    launch(qd_combine_kernel)[(B * H,)](
+    ch = min(32, DV_PAD, D_PAD)  # output columns per combine program (DV_PAD, D_PAD: powers of two >= 16)
+    launch(qd_combine_kernel)[(B * H, max(DV_PAD, D_PAD) // ch)](
         m_ws, l_ws, accc_ws, acce_ws, out_cold, out_exact, H, G, D, vl.kept, S_COLD, S_TOT,
         *out_cold.stride(), *out_exact.stride(),
-        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, num_warps=4,
+        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, CH=ch, SB=16, num_warps=4,
     )
     return out_cold, out_exact
 
@@ -254,40 +270,43 @@ def _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_c
     B, Hq, Dk = qk.shape
     H, D = exact_k.shape[1], exact_k.shape[3]
     NB, T = k_codes.shape[2], kl.tokens
+    # (condition, message): a message is formatted only when its check fails; this runs once per
+    # layer per decode step, and formatting every message cost ~30 µs of host time a call.
     checks = [
-        (qk.dtype == torch.float32, f"qk must be float32, got {qk.dtype}"),
-        (q.dtype in (torch.float16, torch.bfloat16, torch.float32), f"q dtype {q.dtype} is not fp16/bf16/fp32"),
-        (exact_k.dtype == exact_v.dtype == q.dtype, f"exact_k/exact_v dtype {exact_k.dtype}/{exact_v.dtype} != q's {q.dtype}"),
-        (k_codes.dtype == v_codes.dtype == torch.uint8, f"codes must be uint8, got {k_codes.dtype}/{v_codes.dtype}"),
-        (all(t.dtype == torch.float16 for t in (k_scale, k_zero, v_scale, v_zero)), "scales/zeros must be float16"),
-        (n_cold.dtype == n_exact.dtype == torch.int32, f"n_cold/n_exact must be int32, got {n_cold.dtype}/{n_exact.dtype}"),
-        (H > 0 and Hq % H == 0 and Hq // H <= 16, f"Hq={Hq} must be a multiple of H={H} with at most 16 heads per group"),
-        (q.shape == (B, Hq, D), f"q shaped {tuple(q.shape)}, expected {(B, Hq, D)}"),
-        (Dk == kl.kept, f"qk has {Dk} components, key_layout keeps {kl.kept}"),
-        (k_codes.shape == (B, H, NB, kl.nbytes), f"k_codes shaped {tuple(k_codes.shape)}, expected {(B, H, NB, kl.nbytes)}"),
-        (v_codes.shape == (B, H, NB, vl.nbytes), f"v_codes shaped {tuple(v_codes.shape)}, expected {(B, H, NB, vl.nbytes)}"),
+        (qk.dtype == torch.float32, lambda: f"qk must be float32, got {qk.dtype}"),
+        (q.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"q dtype {q.dtype} is not fp16/bf16/fp32"),
+        (exact_k.dtype == exact_v.dtype == q.dtype, lambda: f"exact_k/exact_v dtype {exact_k.dtype}/{exact_v.dtype} != q's {q.dtype}"),
+        (k_codes.dtype == v_codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {k_codes.dtype}/{v_codes.dtype}"),
+        (all(t.dtype == torch.float16 for t in (k_scale, k_zero, v_scale, v_zero)), lambda: "scales/zeros must be float16"),
+        (n_cold.dtype == n_exact.dtype == torch.int32, lambda: f"n_cold/n_exact must be int32, got {n_cold.dtype}/{n_exact.dtype}"),
+        (H > 0 and Hq % H == 0 and Hq // H <= 16, lambda: f"Hq={Hq} must be a multiple of H={H} with at most 16 heads per group"),
+        (q.shape == (B, Hq, D), lambda: f"q shaped {tuple(q.shape)}, expected {(B, Hq, D)}"),
+        (Dk == kl.kept, lambda: f"qk has {Dk} components, key_layout keeps {kl.kept}"),
+        (k_codes.shape == (B, H, NB, kl.nbytes), lambda: f"k_codes shaped {tuple(k_codes.shape)}, expected {(B, H, NB, kl.nbytes)}"),
+        (v_codes.shape == (B, H, NB, vl.nbytes), lambda: f"v_codes shaped {tuple(v_codes.shape)}, expected {(B, H, NB, vl.nbytes)}"),
         (k_scale.shape == k_zero.shape == (B, H, NB, T // int(key_group), Dk) and k_scale.stride() == k_zero.stride(),
-         f"k_scale/k_zero shaped {tuple(k_scale.shape)}/{tuple(k_zero.shape)} (equal strides), expected {(B, H, NB, T // int(key_group), Dk)}"),
+         lambda: f"k_scale/k_zero shaped {tuple(k_scale.shape)}/{tuple(k_zero.shape)} (equal strides), expected {(B, H, NB, T // int(key_group), Dk)}"),
         (v_scale.shape == v_zero.shape == (B, H, NB, T, len(vl.kept_segments)) and v_scale.stride() == v_zero.stride(),
-         f"v_scale/v_zero shaped {tuple(v_scale.shape)}/{tuple(v_zero.shape)} (equal strides), expected {(B, H, NB, T, len(vl.kept_segments))}"),
-        (exact_v.shape == exact_k.shape and exact_k.shape[0] == B, "exact_k/exact_v must both be [B, H, Te, D]"),
-        (n_cold.shape == n_exact.shape == (B,), f"n_cold/n_exact must be [B={B}]"),
+         lambda: f"v_scale/v_zero shaped {tuple(v_scale.shape)}/{tuple(v_zero.shape)} (equal strides), expected {(B, H, NB, T, len(vl.kept_segments))}"),
+        (exact_v.shape == exact_k.shape and exact_k.shape[0] == B, lambda: "exact_k/exact_v must both be [B, H, Te, D]"),
+        (n_cold.shape == n_exact.shape == (B,), lambda: f"n_cold/n_exact must be [B={B}]"),
     ]
     for role, codes, lay in (("key", k_codes, kl), ("value", v_codes, vl)):
         name = "k_codes" if role == "key" else "v_codes"
         checks += [
             (all(c % 4 == 0 for c, _ in lay.kept_segments),
-             f"{role} segments {lay.kept_segments}: the kernel reads 4 channels per int32 word, so every kept "
-             "segment's channels must be a multiple of 4"),
+             lambda role=role, lay=lay: f"{role} segments {lay.kept_segments}: the kernel reads 4 channels per int32 "
+             "word, so every kept segment's channels must be a multiple of 4"),
             # the int32 view of the codes: a contiguous last dim, word-aligned blocks and start
             (codes.numel() == 0 or (codes.stride(-1) == 1 and all(s % 4 == 0 for s in codes.stride()[:-1])
                                     and codes.storage_offset() % 4 == 0),
-             f"{name} (strides {tuple(codes.stride())}, storage offset {codes.storage_offset()}) must have a "
+             lambda name=name, codes=codes: f"{name} (strides {tuple(codes.stride())}, storage offset "
+             f"{codes.storage_offset()}) must have a "
              "contiguous last dim and 4-byte aligned rows"),
         ]
     for ok, msg in checks:
         if not ok:
-            raise ValueError(f"quant_decode: {msg}")
+            raise ValueError(f"quant_decode: {msg()}")
 
 
 if HAS_TRITON:
@@ -301,16 +320,16 @@ if HAS_TRITON:
         n_cold: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, n_exact: torch.Tensor,
         scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
         tiles_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
-        operands: str = "fp16",
+        operands: str = "fp16", max_registers: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
-                     operands, wrap_triton)
+                     operands, wrap_triton, max_registers)
 
 
 def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                  scaling, key_layout, value_layout, key_group, *, tiles_per_split: int = 0, block_rows: int = 0,
-                 num_warps: int = 0, num_stages: int = 0, operands: str = "fp16"):
+                 num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", max_registers: int = 0):
     """Triton fused decode; same contract as :func:`quant_decode_reference` (shapes there).
 
     Tuning knobs, 0 = heuristic: ``block_rows`` (rows of the smallest plane per unit, a power of
@@ -318,7 +337,9 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
     (units per program), ``num_warps``, ``num_stages``. ``operands``: the dtype of the dots'
     inputs, ``"fp16"`` (codes exact, the query times the key scale and p times the value scale
     rounded to fp16: ~5e-4 relative per term) or ``"fp32"`` (tf32 on the GPU, exact fp32 under the
-    interpreter). Expect ~1e-3 relative difference from the reference on the GPU.
+    interpreter). ``max_registers``: ptxas's register cap per thread (``maxnreg``; 0 = none): fewer
+    registers, more resident programs per SM, some spills. Expect ~1e-3 relative difference from
+    the reference on the GPU.
     Raises ``ValueError`` naming a bad argument; ``RuntimeError`` without triton.
     """
     if not HAS_TRITON:
@@ -330,9 +351,11 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
         raise ValueError(f"block_rows={block_rows} must be a power of two >= 16")
     if operands not in ("fp16", "fp32"):
         raise ValueError(f"operands={operands!r} must be 'fp16' or 'fp32'")
+    if isinstance(max_registers, bool) or not isinstance(max_registers, int) or not (max_registers == 0 or 24 <= max_registers <= 255):
+        raise ValueError(f"max_registers={max_registers!r} must be 0 (no cap) or an int in [24, 255]")
     args = (qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
             [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
-            tiles_per_split, block_rows, num_warps, num_stages, operands)
+            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers)
     if qk.is_cuda and qk.get_device() != torch.cuda.current_device():
         with torch.cuda.device(qk.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_decode(*args)
