@@ -48,6 +48,7 @@ TOL = 1e-2  # bf16 inputs, tf32 dots: ~1e-3 expected
 MIXED = (((32, 6), (32, 4), (64, 2)), ((32, 5), (32, 3), (64, 2)))
 LOG: list[str] = []
 DEV = "cuda"
+T0 = time.time()
 
 
 def log(*a):
@@ -168,21 +169,26 @@ def rel(a, b):
 
 
 # ----------------------------------------------------------------------------- correctness
-def correctness(smoke):
+def correctness(smoke, full=False):
     log("== correctness: kernels vs fp32 references (fresh random inputs, NaN/inf past the counts), "
         f"pass if rel. error < {TOL:g}")
     t, NB, Te, Hh = (16, 2, 5, 1) if smoke else (T, 9, TE, H)
     nc, ne = [NB, 1, 0, 0], [Te, 1, Te // 2, 0]  # ragged rows; the last row attends to nothing
-    # tiles_per_split is a runtime argument; every other knob compiles the kernel again (seconds)
-    knobs = [{}] if smoke else [{}, dict(tiles_per_split=1), dict(operands="fp32")]
+    # tiles_per_split is a runtime argument; every other knob (and G, and the layout) compiles
+    # the kernel again: ~15-20 s each on the H200 for these unrolled kernels. Without --full-check
+    # the timed configurations (default knobs, G=4) of every layout are checked, plus balanced at
+    # G=1, one split per unit and tf32 operands; CPU CI covers the rest under the interpreter.
     ok = True
     for name, lay in layouts(t).items():
-        for Gg in (4, 1) if not smoke or name == "balanced" else (4,):  # the smoke: code paths, not coverage
+        for Gg in (4, 1) if name == "balanced" or (full and not smoke) else (4,):
             x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, nc, ne, seed=10 * len(name) + Gg)
             ref = torch.cat(qd.quant_decode_reference(*x["op"]), -1)
             errs = []
+            knobs = [{}] if smoke else [{}, dict(tiles_per_split=1)]
+            if not smoke and (full or (name == "balanced" and Gg == 4)):
+                knobs.append(dict(operands="fp32"))
             extra = [dict(tiles_per_split=3, block_rows=16, num_warps=8), dict(block_rows=64, num_warps=8, num_stages=3)] \
-                if name == "balanced" and not smoke else []
+                if name == "balanced" and full and not smoke else []
             for kn in knobs + extra:
                 out = torch.cat(qd.quant_decode(*x["op"], **kn), -1)
                 errs.append(rel(out, ref) if torch.isfinite(out).all() else float("nan"))
@@ -200,7 +206,7 @@ def correctness(smoke):
     for Gg in (4, 1):
         a = svd_inputs(2, Hh, Gg, NB, t, Te, [NB, 2], [Te, 1], seed=20 + Gg)
         ref = fd.fused_decode_reference(*a)
-        errs = [rel(fd.fused_decode(*a, **kn), ref) for kn in ([{}] if smoke else [{}, dict(blocks_per_split=1)])]
+        errs = [rel(fd.fused_decode(*a, **kn), ref) for kn in ([{}] if smoke or (Gg == 1 and not full) else [{}, dict(blocks_per_split=1)])]
         good = all(e < TOL for e in errs)
         ok &= good
         log(f"  fused_decode (SVD int8 rank {RK}/{RV}) G={Gg}: rel_err {' '.join('%.1e' % e for e in errs)} "
@@ -292,7 +298,8 @@ def time_shape(B, ctx, timer, l2, t):
     L = NB * t + Te
     dense_b = B * H * L * D * 2 * 2
     out = {}
-    log(f"\n== B={B} ctx={ctx}: {NB} blocks of {t} + {Te} exact; dense K/V {dense_b / 1e6:.1f} MB per layer")
+    log(f"\n== B={B} ctx={ctx}: {NB} blocks of {t} + {Te} exact; dense K/V {dense_b / 1e6:.1f} MB per layer "
+        f"(at {time.time() - T0:.0f} s)")
     if fits(dense_b):
         k = [(torch.randn(B, H * G, 1, D, device=DEV, dtype=torch.bfloat16),
               torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16),
@@ -320,7 +327,7 @@ def time_shape(B, ctx, timer, l2, t):
         sets = [quant_inputs(lay, B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]
         out[f"{name} kernel"] = (timer([lambda x=x: qd.quant_decode(*x["op"]) for x in sets]), nbytes)
         out[f"{name} step"] = (timer([lambda x=x: quant_fused_decode(*x["glue"]) for x in sets]), nbytes)
-        log(f"  {name} ({len(sets)} sets): kernel {out[f'{name} kernel'][0]:.4f} ms, step {out[f'{name} step'][0]:.4f} ms")
+        log(f"  [{time.time() - T0:.0f} s] {name} ({len(sets)} sets): kernel {out[f'{name} kernel'][0]:.4f} ms, step {out[f'{name} step'][0]:.4f} ms")
         del sets
     nbytes = svd_bytes(B, NB, t, Te)
     sets = [svd_inputs(B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]
@@ -386,6 +393,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="1x4K, 8x32K and 16x32K only")
     ap.add_argument("--sweep", action="store_true", help="also sweep the kernel's knobs at 1x4K and 8x32K")
+    ap.add_argument("--full-check", action="store_true", help="every knob variant x G in the correctness pass (~6 min)")
     ap.add_argument("--keep-going", action="store_true", help="time even if a correctness check fails")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU under TRITON_INTERPRET=1 (CI)")
     args = ap.parse_args()
@@ -407,7 +415,7 @@ def main():
         f"triton {triton.__version__}")
     tag = card.replace("NVIDIA ", "").replace(" ", "_").replace("/", "_")
     path = os.path.join(args.out, f"quant_decode_{tag}.txt")
-    ok = correctness(smoke=False)
+    ok = correctness(smoke=False, full=args.full_check)
     if not ok and not args.keep_going:
         log("\ncorrectness: FAIL (no timings; --keep-going times anyway)")
         _write(path)
