@@ -124,7 +124,9 @@ def fused_decode_reference(
 # --------------------------------------------------------------------------- triton
 if HAS_TRITON:
 
-    @triton.jit
+    # Context-dependent counts are not specialized on (see quant_decode_triton: no recompiles
+    # when one of them becomes 1 or a multiple of 16 as the cache grows).
+    @triton.jit(do_not_specialize=["BPS", "S_COLD", "S_TOT"])
     def _fd_partial_kernel(
         q_ptr, kc_ptr, ks_ptr, kb_ptr, vc_ptr, vs_ptr, vb_ptr, ncold_ptr,
         ek_ptr, ev_ptr, nexact_ptr,
@@ -238,7 +240,7 @@ if HAS_TRITON:
         tl.store(acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :], acc,
                  mask=g_ok[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S_TOT"])
     def _fd_combine_kernel(
         m_ptr, l_ptr, acc_ptr, out_ptr,
         H, G, D, S_TOT,

@@ -56,7 +56,10 @@ def _byte(w, J: tl.constexpr, F16: tl.constexpr):
     return f
 
 
-@triton.jit
+# Counts that change with the context (units per split, splits) are not specialized on: Triton
+# would compile a new variant whenever one becomes 1 or a multiple of 16 (a ~15-90 s compile in
+# the middle of decoding, once per variant and machine).
+@triton.jit(do_not_specialize=["TPS", "S_COLD", "S_TOT"])
 def qd_partial_kernel(
     qk_ptr, q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, ncold_ptr,
     ek_ptr, ev_ptr, nexact_ptr,
@@ -264,7 +267,7 @@ def qd_partial_kernel(
     tl.store(l_ptr + ws * G_PAD + offs_g, l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S_COLD", "S_TOT"])
 def qd_combine_kernel(
     m_ptr, l_ptr, accc_ptr, acce_ptr, outc_ptr, oute_ptr,
     H, G, D, DV, S_COLD, S_TOT,
