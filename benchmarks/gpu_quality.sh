@@ -10,7 +10,8 @@ for part in "$@"; do
   case $part in
     ppl) run --split both --segments 3 --context 3584 --continuation 512 --chunk 64 --no-niah --tag validation-ppl \
            --methods 'exact;spectral:preset=balanced;spectral:preset=max-compression;spectral:preset=fast;spectral:preset=original;spectral:preset=spectral-5x;spectral:preset=spectral-8x;kivi4;kivi2' ;;
-    baselines)  # kvpress 0.5.5 needs transformers < 5.3: a carried 5.2 wheel (.whl52/) goes first on the path
+    baselines)  # kvpress 0.5.5 needs transformers < 5.3: carried wheels of transformers 5.2 and tokenizers 0.22.2 (.whl52/)
+      # go first on the path; kvpress also imports fire (.whl/)
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site52 .whl52/*.whl
       PYTHONPATH=/tmp/site52:$PYTHONPATH:.whl/stubs run --split validation --segments 3 --context 3584 --continuation 512 --chunk 64 \
            --no-niah --tag validation-baselines --methods 'exact;hqq:bits=4;hqq:bits=2;streaming:ratio=0.655;snapkv:ratio=0.655;knorm:ratio=0.655;expected:ratio=0.655;snapkv:ratio=0.5;snapkv:ratio=0.5+spectral:preset=balanced;expected:ratio=0.5;expected:ratio=0.5+spectral:preset=balanced'

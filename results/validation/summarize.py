@@ -24,9 +24,22 @@ def cold_ratio(rep):
 def main():
     ppl = json.load(open(os.path.join(HERE, "validation-ppl.json")))
     niah = json.load(open(os.path.join(HERE, "validation-niah.json")))["niah"]["methods"]
+    methods = dict(ppl["quality"]["methods"])
+    # other caches measured on the same segments (bash benchmarks/gpu_quality.sh OUT baselines):
+    # transformers' QuantizedCache with HQQ (its ratio counts its full-precision residual tokens)
+    extra = os.path.join(HERE, "validation-baselines.json")
+    notes = []
+    if os.path.exists(extra):
+        other = json.load(open(extra))["quality"]
+        for name, m in other["methods"].items():
+            methods.setdefault(name, m)
+        if other["segment_offsets"] != ppl["quality"]["segment_offsets"]:
+            notes.append(f"validation-baselines.json ran under kvpress's pins (transformers 5.2, tokenizers 0.22), whose "
+                         f"tokenization puts the segments at token offsets {other['segment_offsets']} instead of "
+                         f"{ppl['quality']['segment_offsets']}; its ΔPPL is against its own exact run.")
     print(f"| method | cold-storage ratio | total ratio | ΔPPL mean ± std (3 seg.) | per segment | top-1 | NIAH (15) |")
     print("|---|---|---|---|---|---|---|")
-    for name, m in ppl["quality"]["methods"].items():
+    for name, m in methods.items():
         segs = m["per_segment"]
         deltas = [s["delta"] for s in segs]
         reps = [s.get("spectral_memory_report") for s in segs]
@@ -37,6 +50,8 @@ def main():
         needles = "–" if hits is None else f"{int(sum(map(sum, hits)))}/15"
         print(f"| `{name}` | {cold} | {total:.2f}x | {statistics.mean(deltas):+.3f} ± {statistics.stdev(deltas):.3f} | "
               f"{' / '.join(f'{x:+.3f}' for x in deltas)} | {top1:.3f} | {needles} |")
+    for n in notes:
+        print(f"\n{n}")
 
 
 if __name__ == "__main__":
