@@ -1,6 +1,6 @@
 """Print the validation table of the README from the eval JSON files in this folder.
 
-    python results/validation/summarize.py
+    python results/validation/summarize.py [--plot]   # --plot: validation-frontier-all.png
 
 Cold-storage ratio = fp16 bytes of the tokens held in cold blocks / bytes the cold tier holds
 for them (codes, scales and, for learned bases, the per-row basis), from each segment's memory
@@ -52,6 +52,38 @@ def main():
               f"{' / '.join(f'{x:+.3f}' for x in deltas)} | {top1:.3f} | {needles} |")
     for n in notes:
         print(f"\n{n}")
+    if "--plot" in __import__("sys").argv:
+        plot(methods, os.path.join(HERE, "validation-frontier-all.png"))
+
+
+def plot(methods, path):
+    """Total bytes ratio (end of the continuation) against ΔPPL, every method of both runs; a
+    symmetric-log y axis so HQQ-2 (+90) shares the plot with the near-lossless points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for name, m in methods.items():
+        segs = m["per_segment"]
+        x = statistics.mean(s["bytes_end"]["ratio_vs_fp16"] for s in segs)
+        d = [s["delta"] for s in segs]
+        ax.errorbar([x], [statistics.mean(d)], yerr=[statistics.stdev(d)], fmt="o", capsize=3)
+        ax.annotate(name.replace("spectral:preset=", ""), (x, statistics.mean(d)), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axhline(0.05, color="green", lw=0.5, ls="--")
+    ax.axhline(0.20, color="orange", lw=0.5, ls="--")
+    ax.set_xlabel("compression vs fp16 KV (all bytes held at the end, measured)")
+    ax.set_ylabel("ΔPPL vs exact (mean ± std, 3 segments; symlog)")
+    ax.set_title("SmolLM2-135M, validation split, 3584 ctx + 512 teacher-forced (goal lines +0.05, +0.20)", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
