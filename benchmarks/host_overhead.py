@@ -7,8 +7,8 @@ A tiny Mistral (hidden 64, 32 layers, 8 query / 2 KV heads, head_dim 64, random 
 makes the model's own compute negligible, so the step time is host time: transformers' Python
 plus ours. The prompt (``--ctx`` tokens, batch 1) is prefilled through the model, so with
 ``--block-size 256`` the default context leaves 4 cold blocks per layer. It prints ms per decode
-step of ``generate`` (difference of two generate lengths, `e2e_decode.generate_step_ms`, best of
-``--repeats``) for
+step of ``generate`` (difference of two generate lengths as in `e2e_decode.generate_step_ms`,
+best of ``--repeats``, in thread CPU time) for
 
 * ``dynamic``: `DynamicCache` + SDPA (the baseline: what transformers itself costs);
 * ``balanced``: `SpectralCache` with the ``balanced`` preset and the default attention
@@ -21,9 +21,16 @@ step of ``generate`` (difference of two generate lengths, `e2e_decode.generate_s
   So the glue (`attention/quant_fused.py`), the kernel wrapper's host work and the view
   construction are all timed, and so is the REFERENCE's own torch compute (it stands in for
   the kernel's GPU time, which on a GPU overlaps with the host): the fused row's added ms is an
-  upper bound on our host time of that route. The patches live in this script only.
+  upper bound on our host time of that route (``fused-ref``: the reference's measured time taken
+  out). The patches live in this script only;
+* ``glue``: the same route with zeros in place of the reference's output (the tokens generated
+  are then meaningless, the host work is the same): our host time of the CUDA route alone.
 
-and our added ms per layer per step ((spectral - dynamic) / layers). Then a cProfile of
+and our added ms per layer per step ((spectral - dynamic) / layers; a difference of two noisy
+numbers), the thread CPU time spent inside our per-layer entry points (``SpectralLayer.update``
+and the "spectral_kv" attention function, wrapped with timers here: the steadier number, though
+it leaves out the once-per-step mask function), and the aten ops (roughly GPU launches) and host
+syncs we add per layer per step (exact counts, `OpCounter`). Then a cProfile of
 ``--profile-steps`` decode steps of each spectral mode, top 30 of spectral_kv's functions by
 cumulative and by own time. Threads are pinned to 1 so that the numbers measure the host,
 not how many cores are free; expect a few % of noise on a shared machine.
@@ -37,6 +44,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import sys
 import time
 from collections import Counter
@@ -55,7 +63,6 @@ from spectral_kv.kernels import quant_decode as qd_mod  # noqa: E402
 from transformers import DynamicCache, MistralConfig  # noqa: E402
 
 from bench_e2e import build_model  # noqa: E402
-from e2e_decode import generate_step_ms  # noqa: E402
 
 
 REFERENCE_S = [0.0, 0]  # seconds spent in the fused mode's quant_decode_reference stand-in, calls
@@ -89,15 +96,16 @@ class _NoLaunch:
 
 
 @contextlib.contextmanager
-def forced_fused_route():
-    """The CUDA fused route on CPU tensors, the kernel replaced by its reference (see the module)."""
+def forced_fused_route(reference: bool = True):
+    """The CUDA fused route on CPU tensors, the kernel replaced by its reference (see the module),
+    or (``reference=False``, the ``glue`` mode) by zeros: the host work alone."""
     real_runs_on, real_qd, real_wrap = fused_mod._kernel_runs_on, quant_fused_mod.quant_decode, qd_mod.wrap_triton
 
     def quant_decode_host_then_reference(*args, **kwargs):
-        real_qd(*args, **kwargs)  # checks + op dispatch + launch prep; the launches are no-ops
+        out = real_qd(*args, **kwargs)  # checks + op dispatch + launch prep; the launches are no-ops
         t0 = time.perf_counter()
         with _python_dispatch._disable_current_modes():  # the op counter skips the stand-in's ops
-            out = qd_mod.quant_decode_reference(*args)
+            out = qd_mod.quant_decode_reference(*args) if reference else tuple(torch.zeros_like(x) for x in out)
         REFERENCE_S[0] += time.perf_counter() - t0
         REFERENCE_S[1] += 1
         return out
@@ -119,10 +127,10 @@ def prefilled(model, kind: str, ctx: int, block_size: int):
         cache = DynamicCache(config=model.config)
     else:
         model.config._attn_implementation = "spectral_kv"
-        attention = "fused" if kind == "fused" else None
+        attention = "fused" if kind in ("fused", "glue") else None
         cfg = SpectralConfig.preset("balanced", block_size=block_size, attention=attention, verbose=False)
         cache = SpectralCache(cfg, model.config)
-    with torch.no_grad():
+    with torch.no_grad(), route(kind):
         model(ids, past_key_values=cache, use_cache=True)
     if kind != "dynamic":
         cold = cache.spectral_layers[0].tiers.n_cold
@@ -132,7 +140,9 @@ def prefilled(model, kind: str, ctx: int, block_size: int):
 
 
 def route(kind: str):
-    return forced_fused_route() if kind == "fused" else contextlib.nullcontext()
+    if kind in ("fused", "glue"):
+        return forced_fused_route(reference=kind == "fused")
+    return contextlib.nullcontext()
 
 
 def check_fused_route(cache) -> None:
@@ -149,6 +159,59 @@ def _generate(model, cache, n):
     ids = torch.ones(1, seq + 1, dtype=torch.long)
     model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n,
                    min_new_tokens=n, do_sample=False)
+
+
+def step_ms(model, cache, steps: int, repeats: int) -> float:
+    """ms per decode step: best over ``repeats`` of generate(2 + steps) minus best of generate(2),
+    in this thread's CPU time (`time.thread_time`: with torch on one thread that is all the
+    work, and other processes on a shared machine do not count), after a warm-up."""
+    _generate(model, cache, 2)
+    best = {}
+    for _ in range(repeats):
+        for n in (2, 2 + steps):
+            t0 = time.thread_time()
+            _generate(model, cache, n)
+            best[n] = min(best.get(n, float("inf")), time.thread_time() - t0)
+    return 1000 * (best[2 + steps] - best[2]) / steps
+
+
+@contextlib.contextmanager
+def timed_entry_points(acc: dict):
+    """Thread CPU time inside our two per-layer entry points, ``SpectralLayer.update`` and the
+    registered "spectral_kv" attention function: ``acc[name]`` lists each call's seconds."""
+    from transformers import AttentionInterface
+
+    from spectral_kv.integrations.transformers import attention as attn_mod
+    from spectral_kv.integrations.transformers.cache import SpectralLayer
+
+    real_update, real_forward = SpectralLayer.update, attn_mod.spectral_attention_forward
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc.setdefault(key, []).append(time.thread_time() - t0)
+        return wrapper
+
+    SpectralLayer.update = timed(real_update, "update")
+    AttentionInterface.register(attn_mod.ATTENTION_NAME, timed(real_forward, "attention"))
+    try:
+        yield
+    finally:
+        SpectralLayer.update = real_update
+        AttentionInterface.register(attn_mod.ATTENTION_NAME, real_forward)
+
+
+def inside_us(model, cache, kind: str, steps: int, repeats: int) -> float:
+    """us of thread CPU time per layer per decode step inside our entry points: the median call
+    of each (over ``repeats`` generate calls of ``steps`` tokens: robust to a loaded machine)."""
+    acc: dict = {}
+    with route(kind), timed_entry_points(acc):
+        for _ in range(repeats):
+            _generate(model, cache, steps)
+    return 1e6 * (statistics.median(acc["update"]) + statistics.median(acc["attention"]))
 
 
 def ops_per_step(model, cache, kind: str, steps: int) -> Counter:
@@ -186,25 +249,27 @@ def main(argv=None) -> None:
     ap.add_argument("--ctx", type=int, default=1200)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3, help="best of this many step-time measurements")
+    ap.add_argument("--repeats", type=int, default=5, help="best of this many step-time measurements")
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--no-profile", action="store_true")
-    ap.add_argument("--modes", default="dynamic,balanced,fused")
+    ap.add_argument("--modes", default="dynamic,balanced,fused,glue")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(tiny_config(args.layers), "cpu", torch.float32)
     modes = args.modes.split(",")
-    ms, caches, ops = {}, {}, {}
+    ms, caches, ops, inside = {}, {}, {}, {}
     for kind in modes:
         cache = prefilled(model, kind, args.ctx, args.block_size)
         REFERENCE_S[:] = [0.0, 0]
         with route(kind):
-            ms[kind] = min(generate_step_ms(model, cache, 1, args.steps) for _ in range(args.repeats))
-        if kind == "fused":
+            ms[kind] = step_ms(model, cache, args.steps, args.repeats)
+        if kind in ("fused", "glue"):
             check_fused_route(cache)
             ref_ms = 1000 * REFERENCE_S[0] / REFERENCE_S[1] * args.layers
         ops[kind] = ops_per_step(model, cache, kind, 4)
+        if kind != "dynamic":
+            inside[kind] = inside_us(model, cache, kind, args.steps, args.repeats)
         caches[kind] = cache
     print(f"tiny Mistral, {args.layers} layers, batch 1, ctx {args.ctx}, block_size {args.block_size}, "
           f"{args.steps} steps, best of {args.repeats}, torch threads 1")
@@ -220,6 +285,9 @@ def main(argv=None) -> None:
             added = ms[kind] - ref_ms - (base or 0.0)
             print(f"  {'fused-ref':10s} {ms[kind] - ref_ms:8.3f} ms/step   added {added:7.3f} ms/step = "
                   f"{1000 * added / args.layers:7.1f} us/layer/step   (the reference's {ref_ms:.3f} ms/step taken out)")
+    print("thread CPU time inside SpectralLayer.update + the spectral_kv attention, per layer per step:")
+    for kind, us in inside.items():
+        print(f"  {kind:10s} {us:7.1f} us" + ("   (the reference's compute included)" if kind == "fused" else ""))
     print("aten ops per layer per decode step that spectral_kv adds (incl. views; syncs = _local_scalar_dense):")
     for kind in modes:
         if kind == "dynamic" or "dynamic" not in ops:
