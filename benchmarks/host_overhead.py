@@ -30,7 +30,8 @@ and our added ms per layer per step ((spectral - dynamic) / layers; a difference
 numbers), the thread CPU time spent inside our per-layer entry points (``SpectralLayer.update``
 and the "spectral_kv" attention function, wrapped with timers here: the steadier number, though
 it leaves out the once-per-step mask function), and the aten ops (roughly GPU launches) and host
-syncs we add per layer per step (exact counts, `OpCounter`). Then a cProfile of
+syncs we add per layer per step (exact counts, `OpCounter`), and the Python function calls we
+add per layer per step (cProfile's count: exact, the best proxy of host work on a busy machine). Then a cProfile of
 ``--profile-steps`` decode steps of each spectral mode, top 30 of spectral_kv's functions by
 cumulative and by own time. Threads are pinned to 1 so that the numbers measure the host,
 not how many cores are free; expect a few % of noise on a shared machine.
@@ -214,6 +215,20 @@ def inside_us(model, cache, kind: str, steps: int, repeats: int) -> float:
     return 1e6 * (statistics.median(acc["update"]) + statistics.median(acc["attention"]))
 
 
+def python_calls_per_step(model, cache, kind: str, steps: int) -> float:
+    """Python function calls (cProfile's count, C functions included) per decode step: generate
+    (2 + steps) minus generate(2), / steps. Deterministic, unlike times on a shared machine."""
+    calls = []
+    for n in (2, 2 + steps):
+        prof = cProfile.Profile()
+        with route(kind):
+            prof.enable()
+            _generate(model, cache, n)
+            prof.disable()
+        calls.append(pstats.Stats(prof).total_calls)
+    return (calls[1] - calls[0]) / steps
+
+
 def ops_per_step(model, cache, kind: str, steps: int) -> Counter:
     """aten ops per decode step: the counts of generate(2 + steps) minus generate(2), / steps."""
     counts = []
@@ -258,7 +273,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = build_model(tiny_config(args.layers), "cpu", torch.float32)
     modes = args.modes.split(",")
-    ms, caches, ops, inside = {}, {}, {}, {}
+    ms, caches, ops, inside, pycalls = {}, {}, {}, {}, {}
     for kind in modes:
         cache = prefilled(model, kind, args.ctx, args.block_size)
         REFERENCE_S[:] = [0.0, 0]
@@ -268,6 +283,7 @@ def main(argv=None) -> None:
             check_fused_route(cache)
             ref_ms = 1000 * REFERENCE_S[0] / REFERENCE_S[1] * args.layers
         ops[kind] = ops_per_step(model, cache, kind, 4)
+        pycalls[kind] = python_calls_per_step(model, cache, kind, 4)
         if kind != "dynamic":
             inside[kind] = inside_us(model, cache, kind, args.steps, args.repeats)
         caches[kind] = cache
@@ -299,6 +315,11 @@ def main(argv=None) -> None:
         syncs = per_layer.get("_local_scalar_dense", 0.0)
         top = ", ".join(f"{op} {c:.2g}" for op, c in sorted(per_layer.items(), key=lambda x: -x[1])[:14])
         print(f"  {kind:10s} {total:6.1f} ops, {syncs:4.1f} syncs: {top}")
+    if "dynamic" in pycalls:
+        print("Python function calls (cProfile) per layer per decode step that spectral_kv adds:")
+        for kind in modes:
+            if kind != "dynamic":
+                print(f"  {kind:10s} {(pycalls[kind] - pycalls['dynamic']) / args.layers:7.1f}")
     if not args.no_profile:
         for kind in modes:
             if kind != "dynamic":
