@@ -27,6 +27,7 @@ another number is refused (1: codes packed per token, ``quant.pack_bits``; 2: th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -106,6 +107,8 @@ class CodeLayout:
     flattened row-major into one uint8 buffer per block, segment after segment, planes in
     `planes` order: `offsets` gives each ``(segment, plane)``'s byte offset, `nbytes` the size.
     The layout is static per layer and role, so a kernel takes it as compile-time constants.
+    Its derived sizes are cached properties (a frozen layout never changes; the decode glue
+    reads them at every step of every layer).
     """
 
     tokens: int
@@ -135,20 +138,20 @@ class CodeLayout:
             raise ValueError(f"{channels} channels do not split into segments of {group}")
         return cls(tokens, ((group, bits),) * (channels // group))
 
-    @property
+    @cached_property
     def channels(self) -> int:
         return sum(c for c, _ in self.segments)
 
-    @property
+    @cached_property
     def kept(self) -> int:
         """Channels with at least one bit (a prefix)."""
         return sum(c for c, b in self.segments if b)
 
-    @property
+    @cached_property
     def kept_segments(self) -> tuple[tuple[int, int], ...]:
         return tuple(s for s in self.segments if s[1])
 
-    @property
+    @cached_property
     def offsets(self) -> tuple[tuple[int, ...], ...]:
         """Byte offset of every plane of every kept segment (``offsets[s][j]``: plane ``j``)."""
         out, at = [], 0
@@ -160,7 +163,7 @@ class CodeLayout:
             out.append(tuple(seg))
         return tuple(out)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return sum(self.tokens * bits * channels // 8 for channels, bits in self.kept_segments)
 

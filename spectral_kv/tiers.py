@@ -44,7 +44,7 @@ from .dense_access import replace as _replace
 from .dense_access import truncate as _truncate
 from .registry import COMPRESSORS
 from .static import StaticStorage
-from .view import AttendView, stage_dynamic
+from .view import AttendView, new_tokens_real, stage_dynamic
 
 __all__ = ["TierManager", "AttendView", "crop_length"]
 
@@ -179,6 +179,12 @@ class TierManager:
         valid : Tensor [B, T] bool, optional
             False marks padding positions: they are dropped, never stored or compressed.
         """
+        self._append(k, v, valid, None)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                joined: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        # ``joined``: (exact_k, exact_v) already concatenated with k, v (by `view`, for
+        # attention), reused in the common case instead of concatenating again (`commit`).
         self._check(k, v, valid)
         b, h, t, d = k.shape
         if not self.initialized:
@@ -195,8 +201,11 @@ class TierManager:
         width = self.exact_k.shape[2]
         if (valid is None or bool(valid.all())) and all(n == width for n in self.n_exact):
             # Common case (no padding): one concatenation, like DynamicCache.
-            self._exact_k = torch.cat((self._exact_k, k), dim=2)
-            self._exact_v = torch.cat((self._exact_v, v), dim=2)
+            if joined is not None:
+                self._exact_k, self._exact_v = joined
+            else:
+                self._exact_k = torch.cat((self._exact_k, k), dim=2)
+                self._exact_v = torch.cat((self._exact_v, v), dim=2)
             self.n_exact = [n + t for n in self.n_exact]
         else:
             self._append_ragged(k, v, valid)
@@ -315,8 +324,12 @@ class TierManager:
         if k is None:
             exact_mask = None if valid is None else valid[:, None, None, :]
         else:
+            held = ek
             ek, ev, exact_mask, valid_new = stage_dynamic(ek, ev, valid, k, v, mask)
-            self._staged = (k, v, valid_new)
+            # The view's concatenation is what `append` would build when every row fills the
+            # buffer (valid None) and the new tokens are real; `commit` then reuses it.
+            joined = (ek, ev) if self.initialized and valid is None and not self.static else None
+            self._staged = (k, v, valid_new, mask, held, joined)
         return AttendView(ek, ev, self.cold.k.parts, self.cold.v.parts, self.cold.shared_k, self.cold.shared_v,
                           exact_mask=exact_mask, cold_valid=cold_valid)
 
@@ -333,8 +346,12 @@ class TierManager:
             if advance:
                 self.advance()
             return
-        k, v, valid_new = staged
-        self.append(k, v, None if valid_new is None or bool(valid_new.all()) else valid_new.contiguous())
+        k, v, valid_new, mask, held, joined = staged
+        if valid_new is None or new_tokens_real(mask, k.shape[2]):
+            # reuse the view's concatenation only if the buffer it extended is still the one held
+            self._append(k, v, None, joined if joined is not None and held is self._exact_k else None)
+        else:
+            self.append(k, v, valid_new.contiguous())
 
     def _shared_kw(self, role: str) -> dict[str, Any]:
         shared = self.cold.shared(role)

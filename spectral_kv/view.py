@@ -15,11 +15,18 @@ concatenates or merges masks itself. It comes in two forms:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["AttendView", "stage_dynamic"]
+__all__ = ["AttendView", "stage_dynamic", "new_tokens_real"]
+
+# (weakref to a mask, its _version, tq, answer): transformers hands every layer of a forward
+# pass the same mask tensor, so its last row is read on the host once per step, not once per
+# layer (each read is a host sync on a GPU). A weak reference: a prefill mask [B, 1, T, T] may
+# be large and must not outlive the step.
+_LAST_MASK_CHECK: tuple = (None, -1, -1, False)
 
 
 @dataclass
@@ -111,6 +118,24 @@ class AttendView:
         cold parts: ``[B, H, 1, ...]`` (the block axis broadcast), or None when stateless."""
         shared = self.shared_k if role == "k" else self.shared_v
         return {name: t.unsqueeze(2) for name, t in shared.items()} or None
+
+
+def new_tokens_real(mask: torch.Tensor | None, tq: int) -> bool:
+    """Whether every row's last ``tq`` positions are real tokens (not padding) in ``mask``.
+
+    ``mask`` is bool [B, 1, Tq, L] as `stage_dynamic` takes it (None: no padding); its last
+    query row marks the real keys. The answer is remembered for the last mask asked about
+    (identity and in-place version), which every layer of a step shares.
+    """
+    global _LAST_MASK_CHECK
+    if mask is None:
+        return True
+    ref, version, last_tq, answer = _LAST_MASK_CHECK
+    if ref is not None and ref() is mask and version == mask._version and last_tq == tq:
+        return answer
+    answer = bool(mask[:, 0, -1, -tq:].all())
+    _LAST_MASK_CHECK = (weakref.ref(mask), mask._version, tq, answer)
+    return answer
 
 
 def stage_dynamic(

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,3 +31,17 @@ def test_codes_use_full_symmetric_range():
     assert codes.dtype == torch.int8
     assert torch.allclose(scales, torch.tensor([[2.0 / 127, 1.0 / 127]]))
     assert codes[0, 0, 0].item() == -qmax(8) and codes[0, 0, 1].item() == qmax(8)
+
+
+def test_group_layout_is_built_once_and_its_cached_sizes_are_right():
+    """The decode glue asks for the same layout at every step: one object, sizes as defined."""
+    from spectral_kv.kernels.quant_compress import group_layout
+
+    lay = group_layout("values", 64, 32, 3, 16)
+    assert group_layout("values", 64, 32, 3, 16) is lay
+    assert lay.segments == ((16, 3), (16, 3)) and lay.kept == lay.channels == 32
+    assert lay.kept_segments == lay.segments and lay.nbytes == 64 * 3 * 32 // 8
+    # planes (2, 1) of 16 and 8 rows, 16 channels each, segment after segment
+    assert lay.offsets == ((0, 16 * 16), (16 * 16 + 8 * 16, 2 * 16 * 16 + 8 * 16))
+    with pytest.raises(Exception):
+        lay.tokens = 32  # frozen: the cached sizes can never go stale

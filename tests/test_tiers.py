@@ -206,3 +206,45 @@ def test_truncate_refuses_bad_arguments_by_name():
     with pytest.raises(ValueError, match=r"truncate\(12\) got values shaped \(1, 2, 5, 6\), expected \[1, 2, >= 12, 6\]"):
         tm.truncate(12, k, v[:, :, :5])
     assert tm.seen == 30 and tm.n_cold == [3]  # nothing changed
+
+
+def test_decode_commit_reuses_the_views_concatenation_and_equals_append():
+    """An unpadded decode step: commit keeps the exact buffer the view built for attention (no
+    second concatenation), and the tiers end up as `append` of the same tokens leaves them."""
+    cfg = _lossless()
+    g = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(2, 2, 13, 6, generator=g), torch.randn(2, 2, 13, 6, generator=g)
+    viewed, appended = TierManager(cfg), TierManager(cfg)
+    for tm in (viewed, appended):
+        tm.append(k0, v0)  # one block cold already
+    reused = 0
+    for _ in range(9):  # crosses a block boundary (block_size 8)
+        k, v = torch.randn(2, 2, 1, 6, generator=g), torch.randn(2, 2, 1, 6, generator=g)
+        mask = torch.ones(2, 1, 1, viewed.seen + 1, dtype=torch.bool)
+        view = viewed.view(k, v, mask)
+        width_before = viewed.exact_k.shape[2]
+        viewed.commit()
+        if viewed.exact_k.shape[2] == width_before + 1:  # no block went cold in this step
+            assert viewed.exact_k is view.exact_k and viewed.exact_v is view.exact_v
+            reused += 1
+        appended.append(k, v)
+        assert viewed.n_exact == appended.n_exact and viewed.n_cold == appended.n_cold
+        assert torch.equal(viewed.exact_k, appended.exact_k) and torch.equal(viewed.exact_v, appended.exact_v)
+    assert viewed.n_cold == [2, 2] and reused == 8
+
+
+def test_padding_decode_token_is_dropped_even_after_the_mask_was_checked_before():
+    """The per-step memo of the mask's last row (`view.new_tokens_real`) follows the mask's
+    identity and in-place changes: a row whose new token is padding never stores it."""
+    from spectral_kv.view import new_tokens_real
+
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    assert new_tokens_real(mask, 1)
+    mask[1, 0, 0, -1] = False  # in place: the memo must not answer from before
+    assert not new_tokens_real(mask, 1)
+    assert new_tokens_real(torch.ones(2, 1, 1, 5, dtype=torch.bool), 1)
+    tm = TierManager(_lossless())
+    tm.append(torch.randn(2, 2, 4, 6), torch.randn(2, 2, 4, 6))
+    tm.view(torch.randn(2, 2, 1, 6), torch.randn(2, 2, 1, 6), mask)
+    tm.commit()
+    assert tm.n_exact == [5, 4] and tm.seen == 5

@@ -8,6 +8,8 @@ it never falls back (the caller decides, and counts).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels.quant_decode import quant_decode
@@ -25,6 +27,13 @@ def serves_quant_fused(key_compressor, value_compressor) -> bool:
         callable(getattr(c, "code_layout", None)) and callable(getattr(c, "rotation_on", None)) and c.bits is not None
         for c in (key_compressor, value_compressor)
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _flat(layout) -> tuple[int, ...]:
+    # ``(channels, bits, channels, bits, ...)`` of a (frozen, hashable) `CodeLayout`: what the
+    # kernel op takes; built once per layout rather than per layer and step.
+    return tuple(x for seg in layout.segments for x in seg)
 
 
 def _basis(comp, shared, d, device, name):
@@ -84,11 +93,10 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
     # Rotated once per step, never per block; matmul broadcasting covers [Dk, D], [H, Dk, D], [B, H, Dk, D].
     qk = qf if rk is None else qf @ rk.transpose(-1, -2)
     qk = qk[..., : kl.kept].reshape(b, hq, kl.kept).contiguous()
-    flat = lambda layout: [x for seg in layout.segments for x in seg]  # noqa: E731
     out_cold, out_exact = quant_decode(
         qk, q.reshape(b, hq, d), cold_k["codes"], cold_k["scale"], cold_k["zero"], cold_v["codes"], cold_v["scale"],
         cold_v["zero"], n_cold.to(device=q.device, dtype=torch.int32), exact_k, exact_v,
-        n_exact.to(device=q.device, dtype=torch.int32), scaling, flat(kl), flat(vl), key_group,
+        n_exact.to(device=q.device, dtype=torch.int32), scaling, _flat(kl), _flat(vl), key_group,
         operands="fp32" if q.dtype == torch.float32 else "fp16",
     )
     if rv is None:

@@ -29,6 +29,8 @@ tensor cores (keys twice: the statistics kernel recomputes it rather than storin
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..quant import quantize_groups
@@ -52,9 +54,11 @@ HAS_TRITON = triton is not None
 _ROLES = ("keys", "values")
 
 
+@functools.lru_cache(maxsize=256)
 def group_layout(role: str, tokens: int, head_dim: int, bits: int, group: int) -> CodeLayout:
     """The grouped compressors' `CodeLayout`: keys one segment of ``head_dim`` channels, values
-    segments of ``min(group, head_dim)`` channels (their quant groups), all ``bits`` wide."""
+    segments of ``min(group, head_dim)`` channels (their quant groups), all ``bits`` wide.
+    Cached (the layout is immutable): every decode step of every layer asks for it."""
     if role == "keys":
         return CodeLayout(tokens, ((head_dim, bits),))
     return CodeLayout.uniform(tokens, head_dim, bits, min(group, head_dim))
