@@ -27,7 +27,6 @@ another number is refused (1: codes packed per token, ``quant.pack_bits``; 2: th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 
@@ -107,8 +106,10 @@ class CodeLayout:
     flattened row-major into one uint8 buffer per block, segment after segment, planes in
     `planes` order: `offsets` gives each ``(segment, plane)``'s byte offset, `nbytes` the size.
     The layout is static per layer and role, so a kernel takes it as compile-time constants.
-    Its derived sizes are cached properties (a frozen layout never changes; the decode glue
-    reads them at every step of every layer).
+    Its derived sizes are computed once, at construction (a frozen layout never changes; the
+    decode glue reads them at every step of every layer). Plain attributes, not
+    ``functools.cached_property``: that one takes an RLock on Python 3.11, which
+    ``torch.compile(fullgraph=True)`` cannot trace.
     """
 
     tokens: int
@@ -129,6 +130,19 @@ class CodeLayout:
             if dropped:
                 raise ValueError(f"segments {self.segments}: dropped (0-bit) segments may only come last")
             check_tokens(self.tokens, bits, "block_size")
+        kept_segments = tuple(s for s in self.segments if s[1])
+        out, at = [], 0
+        for channels, bits in kept_segments:
+            seg = []
+            for p in planes(bits):
+                seg.append(at)
+                at += plane_rows(self.tokens, p) * channels
+            out.append(tuple(seg))
+        derived = dict(channels=sum(c for c, _ in self.segments), kept=sum(c for c, b in self.segments if b),
+                       kept_segments=kept_segments, offsets=tuple(out),
+                       nbytes=sum(self.tokens * bits * channels // 8 for channels, bits in kept_segments))
+        for name, value in derived.items():
+            object.__setattr__(self, "_" + name, value)  # frozen: not fields, so eq/hash stay the fields'
 
     @classmethod
     def uniform(cls, tokens: int, channels: int, bits: int, group: int | None = None) -> "CodeLayout":
@@ -138,34 +152,27 @@ class CodeLayout:
             raise ValueError(f"{channels} channels do not split into segments of {group}")
         return cls(tokens, ((group, bits),) * (channels // group))
 
-    @cached_property
+    @property
     def channels(self) -> int:
-        return sum(c for c, _ in self.segments)
+        return self._channels
 
-    @cached_property
+    @property
     def kept(self) -> int:
         """Channels with at least one bit (a prefix)."""
-        return sum(c for c, b in self.segments if b)
+        return self._kept
 
-    @cached_property
+    @property
     def kept_segments(self) -> tuple[tuple[int, int], ...]:
-        return tuple(s for s in self.segments if s[1])
+        return self._kept_segments
 
-    @cached_property
+    @property
     def offsets(self) -> tuple[tuple[int, ...], ...]:
         """Byte offset of every plane of every kept segment (``offsets[s][j]``: plane ``j``)."""
-        out, at = [], 0
-        for channels, bits in self.kept_segments:
-            seg = []
-            for p in planes(bits):
-                seg.append(at)
-                at += plane_rows(self.tokens, p) * channels
-            out.append(tuple(seg))
-        return tuple(out)
+        return self._offsets
 
-    @cached_property
+    @property
     def nbytes(self) -> int:
-        return sum(self.tokens * bits * channels // 8 for channels, bits in self.kept_segments)
+        return self._nbytes
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``[..., T, kept]`` (uint8, each below its segment's ``2**bits``) -> uint8 ``[..., nbytes]``."""

@@ -243,6 +243,11 @@ def test_padding_decode_token_is_dropped_even_after_the_mask_was_checked_before(
     mask[1, 0, 0, -1] = False  # in place: the memo must not answer from before
     assert not new_tokens_real(mask, 1)
     assert new_tokens_real(torch.ones(2, 1, 1, 5, dtype=torch.bool), 1)
+    with torch.inference_mode():  # inference tensors have no version counter: answered without the memo
+        imask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+        assert new_tokens_real(imask, 1)
+        imask[0, 0, 0, -1] = False
+        assert not new_tokens_real(imask, 1)
     tm = TierManager(_lossless())
     tm.append(torch.randn(2, 2, 4, 6), torch.randn(2, 2, 4, 6))
     tm.view(torch.randn(2, 2, 1, 6), torch.randn(2, 2, 1, 6), mask)

@@ -1,5 +1,8 @@
 """Fused decode attention over shared-basis quantized cold blocks (one layer, q_len = 1).
 
+This module is longer than ~350 lines: the reference twin, the launch plan, the input checks and the op wrapper
+are one contract; the Triton kernels themselves are in quant_decode_triton.py.
+
 The layouts ``hadamard``, ``kivi*`` and the learned ``spectral_quant`` store every block of a
 layer and KV head as codes in ONE orthonormal basis ``R`` (Hadamard, identity, learned), in
 segments of channels of one width each (`spectral_kv.codes.CodeLayout`, token-axis bit
