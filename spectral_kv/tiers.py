@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .blocks import MAX_BLOCKS_PER_CALL, ColdTier
-from .checks import check_update, crop_length
+from .checks import DeferredFinite, check_update, crop_length, defers_finite
 from .compressors.base import Compressor
 from .config import SpectralConfig
 from .dense_access import dense as _dense
@@ -98,6 +98,7 @@ class TierManager:
         # `crop` can only remove positions it knows to be real tokens.
         self.tail_valid: list[int] = []
         self._staged: tuple | None = None
+        self._finite = DeferredFinite(self.name)  # decode updates on CUDA: checked without a sync
         # One-shot: the next append leaves its ready blocks exact, for a kvpress press to read
         # and rewrite the prompt (set by the integration; `spectral_kv.dense_access`).
         self.defer_next_compression = False
@@ -167,7 +168,12 @@ class TierManager:
 
     # ------------------------------------------------------------------ append
     def _check(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> None:
-        check_update(self.name, self.config, k, v, valid, self.exact_k)
+        # Unpadded updates of an initialized layer on CUDA (decode steps) are checked for NaN/Inf
+        # on the device and read later (`checks.DeferredFinite`); everything else at once.
+        defer = valid is None and self.initialized and defers_finite(k.device)
+        check_update(self.name, self.config, k, v, valid, self.exact_k, finite=not defer)
+        if defer:
+            self._finite.add(k, v, self.seen)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Append new tokens, then compress every block that became ready.
@@ -246,6 +252,7 @@ class TierManager:
             return
         if not any(ready):
             return
+        self._finite.resolve(self.seen)  # nothing non-finite may reach a cold block
         self.cold.compress(self._exact_k, self._exact_v, ready, self.n_cold, check=True, per_call=MAX_BLOCKS_PER_CALL)
         self._drop_compressed(ready)
 
@@ -481,6 +488,7 @@ class TierManager:
         compressed block cannot be removed on its own.
         """
         max_length = crop_length(max_length, self.name)
+        self._finite.resolve(self.seen)
         if max_length < 0:
             max_length = self.seen + max_length
         drop = self.seen - max(max_length, 0)
@@ -524,6 +532,7 @@ class TierManager:
         ``n_cold``, ``tail_valid`` (lists of int), ``seen`` (int) and, for compressors with
         shared state, ``fitted`` (list of bool).
         """
+        self._finite.resolve(self.seen)
         self.thaw()
         if not self.initialized:
             return {"initialized": False}

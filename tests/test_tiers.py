@@ -253,3 +253,45 @@ def test_padding_decode_token_is_dropped_even_after_the_mask_was_checked_before(
     tm.view(torch.randn(2, 2, 1, 6), torch.randn(2, 2, 1, 6), mask)
     tm.commit()
     assert tm.n_exact == [5, 4] and tm.seen == 5
+
+
+def test_deferred_finite_check_reports_a_bad_decode_update_before_any_block_is_compressed(monkeypatch):
+    """On CUDA a decode update's NaN/Inf check is read lazily (no host sync per layer per step,
+    `checks.DeferredFinite`); here the CPU is put on that path. A bad update is reported by
+    position within FINITE_CHECK_EVERY updates, or at once when a block is about to compress."""
+    from spectral_kv import checks
+
+    monkeypatch.setattr(checks, "DEFER_FINITE_ON", frozenset({"cpu"}))
+    cfg = SpectralConfig.preset("balanced", block_size=16, hot_buffer_size=4, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    tm = TierManager(cfg, name="layer 3")
+    tm.append(torch.randn(1, 2, 5, 64, generator=g), torch.randn(1, 2, 5, 64, generator=g))  # prefill: checked at once
+    tm.append(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
+    bad = torch.randn(1, 2, 1, 64, generator=g)
+    bad[0, 1, 0, 7] = float("nan")
+    tm.append(bad, torch.randn(1, 2, 1, 64, generator=g))  # position 6: not read yet
+    assert tm.n_exact == [7]
+    with pytest.raises(ValueError, match=r"layer 3: keys/values of a decode update at positions 5\.\.[0-9]+ hold NaN/Inf"):
+        for _ in range(checks.FINITE_CHECK_EVERY):
+            tm.append(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
+    assert tm.n_cold == [0]  # 4 sinks + 4 hot + 16: no block had compressed before the report
+    # before a compression: the flag is read even when fewer than FINITE_CHECK_EVERY updates passed
+    tm2 = TierManager(cfg)
+    tm2.append(torch.randn(1, 2, 22, 64, generator=g), torch.randn(1, 2, 22, 64, generator=g))
+    inf = torch.randn(1, 2, 1, 64, generator=g)
+    inf[0, 0, 0, 0] = float("inf")
+    tm2.append(torch.randn(1, 2, 1, 64, generator=g), inf)  # 23 tokens: the next one fills a block
+    with pytest.raises(ValueError, match="positions 22..23 hold NaN/Inf"):
+        tm2.append(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
+    assert tm2.n_cold == [0]
+    # finite updates on the deferred path hold exactly what the immediate path holds
+    monkeypatch.setattr(checks, "DEFER_FINITE_ON", frozenset())
+    a, b = TierManager(cfg), TierManager(cfg)
+    xs = [(torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g)) for n in [9] + [1] * 40]
+    for k, v in xs:
+        a.append(k, v)
+    monkeypatch.setattr(checks, "DEFER_FINITE_ON", frozenset({"cpu"}))
+    for k, v in xs:
+        b.append(k, v)
+    assert a.n_cold == b.n_cold == [2] and torch.equal(a.exact_k, b.exact_k)
+    assert all(torch.equal(a.cold.k.parts[n], b.cold.k.parts[n]) for n in a.cold.k.parts)
