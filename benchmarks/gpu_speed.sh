@@ -20,7 +20,7 @@ for part in "$@"; do
     kernel) timeout 300 python3 benchmarks/quant_decode_bench.py --quick --out "$out" ;;
     sweep) timeout 330 python3 benchmarks/quant_decode_sweep.py --budget-s 280 --out "$out" ;;
     profile) timeout 240 python3 benchmarks/step_profile.py --out "$out" ;;
-    e2e-smol) timeout 300 python3 benchmarks/e2e_decode.py --shapes smollm2 --out "$out/smol" ;;
+    e2e-smol) timeout 430 python3 benchmarks/e2e_decode.py --shapes smollm2 --out "$out/smol" ;;
     e2e-mistral) timeout 540 python3 benchmarks/e2e_decode.py --shapes mistral7b --out "$out/mistral" ;;
   esac
   echo "+ part $part rc=$? at $(date +%T)"
