@@ -122,17 +122,9 @@ def correctness():
 # ----------------------------------------------------------------------------- timing helpers
 def graph_time(fns, reps=20):
     """Per-call ms of replaying one graph that calls each fn once (fns rotate input sets)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
+    from graph_capture import capture  # benchmarks/ (sys.path above), imported where used like bench_e2e
+
+    g = capture(fns)
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -38,8 +38,10 @@ from spectral_kv.compressors import COMPRESSORS  # noqa: E402
 from spectral_kv.config import SpectralConfig  # noqa: E402
 from spectral_kv.kernels import fused_decode as fd  # noqa: E402
 from spectral_kv.kernels import quant_decode as qd  # noqa: E402
+from spectral_kv.kernels.inputs import svd_decode_inputs  # noqa: E402
 
 import quant_compress_bench as parts  # noqa: E402  (benchmarks/: the fused compression op)
+from graph_capture import capture  # noqa: E402
 
 H, G, D, T, TE, RK, RV = 8, 4, 128, 512, 68, 16, 32
 SIZES = [(1, 4096), (1, 32768), (16, 32768), (4, 131072), (64, 32768)]
@@ -140,24 +142,12 @@ def quant_bytes(lay, B, NB, t, Te):
 
 
 def svd_inputs(B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=True, seed=0, dtype=torch.bfloat16):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
-    kc = torch.randint(-127, 128, (B, Hh, NB, t, RK), generator=g, device=DEV, dtype=torch.int8)
-    vc = torch.randint(-127, 128, (B, Hh, NB, t, RV), generator=g, device=DEV, dtype=torch.int8)
-    ks = (r(B, Hh, NB, RK).abs() * 0.5 + 0.5) * 0.85 ** torch.arange(RK, device=DEV) * (3.0 / 127)
-    vs = (r(B, Hh, NB, RV).abs() * 0.5 + 0.5) * 0.9 ** torch.arange(RV, device=DEV) * (1.0 / 127)
-    kb, vb = (r(B, Hh, NB, RK, D) / math.sqrt(D) * 4).half(), (r(B, Hh, NB, RV, D) / math.sqrt(D) * 4).half()
-    ek, ev = r(B, Hh, Te, D).to(dtype), r(B, Hh, Te, D).to(dtype)
-    n_cold = [NB] * B if n_cold is None else n_cold
-    n_exact = [Te] * B if n_exact is None else n_exact
-    if poison:
-        for b in range(B):
-            ks[b, :, n_cold[b]:] = float("nan")
-            vb[b, :, n_cold[b]:] = float("inf")
-            ek[b, :, n_exact[b]:] = float("nan")
-            ev[b, :, n_exact[b]:] = float("nan")
-    return (r(B, Hh * Gg, D).to(dtype), kc, ks, kb, vc, vs, vb, torch.tensor(n_cold, dtype=torch.int32, device=DEV),
-            ek, ev, torch.tensor(n_exact, dtype=torch.int32, device=DEV), D**-0.5)
+    """`fused_decode`'s arguments, from the kernel's shared builder (decaying scales), every row
+    full unless counts are given."""
+    x = svd_decode_inputs(B, Hh, Gg, D, t, NB, Te, rk=RK, rv=RV, dtype=dtype, seed=seed, device=DEV, poison=poison,
+                          decay=True, n_cold=[NB] * B if n_cold is None else n_cold,
+                          n_exact=[Te] * B if n_exact is None else n_exact)
+    return tuple(x.values())
 
 
 def svd_bytes(B, NB, t, Te):
@@ -243,17 +233,7 @@ def graph_and_opcheck():
 # ----------------------------------------------------------------------------- timing
 def graph_ms(fns, rep=60):
     """Median ms per call of replaying one CUDA graph that calls every fn once."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):  # warm-up off the capture: compiles, allocator
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
+    g = capture(fns)
     ms = triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")
     del g
     return ms / len(fns)

@@ -28,14 +28,15 @@ def svd_decode_inputs(B, H, G, D, T, NB, Te, rk=4, rv=8, dtype=torch.float32, se
         Scales decaying over the components like singular values (the benchmarks' data); else
         uniform ones.
     """
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    # drawn on ``device`` (a GPU benchmark's pools are hundreds of MB)
+    g = torch.Generator(device=device).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
     q = r(B, H * G, D).to(dtype)
-    kc = torch.randint(-127, 128, (B, H, NB, T, rk), generator=g, dtype=torch.int8)
-    vc = torch.randint(-127, 128, (B, H, NB, T, rv), generator=g, dtype=torch.int8)
+    kc = torch.randint(-127, 128, (B, H, NB, T, rk), generator=g, dtype=torch.int8, device=device)
+    vc = torch.randint(-127, 128, (B, H, NB, T, rv), generator=g, dtype=torch.int8, device=device)
     if decay:
-        ks = (r(B, H, NB, rk).abs() * 0.5 + 0.5) * 0.85 ** torch.arange(rk) * (3.0 / 127)
-        vs = (r(B, H, NB, rv).abs() * 0.5 + 0.5) * 0.9 ** torch.arange(rv) * (1.0 / 127)
+        ks = (r(B, H, NB, rk).abs() * 0.5 + 0.5) * 0.85 ** torch.arange(rk, device=device) * (3.0 / 127)
+        vs = (r(B, H, NB, rv).abs() * 0.5 + 0.5) * 0.9 ** torch.arange(rv, device=device) * (1.0 / 127)
         kb = (r(B, H, NB, rk, D) / D**0.5 * 4).half()
         vb = (r(B, H, NB, rv, D) / D**0.5 * 4).half()
     else:
@@ -56,9 +57,6 @@ def svd_decode_inputs(B, H, G, D, T, NB, Te, rk=4, rv=8, dtype=torch.float32, se
             vb[b, :, n_cold[b]:] = float("inf")
             ek[b, :, n_exact[b]:] = float("nan")
             ev[b, :, n_exact[b]:] = float("nan")
-    t = dict(q=q, k_coeffs=kc, k_scales=ks, k_basis=kb, v_coeffs=vc, v_scales=vs, v_basis=vb,
-             n_cold=torch.tensor(n_cold, dtype=torch.int32), exact_k=ek, exact_v=ev,
-             n_exact=torch.tensor(n_exact, dtype=torch.int32))
-    t = {k: v.to(device) for k, v in t.items()}
-    t["scaling"] = D**-0.5
-    return t
+    return dict(q=q, k_coeffs=kc, k_scales=ks, k_basis=kb, v_coeffs=vc, v_scales=vs, v_basis=vb,
+                n_cold=torch.tensor(n_cold, dtype=torch.int32, device=device), exact_k=ek, exact_v=ev,
+                n_exact=torch.tensor(n_exact, dtype=torch.int32, device=device), scaling=D**-0.5)
