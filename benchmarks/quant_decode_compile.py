@@ -6,6 +6,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from spectral_kv.codes import CodeLayout, planes, plane_rows
 from spectral_kv.kernels import quant_decode as QD
+from spectral_kv.kernels import quant_unpack as QU
 from spectral_kv.kernels.quant_decode_triton import qd_partial_kernel, qd_combine_kernel
 
 def sig(fn, ptrs, const):
@@ -18,7 +19,7 @@ def sig(fn, ptrs, const):
         else: s[n] = "i64" if n.startswith("s") and n not in ("S_COLD", "S_TOT") else "i32"
     return s
 
-def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=2, operands="fp16", maxnreg=None):
+def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=3, operands="fp16", maxnreg=None, unpack="auto"):
     kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
@@ -27,8 +28,13 @@ def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=2, op
     const = dict(KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=-(-r_base // br), KSEGS=QD._segments(kl, p_base),
                  VSEGS=QD._segments(vl, p_base), KEY_BCAST=kg % br == 0 and r_base % br == 0,
                  KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",
+                 FORM=0 if operands != "fp16" or unpack == "triton" else QU.FORMS[unpack],
                  G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16), BLOCK_E=64)
-    ptrs = dict(qk_ptr="*fp32", q_ptr=f"*{dt}", kc_ptr="*i32", ks_ptr="*fp16", kz_ptr="*fp16", vc_ptr="*i32", vs_ptr="*fp16",
+    const.update(QU.form_constants(const["FORM"], const["KEY_BCAST"]), EMU=False)
+    asm, sub = const["FORM"] > 0, const["FORM"] == 2
+    const["KASM"] = QU.asm_of(T, tuple(kl.segments), p_base, sub) if asm else ()
+    const["VASM"] = QU.asm_of(T, tuple(vl.segments), p_base, sub) if asm else ()
+    ptrs = dict(qk_ptr="*fp32", q_ptr=f"*{dt}", kc_ptr="*u8", ks_ptr="*fp16", kz_ptr="*fp16", vc_ptr="*u8", vs_ptr="*fp16",
                 vz_ptr="*fp16", ncold_ptr="*i32", ek_ptr=f"*{dt}", ev_ptr=f"*{dt}", nexact_ptr="*i32",
                 m_ptr="*fp32", l_ptr="*fp32", accc_ptr="*fp32", acce_ptr="*fp32")
     t = time.time()
@@ -42,7 +48,7 @@ def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=2, op
     src = ASTSource(fn=qd_partial_kernel, signature=sig(qd_partial_kernel, ptrs, const), constexprs=const, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns, maxnreg=maxnreg))
     md = out.metadata
-    print(kseg, vseg, f"br={br} nw={nw} ns={ns} {operands} maxnreg={maxnreg}", f"compiled in {time.time()-t:.1f}s shared={md.shared}")
+    print(kseg, vseg, f"br={br} nw={nw} ns={ns} {operands} unpack={unpack} maxnreg={maxnreg}", f"compiled in {time.time()-t:.1f}s shared={md.shared}")
     ptx = out.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

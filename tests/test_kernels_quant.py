@@ -84,19 +84,20 @@ CASES = {  # B, H, G, D, NB, T, key layout, value layout, key group, Te, n_cold,
 }
 
 
-def _check(args, raw, **knobs):
-    """Both operand dtypes within 2x the error of the same math in bf16 torch; the fp32 operands
-    (exact fp32 dots under the interpreter) also within 1e-4 of the reference."""
+def _check(args, raw, unpack=("auto",), **knobs):
+    """Both operand dtypes (fp16 in each code form of ``unpack``) within 2x the error of the same
+    math in bf16 torch; the fp32 operands (exact fp32 dots under the interpreter) also within 1e-4
+    of the reference."""
     ref = quant_decode_reference(*args)
     truth = attention64(args, raw)
     low = attention64(args, raw, torch.bfloat16)  # the same math in low-precision torch
-    for operands in ("fp16", "fp32"):
-        out = quant_decode(*args, operands=operands, **knobs)
+    for operands, form in [("fp16", u) for u in unpack] + [("fp32", "auto")]:
+        out = quant_decode(*args, operands=operands, unpack=form, **knobs)
         for o, r, t, lo, name in zip(out, ref, truth, low, ("out_cold", "out_exact")):
             assert torch.isfinite(o).all() and torch.isfinite(r).all(), name
             bound = 2 * (lo - t).abs().max() + 1e-6
             assert (r.double() - t).abs().max() <= bound, f"reference {name}"
-            assert (o.double() - t).abs().max() <= bound, f"kernel {name} ({operands})"
+            assert (o.double() - t).abs().max() <= bound, f"kernel {name} ({operands}, {form})"
             if operands == "fp32":
                 assert torch.allclose(o, r, atol=1e-4, rtol=1e-4), name
 
@@ -104,8 +105,10 @@ def _check(args, raw, **knobs):
 @needs_triton
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kernel_matches_reference_and_float64(case):
+    # every fp16 code form: Triton's integer ops, and the two PTX forms' bit patterns (emulated
+    # here; tests/test_quant_ptx.py runs the PTX strings themselves)
     B, H, G, D, NB, T, ks, vs, kg, Te, nc, ne = CASES[case]
-    _check(*make(B, H, G, D, NB, T, ks, vs, kg, Te, nc, ne, seed=len(case)))
+    _check(*make(B, H, G, D, NB, T, ks, vs, kg, Te, nc, ne, seed=len(case)), unpack=("triton", "magic", "subnormal"))
 
 
 @needs_triton

@@ -22,22 +22,23 @@ Kernel plan (issue 13; `benchmarks/quant_decode_compile.py` prints ptxas's regis
 spills for sm_90 without a GPU). One program per (batch row, KV head, run of *units*) plus one
 per (row, head) for the exact tail. A unit is rows r0..r0+BR-1 of the smallest plane
 (``P_BASE`` bits) of one block: ``8 / P_BASE`` chunks of BR consecutive tokens. Runs are sized
-so every SM gets several programs (`choose_tiles_per_split`; a block may span programs, so
-batch 1 fills the SMs too). Per unit: every plane's row tiles are loaded once, up front, as
-int32 words of 4 channels (one memory latency per unit; Triton's pipeliner prefetches the next
-unit's words into shared memory with ``num_stages`` >= 2); each chunk's codes come from shift +
-mask + OR on words, byte j of a word being channel 4w + j, so every [.., C] operand is handled
-as four [.., C/4] ones and the words are never reshaped. Keys: the key scale is folded into the
-query once per key group (``(q * s_k) . code + q . z_k``), values: the per-token scale into p and
-the zero into one row sum, so a code costs shift/mask and an OR-into-the-mantissa convert; the
-dots take fp16 operands (codes < 256 exact; ``operands="fp32"`` keeps tf32). The G query heads
-of the KV head are the M dimension (padded to 16) of every dot, so each byte is read once for
-all of them. One online-softmax step (fp32, exp2) per unit.
+by a wave model (`choose_tiles_per_split`; a block may span programs, so batch 1 fills the SMs
+too). Per unit: every plane's row tiles are loaded once, up front, as uint8 ``[BR, C]`` tiles
+(one memory latency per unit; Triton's pipeliner prefetches the next units into shared memory,
+``num_stages`` 3); each chunk's codes become fp16 with one inline-PTX op per 4 channels (shift
+and mask per plane, two ``prmt``: `_chunk_asm`; the code as an fp16 subnormal ``code * 2**-24``,
+scaled back once per accumulator). Keys: the key scale is folded into the query once per key group
+(``(q * s_k) . code + q . z_k``), values: the per-token scale into p and the zero into one row
+sum. The G query heads of the KV head are the M dimension (padded to 16) of every dot, so each
+byte is read once for all of them. One online-softmax step (fp32, exp2) per unit.
 
-ptxas for sm_90 (2 stages, 4 warps): ``balanced`` and ``max-compression`` at 32 rows 255
-registers, 16 / 56 bytes of spills. Known weak spot: layouts with several small segments
-(``kivi*`` values at head_dim 128, learned mixed widths) spill 1.5-2.5 KB at 16 rows, since
-their [16, 16] dot tiles make Triton replicate the mma over the 4 warps.
+Measured (H200, `benchmarks/results/quant_decode_H200.txt`): ~1.0x SDPA (flash) at 8 x 32K and
+16 x 32K, 1.2x at 1 x 4K, at 23% of the read bandwidth. The unpacking now costs ~1 instruction
+per code (sm_90 SASS of the unit loop: 2819 -> 1975 instructions per 256-token unit), but that did
+not move the time: with 255 registers a thread only 2 programs (8 warps) share an SM, and each
+chunk's fp16 codes reach the tensor cores through a shared-memory round trip (store, barrier,
+``ldmatrix``; ~50 barriers a unit), so the warps wait on latency, not on issue slots.
+`benchmarks/NOTES_kernels.md` has the numbers and what would move it.
 
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
 ``balanced`` (K4/V3): keys 64 + 4 (fp16 scale+zero per channel per 128 tokens), values 48 + 4
@@ -56,6 +57,7 @@ import functools
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
+from .quant_unpack import FORMS as _FORMS, asm_of as _asm_of, form_constants as _form_constants
 from .launch import is_fake as _is_fake, nonempty as _nonempty, num_sms as _num_sms, pow2 as _pow2, strides as _strides
 
 try:  # triton is optional: the reference must work without it.
@@ -160,8 +162,7 @@ def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
 
 
 def _segments(layout: CodeLayout, p_base: int) -> tuple:
-    """The constexpr description of `quant_decode_triton` (its module docstring); offsets in
-    int32 words."""
+    """The constexpr description of `quant_decode_triton` (its module docstring); offsets in bytes."""
     return _segments_of(layout.tokens, tuple(tuple(s) for s in layout.segments), p_base)
 
 
@@ -172,11 +173,11 @@ def _segments_of(tokens: int, segments: tuple, p_base: int) -> tuple:
     for col, ((channels, bits), offs) in enumerate(zip(layout.kept_segments, layout.offsets)):
         pl, bit = [], 0
         for p, off in zip(planes(bits), offs):
-            pl += [p, off // 4, bit, tile]
+            pl += [p, off, bit, tile]
             bit, tile = bit + p, tile + p // p_base
         pl += [0] * (12 - len(pl))
-        # words padded to 16: the K (keys) / N (values) of a dot
-        out.append((channels, _pow2(channels, 16), c0, col, len(planes(bits)), *pl, channels // 4, _pow2(channels // 4, 16)))
+        # channels padded to 16: the K (keys) / N (values) of a dot
+        out.append((channels, _pow2(channels, 16), c0, col, len(planes(bits)), *pl))
         c0 += channels
     return tuple(out)
 
@@ -195,13 +196,21 @@ def choose_block_rows(words_per_row: int, r_base: int, num_warps: int, budget: i
     return br
 
 
-def choose_tiles_per_split(bh: int, units: int, sms: int, per_sm: int = 4, max_tps: int = 64) -> int:
-    """Units (row tiles of a block) per program: the most, a power of two (fewest partials to
-    combine), that still gives every SM ``per_sm`` programs to interleave (one program waits on
-    memory while another computes); 1 when even one unit per program cannot."""
-    best = 1
-    while 2 * best <= min(units, max_tps) and bh * -(-units // (2 * best)) >= per_sm * sms:
-        best *= 2
+def choose_tiles_per_split(bh: int, units: int, sms: int, per_sm: int = 2, fixed: float = 2.0, max_tps: int = 64) -> int:
+    """Units (row tiles of a block) per program, a power of two: the fewest waves times the
+    longest program. A program costs ``tps + fixed`` units of time (``fixed``: its start, the
+    first loads' latency and its partials, worth ~2 units), ``per_sm`` programs run at once on an
+    SM (4 warps at ~255 registers a thread: 2), and ``bh * ceil(units / tps)`` programs run in
+    ``ceil(programs / (per_sm * sms))`` waves. Ties go to the longer program (fewer partials to
+    combine). Fitted on the H200 sweep (`benchmarks/results/quant_decode_sweep_H200.txt`): at
+    1 x 32K this picks 4 (47 us; 1 unit per program, the previous rule, took 68 us), at 8 x 32K 32
+    (270 us vs 279 for 8), at 1 x 4K 1."""
+    best, best_cost, tps = 1, float("inf"), 1
+    while tps <= min(max(units, 1), max_tps):
+        cost = -(-(bh * -(-units // tps)) // (per_sm * sms)) * (tps + fixed)
+        if cost <= best_cost:
+            best, best_cost = tps, cost
+        tps *= 2
     return best
 
 
@@ -211,7 +220,7 @@ def _interpreted() -> bool:
 
 def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
-          launch, max_registers=0):
+          launch, max_registers=0, unpack="auto"):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
     B, Hq, _ = qk.shape
     H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
@@ -238,24 +247,28 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
         # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
         # try to read fake storage; shapes are all the fake kernel has to produce.
         return out_cold, out_exact
-    # 4 codes of a plane row per int32 word (_check_inputs: channels and strides allow it)
-    kw, vw = k_codes.view(torch.int32), v_codes.view(torch.int32)
+    # the PTX unpacking on CUDA (fp16 operands); the interpreter runs Triton's integer ops
+    # (the interpreter runs an explicit form's bit patterns with Triton ops: EMU)
+    form = 0 if operands != "fp16" or unpack == "triton" or (_interpreted() and unpack == "auto") else _FORMS[unpack]
+    segs = lambda lay: tuple(tuple(x) for x in lay.segments)
     launch(qd_partial_kernel)[(B * H, S_TOT)](
-        qk, q, _nonempty(kw), _nonempty(k_scale), _nonempty(k_zero),
-        _nonempty(vw), _nonempty(v_scale), _nonempty(v_zero), n_cold,
+        qk, q, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
+        _nonempty(v_codes), _nonempty(v_scale), _nonempty(v_zero), n_cold,
         _nonempty(exact_k), _nonempty(exact_v), n_exact,
         m_ws, l_ws, accc_ws, acce_ws,
         float(scaling) * _LOG2E,
         H, G, D, tps, S_COLD, S_TOT,
         *qk.stride(), *q.stride(),
-        *_strides(kw, 4)[:3], *_strides(k_scale, 5), *_strides(vw, 4)[:3], *_strides(v_scale, 5),
+        *_strides(k_codes, 4)[:3], *_strides(k_scale, 5), *_strides(v_codes, 4)[:3], *_strides(v_scale, 5),
         *_strides(exact_k, 4), *_strides(exact_v, 4),
         KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=nr,
         KSEGS=_segments(kl, p_base), VSEGS=_segments(vl, p_base),
+        KASM=_asm_of(T, segs(kl), p_base, form == 2) if form else (), VASM=_asm_of(T, segs(vl), p_base, form == 2) if form else (),
+        FORM=form, EMU=_interpreted(), **_form_constants(form, kg % br == 0 and r_base % br == 0),
         KEY_BCAST=kg % br == 0 and r_base % br == 0, KSTEP=kg // r_base if kg % r_base == 0 else 1,
         F16=operands == "fp16",
         G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_E=64 if Te >= 64 else _pow2(max(Te, 1), 16),
-        num_warps=nw, num_stages=num_stages if num_stages > 0 else 2,
+        num_warps=nw, num_stages=num_stages if num_stages > 0 else 3,  # H200 sweep: 3 stages 4% faster than 2, 4 slower
         **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
     ch = min(32, DV_PAD, D_PAD)  # output columns per combine program (DV_PAD, D_PAD: powers of two >= 16)
@@ -298,9 +311,9 @@ def _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_c
         name = "k_codes" if role == "key" else "v_codes"
         checks += [
             (all(c % 4 == 0 for c, _ in lay.kept_segments),
-             lambda role=role, lay=lay: f"{role} segments {lay.kept_segments}: the kernel reads 4 channels per int32 "
-             "word, so every kept segment's channels must be a multiple of 4"),
-            # the int32 view of the codes: a contiguous last dim, word-aligned blocks and start
+             lambda role=role, lay=lay: f"{role} segments {lay.kept_segments}: the kernel unpacks 4 channels per 32-bit "
+             "register, so every kept segment's channels must be a multiple of 4"),
+            # 4 codes a register: a contiguous last dim, 4-byte aligned blocks and start
             (codes.numel() == 0 or (codes.stride(-1) == 1 and all(s % 4 == 0 for s in codes.stride()[:-1])
                                     and codes.storage_offset() % 4 == 0),
              lambda name=name, codes=codes: f"{name} (strides {tuple(codes.stride())}, storage offset "
@@ -323,16 +336,17 @@ if HAS_TRITON:
         n_cold: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, n_exact: torch.Tensor,
         scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
         tiles_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
-        operands: str = "fp16", max_registers: int = 0,
+        operands: str = "fp16", max_registers: int = 0, unpack: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
-                     operands, wrap_triton, max_registers)
+                     operands, wrap_triton, max_registers, unpack)
 
 
 def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                  scaling, key_layout, value_layout, key_group, *, tiles_per_split: int = 0, block_rows: int = 0,
-                 num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", max_registers: int = 0):
+                 num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", max_registers: int = 0,
+                 unpack: str = "auto"):
     """Triton fused decode; same contract as :func:`quant_decode_reference` (shapes there).
 
     Tuning knobs, 0 = heuristic: ``block_rows`` (rows of the smallest plane per unit, a power of
@@ -341,7 +355,9 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
     inputs, ``"fp16"`` (codes exact, the query times the key scale and p times the value scale
     rounded to fp16: ~5e-4 relative per term) or ``"fp32"`` (tf32 on the GPU, exact fp32 under the
     interpreter). ``max_registers``: ptxas's register cap per thread (``maxnreg``; 0 = none): fewer
-    registers, more resident programs per SM, some spills. Expect ~1e-3 relative difference from
+    registers, more resident programs per SM, some spills. ``unpack``: ``"auto"`` turns codes into
+    fp16 with inline PTX on CUDA (fp16 operands), ``"triton"`` with Triton integer ops (what the
+    interpreter always runs; a GPU check of the PTX against it). Expect ~1e-3 relative difference from
     the reference on the GPU.
     Raises ``ValueError`` naming a bad argument; ``RuntimeError`` without triton.
     """
@@ -354,11 +370,13 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
         raise ValueError(f"block_rows={block_rows} must be a power of two >= 16")
     if operands not in ("fp16", "fp32"):
         raise ValueError(f"operands={operands!r} must be 'fp16' or 'fp32'")
+    if unpack not in ("auto", "triton", *_FORMS):
+        raise ValueError(f"unpack={unpack!r} must be one of 'auto', 'triton', " + ", ".join(map(repr, _FORMS)))
     if isinstance(max_registers, bool) or not isinstance(max_registers, int) or not (max_registers == 0 or 24 <= max_registers <= 255):
         raise ValueError(f"max_registers={max_registers!r} must be 0 (no cap) or an int in [24, 255]")
     args = (qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
             [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
-            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers)
+            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers, unpack)
     if qk.is_cuda and qk.get_device() != torch.cuda.current_device():
         with torch.cuda.device(qk.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_decode(*args)

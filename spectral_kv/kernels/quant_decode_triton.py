@@ -3,18 +3,31 @@
 Kept apart from the op so each file reads in one sitting; the math, the layout constants and
 the launch live in ``quant_decode.py``. Importing this module needs triton.
 
-Codes are read as int32 words (4 consecutive channels of one plane row, little-endian), so a
-shift and a mask extract a plane's bits of 4 codes at once (``quant_decode`` refuses segments
-whose channels are not a multiple of 4).
+Codes are read as uint8 tiles ``[rows, channels]`` of each plane. A chunk's codes (bits
+``[SH, SH+P)`` of plane bytes moved to ``[BIT, BIT+P)``, ORed over the planes) become fp16 one
+of two ways:
+
+* ``ASM`` (CUDA): one inline-PTX op per 4 channels (Triton packs 4 bytes in one 32-bit register):
+  a shift and a mask per plane on all 4 codes at once, then two ``prmt`` that place each code
+  byte under the exponent byte 0x64 of fp16 1024, i.e. the value ``1024 + code`` with no
+  int->float convert (BitDecoding's / Marlin's magic-number trick). The 1024 offset is not
+  subtracted per code: it is folded into the key bias (``- 1024 * sum(q * s_k)``) and the value
+  zero sum (``- 1024 * sum(p * s_v)``), both from the same fp16-rounded operands the dots see.
+  The strings are built per (segment, chunk) by ``quant_decode._chunk_asm``.
+  The op is marked impure on purpose: a pure one lets Triton move the layout conversion to the
+  dot operand ahead of it, onto the bytes, which sm_90 then gathers with byte-wide shared loads
+  (ptxas, `benchmarks/quant_decode_compile.py`: 263 LDS per unit instead of 88).
+* otherwise (the interpreter, ``unpack="triton"``): the same bits with Triton integer ops on
+  each byte, then a convert (``MAGIC`` 0).
 
 Constexpr layout descriptions (built by ``quant_decode._segments``), one flat int tuple per
-segment (Triton 3.7 cannot index constexpr tuples nested deeper than two levels):
+segment (Triton cannot index constexpr tuples nested deeper than two levels):
 ``(C, C_PAD, c0, col, NP, p_0, off_0, bit_0, tile_0, ..., p_2, off_2, bit_2, tile_2)``:
 ``C`` channels from channel ``c0`` of the role's kept components, padded to ``C_PAD``; ``col``
 the segment's column in the value scales (unused for keys); ``NP <= 3`` planes, plane ``j`` of
-``p_j`` bits starts at WORD ``off_j`` of the block's buffer, holds bits ``bit_j..bit_j+p_j`` of
+``p_j`` bits starts at BYTE ``off_j`` of the block's buffer, holds bits ``bit_j..bit_j+p_j`` of
 each code, and its ``p_j / P_BASE`` row tiles of a unit are entries ``tile_j ..`` of the role's
-tile tuple (unused planes: 0).
+tile tuple (unused planes: 0). ``KASM`` / ``VASM``: the chunk strings, ``[segment * chunks + i]``.
 """
 
 from __future__ import annotations
@@ -26,34 +39,70 @@ __all__ = ["qd_partial_kernel", "qd_combine_kernel"]
 
 
 @triton.jit
-def _plane(tile, SH: tl.constexpr, P: tl.constexpr, BIT: tl.constexpr):
-    # Bits [SH, SH + P) of every byte of 4-code words -> bits [BIT, BIT + P) of each code;
-    # SH + P <= 8, so the arithmetic shift's sign bits never reach a kept bit.
-    w = tile
-    if P < 8:
-        w = ((tile >> SH) & (((1 << P) - 1) * 0x01010101)) << BIT
-    return w
-
-
-@triton.jit
-def _plane_of(tiles, I: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, BIT: tl.constexpr, P_BASE: tl.constexpr):
+def _tile_of(tiles, I: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, P_BASE: tl.constexpr):
     # Chunk I: plane P's tokens sit in its row tile I % m at shift P * (I // m), m = P / P_BASE
     # (codes.py docstring); `I - (I // m) * m`: the interpreter's constexpr has no __rmod__.
-    return _plane(tiles[TILE + I - (I // (P // P_BASE)) * (P // P_BASE)], P * (I // (P // P_BASE)), P, BIT)
+    return tiles[TILE + I - (I // (P // P_BASE)) * (P // P_BASE)]
 
 
 @triton.jit
-def _byte(w, J: tl.constexpr, F16: tl.constexpr):
-    """Byte J of every word (the code of channel 4 * word + J) as its exact fp16 (or fp32) value."""
-    if F16:
-        # bytes J and J + 2 into the mantissas of two fp16 1024s with one mask-and-OR (shared by
-        # J and J + 2 after CSE), then the 16-bit half: no int->float convert
-        x = ((w >> (8 * (J - (J // 2) * 2))) & 0x00FF00FF) | 0x64006400
-        f = (x >> (16 * (J // 2))).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+def _bits(tiles, I: tl.constexpr, TILE: tl.constexpr, P: tl.constexpr, BIT: tl.constexpr, P_BASE: tl.constexpr):
+    """Plane P's bits of chunk I, moved to bits [BIT, BIT + P) of each code (int32 per byte)."""
+    x = _tile_of(tiles, I, TILE, P, P_BASE).to(tl.int32)
+    if P < 8:
+        x = ((x >> (P * (I // (P // P_BASE)))) & ((1 << P) - 1)) << BIT
+    return x
+
+
+@triton.jit
+def _codes(tiles, I: tl.constexpr, NP: tl.constexpr, P0: tl.constexpr, B0: tl.constexpr, T0: tl.constexpr,
+           P1: tl.constexpr, B1: tl.constexpr, T1: tl.constexpr, P2: tl.constexpr, B2: tl.constexpr, T2: tl.constexpr,
+           P_BASE: tl.constexpr, FORM: tl.constexpr, EMU: tl.constexpr, CODE: tl.constexpr, DT: tl.constexpr):
+    """Chunk I's codes of one segment [rows, C_PAD] in the kernel's FORM: 0 ``code`` in ``DT``;
+    1 / 2 fp16 ``1024 + code`` / ``code * 2**-24`` from the PTX string ``CODE`` (``EMU``: the same
+    bit patterns from Triton ops, for the interpreter, which cannot run PTX)."""
+    if FORM > 0 and not EMU:
+        if NP == 1:
+            f = tl.inline_asm_elementwise(CODE, "=r,=r,r", [_tile_of(tiles, I, T0, P0, P_BASE)],
+                                          dtype=tl.float16, is_pure=False, pack=4)
+        elif NP == 2:
+            f = tl.inline_asm_elementwise(CODE, "=r,=r,r,r", [_tile_of(tiles, I, T0, P0, P_BASE),
+                                                              _tile_of(tiles, I, T1, P1, P_BASE)],
+                                          dtype=tl.float16, is_pure=False, pack=4)
+        else:
+            f = tl.inline_asm_elementwise(CODE, "=r,=r,r,r,r", [_tile_of(tiles, I, T0, P0, P_BASE),
+                                                                _tile_of(tiles, I, T1, P1, P_BASE),
+                                                                _tile_of(tiles, I, T2, P2, P_BASE)],
+                                          dtype=tl.float16, is_pure=False, pack=4)
     else:
-        # OR into the mantissa of 2**23 and subtract
-        f = (((w >> (8 * J)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        w = _bits(tiles, I, T0, P0, B0, P_BASE)
+        if NP > 1:
+            w = w | _bits(tiles, I, T1, P1, B1, P_BASE)
+        if NP > 2:
+            w = w | _bits(tiles, I, T2, P2, B2, P_BASE)
+        if FORM > 0:
+            f = (w | (0x6400 if FORM == 1 else 0)).to(tl.int16).to(tl.float16, bitcast=True)
+        else:
+            f = w.to(DT)
     return f
+
+
+@triton.jit
+def _load_tiles(tiles, base, SEG_C: tl.constexpr, SEG_CPAD: tl.constexpr, NP: tl.constexpr,
+                P0: tl.constexpr, O0: tl.constexpr, P1: tl.constexpr, O1: tl.constexpr, P2: tl.constexpr, O2: tl.constexpr,
+                rr, r_ok, R_BASE: tl.constexpr, P_BASE: tl.constexpr):
+    # plane j's tiles k: rows rr + R_BASE * k of the plane ([R_p, C] bytes from byte O_j)
+    offs_c = tl.arange(0, SEG_CPAD)
+    msk = r_ok[:, None] & (offs_c < SEG_C)[None, :]
+    for k in tl.static_range(P0 // P_BASE):
+        tiles = tiles + (tl.load(base + O0 + (rr + R_BASE * k)[:, None] * SEG_C + offs_c[None, :], mask=msk, other=0),)
+    if NP > 1:
+        for k in tl.static_range(P1 // P_BASE):
+            tiles = tiles + (tl.load(base + O1 + (rr + R_BASE * k)[:, None] * SEG_C + offs_c[None, :], mask=msk, other=0),)
+    if NP > 2:
+        for k in tl.static_range(P2 // P_BASE):
+            tiles = tiles + (tl.load(base + O2 + (rr + R_BASE * k)[:, None] * SEG_C + offs_c[None, :], mask=msk, other=0),)
+    return tiles
 
 
 # Counts that change with the context (units per split, splits) are not specialized on: Triton
@@ -75,7 +124,9 @@ def qd_partial_kernel(
     sek_b, sek_h, sek_t, sek_d,
     sev_b, sev_h, sev_t, sev_d,
     KG: tl.constexpr, R_BASE: tl.constexpr, P_BASE: tl.constexpr, BR: tl.constexpr, NR: tl.constexpr,
-    KSEGS: tl.constexpr, VSEGS: tl.constexpr, KEY_BCAST: tl.constexpr, KSTEP: tl.constexpr, F16: tl.constexpr,
+    KSEGS: tl.constexpr, VSEGS: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr, FORM: tl.constexpr,
+    MAGIC: tl.constexpr, INV: tl.constexpr, SINV: tl.constexpr, EMU: tl.constexpr,
+    KEY_BCAST: tl.constexpr, KSTEP: tl.constexpr, F16: tl.constexpr,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -88,24 +139,24 @@ def qd_partial_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     ws = pid_bh.to(tl.int64) * S_TOT + split
+    # FORM (quant_decode._impl): 0 Triton integer ops, codes as they are; 1 PTX, fp16 1024 + code;
+    # 2 PTX, fp16 subnormals code * 2**-24. MAGIC: what a code carries on top of its value; INV:
+    # 1 / the value of one code step (the dots accumulate in code steps, rescaled once after);
+    # SINV: the same for the score accumulators (1 on the per-token key path, which dequantizes).
 
     if split < S_COLD:
-        # Channel 4w + j of a segment is byte j of word w: every [.., C] operand is held as four
-        # [.., W_PAD] ones (index 4 * si + j), so the words never need reshaping into bytes.
         qks = ()
         for si in tl.static_range(len(KSEGS)):
-            offs_w = tl.arange(0, tl.constexpr(KSEGS[si][18]))
-            for j in tl.static_range(4):
-                qx = tl.load(qk_ptr + b * sqk_b + rows[:, None] * sqk_h + (KSEGS[si][2] + 4 * offs_w + j)[None, :] * sqk_d,
-                             mask=g_ok[:, None] & (offs_w < KSEGS[si][17])[None, :], other=0.0)
-                # scaling * log2(e) folded in once (the softmax runs on exp2); cast back because
-                # Inductor passes the float argument as fp64.
-                qks = qks + ((qx * qk_scale).to(tl.float32),)
+            offs_c = tl.arange(0, tl.constexpr(KSEGS[si][1]))
+            qx = tl.load(qk_ptr + b * sqk_b + rows[:, None] * sqk_h + (KSEGS[si][2] + offs_c)[None, :] * sqk_d,
+                         mask=g_ok[:, None] & (offs_c < KSEGS[si][0])[None, :], other=0.0)
+            # scaling * log2(e) folded in once (the softmax runs on exp2); cast back because
+            # Inductor passes the float argument as fp64.
+            qks = qks + ((qx * qk_scale).to(tl.float32),)
         accs = ()
-        zaccs = ()  # per value segment: sum_t p_t * z_t, kept per token column (one reduction at the end)
+        zaccs = ()  # per value segment: sum_t p_t * (z_t - MAGIC * s_t), per token column (one reduction at the end)
         for si in tl.static_range(len(VSEGS)):
-            for j in tl.static_range(4):
-                accs = accs + (tl.zeros([G_PAD, tl.constexpr(VSEGS[si][18])], tl.float32),)
+            accs = accs + (tl.zeros([G_PAD, tl.constexpr(VSEGS[si][1])], tl.float32),)
             zaccs = zaccs + (tl.zeros([G_PAD, BR], tl.float32),)
         l_t = tl.zeros([G_PAD, BR], tl.float32)  # the softmax sum, likewise
         n_c = tl.load(ncold_ptr + b).to(tl.int64)
@@ -125,116 +176,99 @@ def qd_partial_kernel(
             kz_base = kz_ptr + b * sks_b + h * sks_h + n64 * sks_n
             vs_base = vs_ptr + b * svs_b + h * svs_h + n64 * svs_n
             vz_base = vz_ptr + b * svs_b + h * svs_h + n64 * svs_n
-            # Every word of the unit is loaded once, up front (one memory latency per unit, not
+            # Every byte of the unit is loaded once, up front (one memory latency per unit, not
             # one per chunk): tile KSEGS[si][8 + 4j] + k holds plane j's rows rr + R_BASE * k.
             kt = ()
             for si in tl.static_range(len(KSEGS)):
-                offs_w = tl.arange(0, tl.constexpr(KSEGS[si][18]))
-                msk = r_ok[:, None] & (offs_w < KSEGS[si][17])[None, :]
-                for j in tl.static_range(tl.constexpr(KSEGS[si][4])):
-                    for k in tl.static_range(tl.constexpr(KSEGS[si][5 + 4 * j] // P_BASE)):
-                        kt = kt + (tl.load(kc_base + KSEGS[si][6 + 4 * j] + (rr + R_BASE * k)[:, None] * KSEGS[si][17]
-                                           + offs_w[None, :], mask=msk, other=0),)
+                kt = _load_tiles(kt, kc_base, KSEGS[si][0], KSEGS[si][1], KSEGS[si][4], KSEGS[si][5], KSEGS[si][6],
+                                 KSEGS[si][9], KSEGS[si][10], KSEGS[si][13], KSEGS[si][14], rr, r_ok, R_BASE, P_BASE)
             vt = ()
             for si in tl.static_range(len(VSEGS)):
-                offs_w = tl.arange(0, tl.constexpr(VSEGS[si][18]))
-                msk = r_ok[:, None] & (offs_w < VSEGS[si][17])[None, :]
-                for j in tl.static_range(tl.constexpr(VSEGS[si][4])):
-                    for k in tl.static_range(tl.constexpr(VSEGS[si][5 + 4 * j] // P_BASE)):
-                        vt = vt + (tl.load(vc_base + VSEGS[si][6 + 4 * j] + (rr + R_BASE * k)[:, None] * VSEGS[si][17]
-                                           + offs_w[None, :], mask=msk, other=0),)
+                vt = _load_tiles(vt, vc_base, VSEGS[si][0], VSEGS[si][1], VSEGS[si][4], VSEGS[si][5], VSEGS[si][6],
+                                 VSEGS[si][9], VSEGS[si][10], VSEGS[si][13], VSEGS[si][14], rr, r_ok, R_BASE, P_BASE)
             # scores of every chunk: s = (q * s_k) . code + q . z_k, the key scale folded into
-            # the query per key group, so a code costs shift/mask/convert only
+            # the query per key group, so a code costs its unpacking only
             ss = ()
             for i in tl.static_range(8 // P_BASE):
                 ss = ss + (tl.zeros([G_PAD, BR], tl.float32),)
             for si in tl.static_range(len(KSEGS)):
-                offs_w = tl.arange(0, tl.constexpr(KSEGS[si][18]))
-                w_ok = offs_w < KSEGS[si][17]
+                offs_c = tl.arange(0, tl.constexpr(KSEGS[si][1]))
+                c_ok = offs_c < KSEGS[si][0]
                 new_ss = ()
                 for i in tl.static_range(8 // P_BASE):
-                    w = _plane_of(kt, i, KSEGS[si][8], KSEGS[si][5], KSEGS[si][7], P_BASE)
-                    if KSEGS[si][4] > 1:
-                        w = w | _plane_of(kt, i, KSEGS[si][12], KSEGS[si][9], KSEGS[si][11], P_BASE)
-                    if KSEGS[si][4] > 2:
-                        w = w | _plane_of(kt, i, KSEGS[si][16], KSEGS[si][13], KSEGS[si][15], P_BASE)
+                    f = _codes(kt, i, KSEGS[si][4], KSEGS[si][5], KSEGS[si][7], KSEGS[si][8],
+                               KSEGS[si][9], KSEGS[si][11], KSEGS[si][12], KSEGS[si][13], KSEGS[si][15], KSEGS[si][16],
+                               P_BASE, FORM, EMU, tl.constexpr(KASM[si * (8 // P_BASE) + i] if FORM > 0 else ""), tl.float16 if F16 else tl.float32)
                     s = ss[i]
                     if KEY_BCAST:  # the chunk lies in one key group: [C] statistics
                         if i - (i // KSTEP) * KSTEP == 0:  # chunks i .. i+KSTEP-1 share the group
                             grp = (R_BASE * i + r0) // KG
-                            qs = ()
-                            qz = tl.zeros([G_PAD, tl.constexpr(KSEGS[si][18])], tl.float32)
-                            for j in tl.static_range(4):
-                                st = grp * sks_g + (KSEGS[si][2] + 4 * offs_w + j) * sks_d
-                                ks = tl.load(ks_base + st, mask=w_ok, other=0.0).to(tl.float32)
-                                kz = tl.load(kz_base + st, mask=w_ok, other=0.0).to(tl.float32)
-                                qs = qs + ((qks[4 * si + j] * ks[None, :]).to(tl.float16 if F16 else tl.float32),)
-                                qz += qks[4 * si + j] * kz[None, :]
-                            bias = tl.sum(qz, axis=1)  # q . z_k in fp32, one reduction per group
-                        for j in tl.static_range(4):
-                            s = tl.dot(qs[j], tl.trans(_byte(w, j, F16)), s)
-                        s = s + bias[:, None]
+                            st = grp * sks_g + (KSEGS[si][2] + offs_c) * sks_d
+                            ks = tl.load(ks_base + st, mask=c_ok, other=0.0).to(tl.float32)
+                            kz = tl.load(kz_base + st, mask=c_ok, other=0.0).to(tl.float32)
+                            qs = (qks[si] * ks[None, :]).to(tl.float16 if F16 else tl.float32)
+                            # q . z_k in fp32, one reduction per group, less the codes' offset
+                            # times the same rounded q * s_k the dot multiplies it with
+                            if MAGIC != 0.0:
+                                bias = tl.sum(qks[si] * kz[None, :] - MAGIC * qs.to(tl.float32), axis=1)
+                            else:
+                                bias = tl.sum(qks[si] * kz[None, :], axis=1)
+                        s = tl.dot(qs, tl.trans(f), s) + (bias * (1.0 / INV))[:, None]
                     else:  # chunks that cross key groups (small blocks): per-token statistics
                         grp = ((R_BASE * i + rr) // KG).to(tl.int64)
-                        msk = r_ok[:, None] & w_ok[None, :]
-                        for j in tl.static_range(4):
-                            st = grp[:, None] * sks_g + (KSEGS[si][2] + 4 * offs_w + j)[None, :] * sks_d
-                            f = _byte(w, j, F16)
-                            kx = f.to(tl.float32) * tl.load(ks_base + st, mask=msk, other=0.0).to(tl.float32) \
-                                + tl.load(kz_base + st, mask=msk, other=0.0).to(tl.float32)
-                            s = tl.dot(qks[4 * si + j].to(f.dtype), tl.trans(kx.to(f.dtype)), s)
+                        st = grp[:, None] * sks_g + (KSEGS[si][2] + offs_c)[None, :] * sks_d
+                        msk = r_ok[:, None] & c_ok[None, :]
+                        kx = (f.to(tl.float32) * INV - MAGIC) * tl.load(ks_base + st, mask=msk, other=0.0).to(tl.float32) \
+                            + tl.load(kz_base + st, mask=msk, other=0.0).to(tl.float32)
+                        s = tl.dot(qks[si].to(tl.float16 if F16 else tl.float32), tl.trans(kx.to(tl.float16 if F16 else tl.float32)), s)
                     new_ss = new_ss + (s,)
                 ss = new_ss
             # one online-softmax step per unit, one cross-thread reduction (the max)
+            # (the accumulators hold scores / SINV > 0: the max commutes, the scale rides in one FMA)
             mx = ss[0]
             for i in tl.static_range(1, 8 // P_BASE):
                 mx = tl.maximum(mx, ss[i])
             if R_BASE < BR:
                 mx = tl.where(r_ok[None, :], mx, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(mx, axis=1))
+            m_new = tl.maximum(m_i, tl.max(mx, axis=1) * SINV)
             alpha = tl.exp2(m_i - m_new)
             l_t = l_t * alpha[:, None]
             ps = ()
             for i in tl.static_range(8 // P_BASE):
-                p = tl.exp2(ss[i] - m_new[:, None])
+                p = tl.exp2(ss[i] * SINV - m_new[:, None])
                 if R_BASE < BR:
                     p = tl.where(r_ok[None, :], p, 0.0)
                 l_t += p
                 ps = ps + (p,)
             m_i = m_new
-            # values: the per-token scale folded into p, the zero into one row sum
+            # values: the per-token scale folded into p, the zero (less the codes' offset) into one row sum
             new_accs = ()
             new_zaccs = ()
             for si in tl.static_range(len(VSEGS)):
-                acc = ()
-                for j in tl.static_range(4):
-                    acc = acc + (accs[4 * si + j] * alpha[:, None],)
+                acc = accs[si] * alpha[:, None]
                 zacc = zaccs[si] * alpha[:, None]
                 for i in tl.static_range(8 // P_BASE):
-                    w = _plane_of(vt, i, VSEGS[si][8], VSEGS[si][5], VSEGS[si][7], P_BASE)
-                    if VSEGS[si][4] > 1:
-                        w = w | _plane_of(vt, i, VSEGS[si][12], VSEGS[si][9], VSEGS[si][11], P_BASE)
-                    if VSEGS[si][4] > 2:
-                        w = w | _plane_of(vt, i, VSEGS[si][16], VSEGS[si][13], VSEGS[si][15], P_BASE)
+                    f = _codes(vt, i, VSEGS[si][4], VSEGS[si][5], VSEGS[si][7], VSEGS[si][8],
+                               VSEGS[si][9], VSEGS[si][11], VSEGS[si][12], VSEGS[si][13], VSEGS[si][15], VSEGS[si][16],
+                               P_BASE, FORM, EMU, tl.constexpr(VASM[si * (8 // P_BASE) + i] if FORM > 0 else ""), tl.float16 if F16 else tl.float32)
                     st = (R_BASE * i + rr).to(tl.int64) * svs_t + VSEGS[si][3] * svs_s
                     vs = tl.load(vs_base + st, mask=r_ok, other=0.0).to(tl.float32)
                     vz = tl.load(vz_base + st, mask=r_ok, other=0.0).to(tl.float32)
                     pv = (ps[i] * vs[None, :]).to(tl.float16 if F16 else tl.float32)
-                    nxt = ()
-                    for j in tl.static_range(4):
-                        nxt = nxt + (tl.dot(pv, _byte(w, j, F16), acc[j]),)
-                    acc = nxt
-                    zacc += ps[i] * vz[None, :]
-                new_accs = new_accs + acc
+                    acc = tl.dot(pv, f, acc)
+                    if MAGIC != 0.0:
+                        zacc += ps[i] * vz[None, :] - MAGIC * pv.to(tl.float32)
+                    else:
+                        zacc += ps[i] * vz[None, :]
+                new_accs = new_accs + (acc,)
                 new_zaccs = new_zaccs + (zacc,)
             accs = new_accs
             zaccs = new_zaccs
         for si in tl.static_range(len(VSEGS)):
-            offs_w = tl.arange(0, tl.constexpr(VSEGS[si][18]))
-            for j in tl.static_range(4):
-                tl.store(accc_ptr + ws * (G_PAD * DV_PAD) + offs_g[:, None] * DV_PAD + (VSEGS[si][2] + 4 * offs_w + j)[None, :],
-                         accs[4 * si + j] + tl.sum(zaccs[si], axis=1)[:, None],
-                         mask=g_ok[:, None] & (offs_w < VSEGS[si][17])[None, :])
+            offs_c = tl.arange(0, tl.constexpr(VSEGS[si][1]))
+            tl.store(accc_ptr + ws * (G_PAD * DV_PAD) + offs_g[:, None] * DV_PAD + (VSEGS[si][2] + offs_c)[None, :],
+                     accs[si] * INV + tl.sum(zaccs[si], axis=1)[:, None],
+                     mask=g_ok[:, None] & (offs_c < VSEGS[si][0])[None, :])
         l_i = tl.sum(l_t, axis=1)
     else:
         offs_d = tl.arange(0, D_PAD)
