@@ -91,6 +91,8 @@ def layouts(t):
     g = torch.Generator().manual_seed(5)
     basis = lambda: torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0].float()  # noqa: E731
     out["mixed"] = (Learned(MIXED[0], basis()), Learned(MIXED[1], basis()), min(128, t))
+    # the spectral-5x preset's code layout at head_dim 128 (learned-basis keys 4/3 bits, 2-bit values)
+    out["spectral-5x"] = (Learned(((D // 4, 4), (D - D // 4, 3)), basis()), Learned(((D, 2),), basis()), min(128, t))
     return out
 
 

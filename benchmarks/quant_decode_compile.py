@@ -19,12 +19,13 @@ def sig(fn, ptrs, const):
         else: s[n] = "i64" if n.startswith("s") and n not in ("S_COLD", "S_TOT") else "i32"
     return s
 
-def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=3, operands="fp16", maxnreg=None, unpack="auto"):
+def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=0, operands="fp16", maxnreg=None, unpack="auto"):
     kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
     multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
-    br = br or QD.choose_block_rows(QD._words_per_row((kl, vl), p_base), 16 if multi else r_base, nw)
+    ns = ns or (2 if multi else 3)
+    br = br or QD.choose_block_rows(QD._words_per_row((kl, vl), p_base), r_base, nw)
     const = dict(KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=-(-r_base // br), KSEGS=QD._segments(kl, p_base),
                  VSEGS=QD._segments(vl, p_base), KEY_BCAST=kg % br == 0 and r_base % br == 0,
                  KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",

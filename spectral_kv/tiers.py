@@ -311,7 +311,8 @@ class TierManager:
             self.storage.stage(k, v)
             self._staged = ("static",)
             return AttendView(self.exact_k, self.exact_v, self.cold.k.parts, self.cold.v.parts, self.cold.shared_k,
-                              self.cold.shared_v, n_exact=self.storage.n_exact_t, n_cold=self.storage.n_cold_t)
+                              self.cold.shared_v, n_exact=self.storage.n_exact_t, n_cold=self.storage.n_cold_t,
+                              cold_in_use=max(self.n_cold, default=0))
         if not self.initialized and k is None:
             raise RuntimeError(f"{self.name}: the cache is empty")
         tq = 0 if k is None else k.shape[2]

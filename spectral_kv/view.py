@@ -50,6 +50,10 @@ class AttendView:
     n_exact, n_cold : Tensor [B] int32 or None
         Static storage: row ``b`` holds its first ``n_exact[b]`` exact tokens and first
         ``n_cold[b]`` blocks, every one visible to every query.
+    cold_in_use : int or None
+        Static storage: the blocks the widest row held when the view was built (host side). A
+        launch-planning hint for kernels (static pools have spare slots for the blocks still to
+        come), never validity; None: the pools' ``NB``.
     """
 
     exact_k: torch.Tensor
@@ -62,6 +66,7 @@ class AttendView:
     cold_valid: torch.Tensor | None = None
     n_exact: torch.Tensor | None = None
     n_cold: torch.Tensor | None = None
+    cold_in_use: int | None = None
 
     @property
     def static(self) -> bool:

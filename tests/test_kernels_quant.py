@@ -126,7 +126,9 @@ def test_knobs_and_splits_give_the_same_answer():
     # change the last bits there (the fp16 path is held to the 2x bound by _check)
     base = quant_decode(*args, operands="fp32")
     # one unit per program, two, and 32-row units (the default here: 16 rows, R_BASE = 8)
-    for knobs in (dict(tiles_per_split=1), dict(tiles_per_split=2, block_rows=16), dict(block_rows=32, num_warps=2)):
+    # cold_blocks: a plan for fewer blocks than the pools hold (static pools' spare slots) still covers them all
+    for knobs in (dict(tiles_per_split=1), dict(tiles_per_split=2, block_rows=16), dict(block_rows=32, num_warps=2),
+                  dict(cold_blocks=1), dict(cold_blocks=3), dict(cold_blocks=99)):
         out = quant_decode(*args, operands="fp32", **knobs)
         assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(out, base)), knobs
     _check(args, raw, tiles_per_split=1, block_rows=32)
@@ -161,6 +163,8 @@ def test_bad_inputs_are_named():
         quant_decode(*args[:13], [32, 4], *args[14:])
     with pytest.raises(ValueError, match="key_group=5"):
         quant_decode(*args[:15], 5)
+    with pytest.raises(ValueError, match="cold_blocks=-1"):
+        quant_decode(*args, cold_blocks=-1)
     with pytest.raises(ValueError, match="n_cold/n_exact must be int32"):
         quant_decode(*args[:8], args[8].long(), *args[9:])
 

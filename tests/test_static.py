@@ -384,3 +384,13 @@ def test_sampling_draws_what_generate_draws(model):
                        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5")):
         with pytest.raises(ValueError, match=match):
             StaticDecoder(model, sk.SpectralCache(LOSSY, model.config)).generate(ids, mask, 2, do_sample=True, **bad)
+
+
+def test_static_views_plan_for_the_blocks_in_use():
+    # frozen pools keep spare slots for the blocks to come; the view tells kernels how many are
+    # in use (their launch plan), while validity stays with the device counts
+    _, st = _decode_both(CFG, new_tokens=3, capacity=200)
+    view = st.view(torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+    assert view.static and view.cold_in_use == max(st.n_cold) > 0
+    assert view.n_cold_blocks > view.cold_in_use  # the spare slots
+    st.commit(advance=False)

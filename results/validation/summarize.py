@@ -26,15 +26,18 @@ def main():
     niah = json.load(open(os.path.join(HERE, "validation-niah.json")))["niah"]["methods"]
     methods = dict(ppl["quality"]["methods"])
     # other caches measured on the same segments (bash benchmarks/gpu_quality.sh OUT baselines):
-    # transformers' QuantizedCache with HQQ (its ratio counts its full-precision residual tokens)
-    extra = os.path.join(HERE, "validation-baselines.json")
+    # transformers' QuantizedCache with HQQ (its ratio counts its full-precision residual tokens),
+    # and kvpress's presses (token eviction; ratio = fraction of the context pressed away)
     notes = []
-    if os.path.exists(extra):
+    for fname in ("validation-baselines.json", "validation-kvpress.json"):
+        extra = os.path.join(HERE, fname)
+        if not os.path.exists(extra):
+            continue
         other = json.load(open(extra))["quality"]
         for name, m in other["methods"].items():
             methods.setdefault(name, m)
         if other["segment_offsets"] != ppl["quality"]["segment_offsets"]:
-            notes.append(f"validation-baselines.json ran under kvpress's pins (transformers 5.2, tokenizers 0.22), whose "
+            notes.append(f"{fname} ran under kvpress's pins (transformers 5.2, tokenizers 0.22), whose "
                          f"tokenization puts the segments at token offsets {other['segment_offsets']} instead of "
                          f"{ppl['quality']['segment_offsets']}; its ΔPPL is against its own exact run.")
     print(f"| method | cold-storage ratio | total ratio | ΔPPL mean ± std (3 seg.) | per segment | top-1 | NIAH (15) |")

@@ -127,7 +127,7 @@ class FusedAttention(SpectralAttention):
         rv = _squeeze_blocks(self.value_compressor.shared_basis(cold_v, shared_v)) if shared_v else None
         return quant_fused_decode(q, self.key_compressor, self.value_compressor, cold_k, cold_v, n_cold,
                                   view.exact_k.to(q.dtype), view.exact_v.to(q.dtype), n_exact, scaling,
-                                  shared_k=rk, shared_v=rv)
+                                  shared_k=rk, shared_v=rv, cold_blocks=view.cold_in_use or 0)
 
     def _empty_pool(self, comp, b, h, d, dev):
         """NB = 0 parts of the shapes ``comp`` stores (the kernel reads no block of them)."""

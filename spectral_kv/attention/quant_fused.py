@@ -46,7 +46,7 @@ def _basis(comp, shared, d, device, name):
 
 
 def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact,
-                       scaling, shared_k=None, shared_v=None):
+                       scaling, shared_k=None, shared_v=None, cold_blocks=0):
     """One decode step of attention over quantized cold blocks and the exact tail.
 
     Parameters
@@ -61,6 +61,8 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
     shared_k, shared_v : optional basis rows [Dk, D] (or [H, Dk, D], [B, H, Dk, D]) float32
         overriding the compressors' rotations (a learned per-head basis); None: the
         compressor's own (identity for KIVI).
+    cold_blocks : int, blocks the widest row holds now (0: all of the pools'); the kernel's
+        launch plan only (`AttendView.cold_in_use`).
 
     Returns
     -------
@@ -97,7 +99,7 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
         qk, q.reshape(b, hq, d), cold_k["codes"], cold_k["scale"], cold_k["zero"], cold_v["codes"], cold_v["scale"],
         cold_v["zero"], n_cold.to(device=q.device, dtype=torch.int32), exact_k, exact_v,
         n_exact.to(device=q.device, dtype=torch.int32), scaling, _flat(kl), _flat(vl), key_group,
-        operands="fp32" if q.dtype == torch.float32 else "fp16",
+        operands="fp32" if q.dtype == torch.float32 else "fp16", cold_blocks=cold_blocks,
     )
     if rv is None:
         out = out_cold if vl.kept == d else torch.nn.functional.pad(out_cold, (0, d - vl.kept))

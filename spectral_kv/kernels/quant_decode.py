@@ -220,7 +220,7 @@ def _interpreted() -> bool:
 
 def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
-          launch, max_registers=0, unpack="auto"):
+          launch, max_registers=0, unpack="auto", cold_blocks=0):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
     B, Hq, _ = qk.shape
     H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
@@ -228,13 +228,17 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(T, p_base)
     nw = num_warps if num_warps > 0 else 4
-    # several segments: 16 rows (ptxas, the bench's mixed layout at 32 rows: 9 KB of spills; 16: 2 KB)
+    # Several segments: 2 stages (H200, `quant_decode_sweep_multi_H200.txt`, at 8 x 32K and 32 rows 1.22-1.27x
+    # faster than 3; with the rows rule below instead of 16 rows, 1.45-1.9x the previous defaults). One segment:
+    # 3 stages, 4% faster than 2 (`quant_decode_sweep_forms_H200.txt`).
     multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
-    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), 16 if multi else r_base, nw)
+    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), r_base, nw)
     nr = -(-r_base // br)  # units per block
     kg = int(key_group)
     G_PAD, D_PAD, DV_PAD = _pow2(G, 16), _pow2(D, 16), _pow2(vl.kept, 16)
-    tps = tiles_per_split if tiles_per_split > 0 else choose_tiles_per_split(B * H, NB * nr, _num_sms(dev))
+    # planned for the blocks in use (a static pool's spare slots are covered by splits that exit at once)
+    in_use = min(cold_blocks, NB) if cold_blocks > 0 else NB
+    tps = tiles_per_split if tiles_per_split > 0 else choose_tiles_per_split(B * H, in_use * nr, _num_sms(dev))
     S_COLD = -(-(NB * nr) // tps) if NB > 0 else 0
     S_TOT = S_COLD + 1  # the last split: the exact tail
     m_ws = torch.empty((B * H * S_TOT, G_PAD), dtype=torch.float32, device=dev)
@@ -268,7 +272,7 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
         KEY_BCAST=kg % br == 0 and r_base % br == 0, KSTEP=kg // r_base if kg % r_base == 0 else 1,
         F16=operands == "fp16",
         G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_E=64 if Te >= 64 else _pow2(max(Te, 1), 16),
-        num_warps=nw, num_stages=num_stages if num_stages > 0 else 3,  # H200 sweep: 3 stages 4% faster than 2, 4 slower
+        num_warps=nw, num_stages=num_stages if num_stages > 0 else (2 if multi else 3),
         **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
     ch = min(32, DV_PAD, D_PAD)  # output columns per combine program (DV_PAD, D_PAD: powers of two >= 16)
@@ -336,17 +340,17 @@ if HAS_TRITON:
         n_cold: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, n_exact: torch.Tensor,
         scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
         tiles_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
-        operands: str = "fp16", max_registers: int = 0, unpack: str = "auto",
+        operands: str = "fp16", max_registers: int = 0, unpack: str = "auto", cold_blocks: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
-                     operands, wrap_triton, max_registers, unpack)
+                     operands, wrap_triton, max_registers, unpack, cold_blocks)
 
 
 def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                  scaling, key_layout, value_layout, key_group, *, tiles_per_split: int = 0, block_rows: int = 0,
                  num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", max_registers: int = 0,
-                 unpack: str = "auto"):
+                 unpack: str = "auto", cold_blocks: int = 0):
     """Triton fused decode; same contract as :func:`quant_decode_reference` (shapes there).
 
     Tuning knobs, 0 = heuristic: ``block_rows`` (rows of the smallest plane per unit, a power of
@@ -357,7 +361,9 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
     interpreter). ``max_registers``: ptxas's register cap per thread (``maxnreg``; 0 = none): fewer
     registers, more resident programs per SM, some spills. ``unpack``: ``"auto"`` turns codes into
     fp16 with inline PTX on CUDA (fp16 operands), ``"triton"`` with Triton integer ops (what the
-    interpreter always runs; a GPU check of the PTX against it). Expect ~1e-3 relative difference from
+    interpreter always runs; a GPU check of the PTX against it). ``cold_blocks``: how many blocks
+    the widest row holds now (0: all ``NB``), so static pools with spare slots plan their splits
+    for the blocks in use; every slot is still covered, results do not depend on it. Expect ~1e-3 relative difference from
     the reference on the GPU.
     Raises ``ValueError`` naming a bad argument; ``RuntimeError`` without triton.
     """
@@ -370,13 +376,15 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
         raise ValueError(f"block_rows={block_rows} must be a power of two >= 16")
     if operands not in ("fp16", "fp32"):
         raise ValueError(f"operands={operands!r} must be 'fp16' or 'fp32'")
+    if isinstance(cold_blocks, bool) or not isinstance(cold_blocks, int) or cold_blocks < 0:
+        raise ValueError(f"cold_blocks={cold_blocks!r} must be an int >= 0 (0: plan for every block of the pools)")
     if unpack not in ("auto", "triton", *_FORMS):
         raise ValueError(f"unpack={unpack!r} must be one of 'auto', 'triton', " + ", ".join(map(repr, _FORMS)))
     if isinstance(max_registers, bool) or not isinstance(max_registers, int) or not (max_registers == 0 or 24 <= max_registers <= 255):
         raise ValueError(f"max_registers={max_registers!r} must be 0 (no cap) or an int in [24, 255]")
     args = (qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
             [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
-            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers, unpack)
+            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers, unpack, int(cold_blocks))
     if qk.is_cuda and qk.get_device() != torch.cuda.current_device():
         with torch.cuda.device(qk.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_decode(*args)
