@@ -1,29 +1,34 @@
-"""Markdown table of an `e2e_decode.py` results JSON (the README's end-to-end table).
+"""The README's end-to-end table from the e2e benchmark's text outputs (their "summary" block).
 
-    python benchmarks/e2e_table.py benchmarks/results/e2e_decode_NVIDIA_H200.json
+    python benchmarks/e2e_table.py benchmarks/results/e2e_decode_H200_mistral7b.txt benchmarks/results/e2e_decode_H200_smollm2.txt
 """
-
-import json
+import re
 import sys
 
+NAMES = {"dynamic": "`DynamicCache` generate", "static+compile": "static cache + compile"}
 
-def main(path):
-    d = json.load(open(path))
-    rows = d["rows"]
-    points = {}
-    for r in rows:
-        points.setdefault((r["shape"], r["batch"], r["ctx"]), []).append(r)
+
+def rows(path):
+    text = open(path).read()
+    block = text[text.index("## summary"):].splitlines()[2:]
+    for line in block:
+        m = re.match(r"(\S+)\s+(\d+)x(\d+)\s+(.+?)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+([\d.]+)x\s+([\d.]+)x\s*$", line)
+        if not m:
+            break
+        shape, b, ctx, method, ms, floor, of, vs, limit = m.groups()
+        if method not in NAMES:
+            preset, kind = method.rsplit(" ", 1)
+            method = f"`{preset}` " + ("StaticDecoder" if kind == "static" else "generate")
+        yield f"| {shape} | {b} x {int(ctx) // 1024}K | {NAMES.get(method, method)} | {ms} | {vs}x | {floor} | {of}% | {limit}x |"
+
+
+def main(paths):
     print("| shape | batch x context | method | ms / step | vs best stock | floor (ms) | of floor | bytes limit |")
     print("|---|---|---|---|---|---|---|---|")
-    for (shape, b, ctx), rs in points.items():
-        stock = [r["ms"] for r in rs if r["method"] in ("dynamic", "static+compile")]
-        best = min(stock) if stock else float("nan")
-        for r in rs:
-            name = {"dynamic": "`DynamicCache` generate", "static+compile": "static cache + compile"}.get(
-                r["method"], "`" + r["method"].replace(" static", "` StaticDecoder").replace(" generate", "` generate"))
-            print(f"| {shape} | {b} x {ctx // 1024}K | {name} | {r['ms']:.2f} | {best / r['ms']:.2f}x | "
-                  f"{r['floor_ms']:.2f} | {r['floor_ms'] / r['ms']:.0%} | {r['bytes_limit']:.2f}x |")
+    for p in paths:
+        for r in rows(p):
+            print(r)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
