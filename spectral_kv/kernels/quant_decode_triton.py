@@ -4,21 +4,24 @@ Kept apart from the op so each file reads in one sitting; the math, the layout c
 the launch live in ``quant_decode.py``. Importing this module needs triton.
 
 Codes are read as uint8 tiles ``[rows, channels]`` of each plane. A chunk's codes (bits
-``[SH, SH+P)`` of plane bytes moved to ``[BIT, BIT+P)``, ORed over the planes) become fp16 one
-of two ways:
+``[SH, SH+P)`` of plane bytes moved to ``[BIT, BIT+P)``, ORed over the planes) become the dots'
+fp16 operands in one of the kernel's ``FORM``s (`spectral_kv.kernels.quant_unpack`):
 
-* ``ASM`` (CUDA): one inline-PTX op per 4 channels (Triton packs 4 bytes in one 32-bit register):
-  a shift and a mask per plane on all 4 codes at once, then two ``prmt`` that place each code
-  byte under the exponent byte 0x64 of fp16 1024, i.e. the value ``1024 + code`` with no
-  int->float convert (BitDecoding's / Marlin's magic-number trick). The 1024 offset is not
+* 2, the default on CUDA: one inline-PTX op per 4 channels (Triton packs 4 bytes in one 32-bit
+  register): a shift and a mask per plane on all 4 codes at once, then two ``prmt`` that put
+  each code byte under a zero exponent byte, i.e. the fp16 subnormal ``code * 2**-24`` with no
+  int->float convert (BitDecoding's / Marlin's trick, with the exponent left at zero). The dots
+  accumulate in code steps; scores and value sums are scaled back once (``INV``).
+* 1: the same under the exponent byte 0x64, the value ``1024 + code``. The offset is not
   subtracted per code: it is folded into the key bias (``- 1024 * sum(q * s_k)``) and the value
   zero sum (``- 1024 * sum(p * s_v)``), both from the same fp16-rounded operands the dots see.
-  The strings are built per (segment, chunk) by ``quant_decode._chunk_asm``.
-  The op is marked impure on purpose: a pure one lets Triton move the layout conversion to the
-  dot operand ahead of it, onto the bytes, which sm_90 then gathers with byte-wide shared loads
-  (ptxas, `benchmarks/quant_decode_compile.py`: 263 LDS per unit instead of 88).
-* otherwise (the interpreter, ``unpack="triton"``): the same bits with Triton integer ops on
-  each byte, then a convert (``MAGIC`` 0).
+* 0 (``unpack="triton"``, fp32 operands): the same bits with Triton integer ops on each byte,
+  then a convert. The interpreter, which cannot run PTX, runs forms 1 and 2 as their bit
+  patterns built with Triton ops (``EMU``).
+
+The PTX op is marked impure on purpose: a pure one lets Triton move the layout conversion to the
+dot operand ahead of it, onto the bytes, which sm_90 then gathers with byte-wide shared loads
+(`benchmarks/quant_decode_compile.py`'s SASS: 263 LDS per unit instead of 88).
 
 Constexpr layout descriptions (built by ``quant_decode._segments``), one flat int tuple per
 segment (Triton cannot index constexpr tuples nested deeper than two levels):
