@@ -235,8 +235,8 @@ class SpectralConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "SpectralConfig":
-        """The named preset (``original``, ``fast``, ``balanced``, ``max-compression``; see
-        `spectral_kv.presets`) with ``overrides`` applied."""
+        """The named preset (``original``, ``fast``, ``balanced``, ``compact``, ``max-compression``,
+        ``spectral-5x``, ``spectral-8x``; see `spectral_kv.presets`) with ``overrides`` applied."""
         from .presets import preset_fields
 
         return cls(**{**preset_fields(name), **overrides})

@@ -11,6 +11,10 @@ the README's quality table is generated from those files.
 * ``balanced`` (the library default): Hadamard-rotated grouped quantization, keys 4-bit
   per channel over 128 tokens, values 3-bit per token over (up to) 128 channels.
 * ``max-compression``: the same with 3-bit keys and 2-bit values.
+* ``compact``: the same with 3-bit keys and 3-bit values, and a hot tier of 256 exact tokens
+  (the cold-storage ratio does not depend on it). Tuned on the TUNING split (hot tier, sinks,
+  widths), chosen on validation: 4.74x cold at no measured perplexity cost (see the README);
+  not the default yet, its GPU decode speed has not been measured.
 * ``spectral-5x`` / ``spectral-8x`` (candidates, chosen on the TUNING split only by attention
   fidelity of captured K/V, `results/TUNING_NOTES.md`; not yet validated, not the default):
   keys in the per-row learned basis (``spectral_quant``) with widths per segment; values
@@ -33,6 +37,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                      value_compressor=None),
     "max-compression": dict(compressor="hadamard", coeff_bits=3, value_bits=2, quant_group=128, sink_tokens=4,
                             value_compressor=None),
+    "compact": dict(compressor="hadamard", coeff_bits=3, value_bits=3, quant_group=128, sink_tokens=4,
+                    value_compressor=None, hot_buffer_size=256),
     "spectral-5x": dict(compressor="spectral_quant", key_segments=((0.25, 4), (0.75, 3)), value_compressor="hadamard",
                         value_bits=2, quant_group=128, sink_tokens=4),
     "spectral-8x": dict(compressor="spectral_quant", key_segments=((0.5, 3), (0.5, 0)), value_compressor=None,

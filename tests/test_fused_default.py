@@ -89,7 +89,7 @@ def test_exact_tail_through_the_quant_kernel_equals_dynamic_cache(compressor):
 
 
 @needs_triton
-@pytest.mark.parametrize("preset", ["balanced", "max-compression"])
+@pytest.mark.parametrize("preset", ["balanced", "compact", "max-compression"])
 def test_fused_decode_over_cold_blocks_matches_the_torch_twin(preset):
     """Decode logits on forced tokens, cold blocks present: kernel (interpreter, fp32) vs `spectral`."""
     model = tiny("llama")

@@ -5,7 +5,8 @@ of context = 4 sinks + 2 cold blocks + exact tail, then 100 tokens teacher-force
 same cache) `python tests/test_real_model.py` prints PPL and top-1 agreement with the exact
 cache per preset. Measured on the CPU (exact PPL 4.307): ``original`` 6.919 (+60.6%), agreement 0.76;
 ``fast`` (SVD k16/v32 int8 + 4 sinks) 4.790 (+11.2%), 0.91; ``balanced`` (the default) 4.317 (+0.2%),
-0.99; ``max-compression`` 4.296 (-0.3%), 0.93 (results/real_model_guard.txt).
+0.99; ``max-compression`` 4.296 (-0.3%), 0.93 (results/real_model_guard.txt); ``compact`` 4.321 (+0.3%), 0.95
+(its 256-token hot tier leaves one cold block on this prompt).
 The bounds leave room for BLAS rounding only; a real regression moves them far more.
 """
 
@@ -24,8 +25,9 @@ CONTEXT, CONTINUATION, CHUNK = 1100, 100, 33
 # preset -> (max relative PPL increase, min top-1 agreement). balanced and max-compression: the worst
 # segment of each on the validation split (results/validation/, H200: +2.8% / 0.977 and +11.7% /
 # 0.938), rounded outwards; fast: this prompt's measurement (+11.2% / 0.91) with room for rounding,
-# since its validation worst (+144%) would guard nothing. This prompt is validation text too.
-BOUNDS = {"fast": (0.20, 0.85), "balanced": (0.03, 0.97), "max-compression": (0.12, 0.92)}
+# since its validation worst (+144%) would guard nothing. This prompt is validation text too. compact:
+# its worst validation segment (+0.1% / 0.949, local Python 3.11 rendering, results/validation/local_py311/).
+BOUNDS = {"fast": (0.20, 0.85), "balanced": (0.03, 0.97), "max-compression": (0.12, 0.92), "compact": (0.03, 0.94)}
 
 
 def validation_tokens(tok, n, offset=5000):
@@ -61,7 +63,8 @@ def measure(model, tok, preset):
 def test_perplexity_guard(smollm2, preset):
     model, tok = smollm2
     ppl_exact, ppl, agreement, cache = measure(model, tok, preset)
-    assert all(layer.tiers.n_cold == [2] for layer in cache.spectral_layers)  # compression really ran
+    blocks = 1 if preset == "compact" else 2  # compact's 256-token hot tier holds back one more block here
+    assert all(layer.tiers.n_cold == [blocks] for layer in cache.spectral_layers)  # compression really ran
     assert ppl != ppl_exact  # lossy: if equal, nothing was compressed
     max_rel, min_agree = BOUNDS[preset]
     assert ppl / ppl_exact - 1 < max_rel, (ppl_exact, ppl)
@@ -89,6 +92,6 @@ if __name__ == "__main__":
     from spectral_kv.models import load_default_model
 
     model, tok = load_default_model(progress=False)
-    for preset in ("original", "fast", "balanced", "max-compression"):
+    for preset in ("original", "fast", "balanced", "compact", "max-compression"):
         e, p, a, _ = measure(model, tok, preset)
         print(f"{preset:16s} exact PPL {e:.3f}  spectral PPL {p:.3f}  ({p / e - 1:+.1%})  top-1 agreement {a:.3f}")
