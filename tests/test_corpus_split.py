@@ -2,7 +2,7 @@
 
 import torch
 
-from spectral_kv.eval.corpus import haystack_range, load_corpus, quality_offsets
+from spectral_kv.eval.corpus import REFERENCE_RENDERING, haystack_range, load_corpus, quality_offsets, rendering_note
 from spectral_kv.eval.tiny import ByteTokenizer
 from spectral_kv.text import CORPUS_MODULES, SPLITS, split_sources
 
@@ -35,3 +35,16 @@ def test_segments_and_haystacks_stay_inside_their_sources():
         assert src["start"] <= o and o + length <= src["start"] + 0.7 * (src["end"] - src["start"]) + 1
         assert o + length <= h0 or o >= h1  # perplexity text never doubles as a haystack
     assert srcs[0]["start"] < h0 < h1 == srcs[0]["end"]
+
+
+def test_a_rendering_other_than_the_readmes_is_said():
+    # the text comes from the running Python's stdlib: a different rendering gets a note, the
+    # reference one (its hashes) none, and a split without a reference none
+    _, info = load_corpus(ByteTokenizer(), "validation")
+    ref_python, ref_hashes = REFERENCE_RENDERING["validation"]
+    same = dict(info, sources=[dict(s, sha256=h) for s, h in zip(info["sources"], ref_hashes)])
+    assert rendering_note(same) is None
+    other = dict(info, sources=[dict(s, sha256="0" * 64) for s in info["sources"]], python="3.0.0")
+    note = rendering_note(other)
+    assert note and "3.0.0" in note and ref_python in note and "validation" in note
+    assert rendering_note(dict(other, split="tuning")) is None

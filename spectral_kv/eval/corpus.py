@@ -13,9 +13,28 @@ from typing import Any
 
 import torch
 
-__all__ = ["load_corpus", "quality_offsets", "haystack_range"]
+__all__ = ["load_corpus", "quality_offsets", "haystack_range", "rendering_note", "REFERENCE_RENDERING"]
 
 QUALITY_SHARE = 0.7  # of each source: the first 70% feeds perplexity segments, the rest (prose) haystacks
+
+# The text is rendered from the running Python's stdlib (pydoc and module source), so it differs
+# between Python versions. The README's validation numbers (results/validation/validation-*.json,
+# H200 runs) read this rendering: split -> (Python version, sha256 of each source's text).
+REFERENCE_RENDERING = {
+    "validation": ("3.12.3", ("56b82ad65bc121b8a5584bc1c7018219135dbfcf9c54ad9b585e931cd32dc0c5",
+                              "c03eaa4aa9a31dc33e274189827a4ef025fbe4fa7d26753a4b98f28d3458c152")),
+}
+
+
+def rendering_note(info: dict[str, Any]) -> str | None:
+    """A note when this machine's text of the split is not the rendering the README's numbers read
+    (compare methods within one run then, not with the README); None when it is, or has no reference."""
+    ref = REFERENCE_RENDERING.get(info["split"])
+    if ref is None or tuple(s["sha256"] for s in info["sources"]) == ref[1]:
+        return None
+    return (f"this machine renders the {info['split']} split differently from the README's runs (Python "
+            f"{info['python']} here, {ref[0]} there; text sha256 differs): compare methods within this run, "
+            "not with the README's numbers")
 
 
 def load_corpus(tokenizer, split: str = "validation", max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -156,7 +156,7 @@ def run_eval(args, model=None, tokenizer=None, device=None, dtype=None) -> int:
     import torch
 
     from . import report
-    from .corpus import haystack_range, load_corpus, quality_offsets
+    from .corpus import haystack_range, load_corpus, quality_offsets, rendering_note
     from .methods import make_method
     from .niah import run_niah
     from .quality import run_quality
@@ -187,6 +187,9 @@ def run_eval(args, model=None, tokenizer=None, device=None, dtype=None) -> int:
     corpus_ids, corpus = corpora[report_split]
     timings["corpus"] = time.perf_counter() - t
     log(f"corpus: {corpus['name']}, {corpus['n_tokens']} tokens ({timings['corpus']:.0f}s)")
+    rendering = rendering_note(corpus)
+    if rendering:
+        log(f"note: {rendering}")
     tag = args.tag or ("quick" if args.quick else "full") + ("-" + args.model if args.model != "smollm2" else "")
     command = "spectral-kv eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "eval" else "spectral-kv eval " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result: dict[str, Any] = {
@@ -232,7 +235,7 @@ def run_eval(args, model=None, tokenizer=None, device=None, dtype=None) -> int:
             trials=args.niah_trials, seed=args.seed, log=log,
         )
         timings["niah"] = time.perf_counter() - t
-    result["notes"] = _notes(methods)
+    result["notes"] = _notes(methods) + ([rendering] if rendering else [])
     result["seconds_total"] = time.perf_counter() - t_start
     result["seconds"] = timings
     result["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
