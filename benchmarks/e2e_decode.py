@@ -292,7 +292,6 @@ def run(args) -> int:
                 # the estimate ignores per-row working memory (the H200 run ran out at its batch): when the
                 # largest batch does not fit, step down by 0.8x (up to 5 tries) and report the one that ran
                 tries = 5 if batch is None else 1
-                row = None
                 for _ in range(tries):
                     try:
                         row = one_point(model, method, preset, b, ctx, steps, wb, read_bw)

@@ -4,9 +4,8 @@ import inspect, os, subprocess, tempfile, time
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from spectral_kv.codes import CodeLayout, planes, plane_rows
+from spectral_kv.codes import CodeLayout
 from spectral_kv.kernels import quant_decode as QD
-from spectral_kv.kernels import quant_unpack as QU
 from spectral_kv.kernels.quant_decode_triton import qd_partial_kernel, qd_combine_kernel
 
 def sig(fn, ptrs, const):
@@ -21,20 +20,9 @@ def sig(fn, ptrs, const):
 
 def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=0, operands="fp16", maxnreg=None, unpack="auto"):
     kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
-    p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
-    r_base = plane_rows(T, p_base)
-    multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
-    ns = ns or (2 if multi else 3)
-    br = br or QD.choose_block_rows(QD._words_per_row((kl, vl), p_base), r_base, nw)
-    const = dict(KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=-(-r_base // br), KSEGS=QD._segments(kl, p_base),
-                 VSEGS=QD._segments(vl, p_base), KEY_BCAST=kg % br == 0 and r_base % br == 0,
-                 KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",
-                 FORM=0 if operands != "fp16" or unpack == "triton" else QU.FORMS[unpack],
-                 G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16), BLOCK_E=64)
-    const.update(QU.form_constants(const["FORM"], const["KEY_BCAST"]), EMU=False)
-    asm, sub = const["FORM"] > 0, const["FORM"] == 2
-    const["KASM"] = QU.asm_of(T, tuple(kl.segments), p_base, sub) if asm else ()
-    const["VASM"] = QU.asm_of(T, tuple(vl.segments), p_base, sub) if asm else ()
+    # the constexprs and launch options the op itself would use (68 exact tokens, as the bench)
+    const, opts = QD._kernel_constants(kl, vl, G, D, 68, kg, br, nw, ns, operands, unpack)
+    br, ns = const["BR"], opts["num_stages"]
     ptrs = dict(qk_ptr="*fp32", q_ptr=f"*{dt}", kc_ptr="*u8", ks_ptr="*fp16", kz_ptr="*fp16", vc_ptr="*u8", vs_ptr="*fp16",
                 vz_ptr="*fp16", ncold_ptr="*i32", ek_ptr=f"*{dt}", ev_ptr=f"*{dt}", nexact_ptr="*i32",
                 m_ptr="*fp32", l_ptr="*fp32", accc_ptr="*fp32", acce_ptr="*fp32")
@@ -47,7 +35,7 @@ def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=0, op
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n in ptrs or (n.startswith("s") and n[1:3] in ("qk", "q_", "kc", "ks", "vc", "vs", "ek", "ev") and n not in ones)}
     src = ASTSource(fn=qd_partial_kernel, signature=sig(qd_partial_kernel, ptrs, const), constexprs=const, attrs=attrs)
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=ns, maxnreg=maxnreg))
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(**opts, maxnreg=maxnreg))
     md = out.metadata
     print(kseg, vseg, f"br={br} nw={nw} ns={ns} {operands} unpack={unpack} maxnreg={maxnreg}", f"compiled in {time.time()-t:.1f}s shared={md.shared}")
     ptx = out.asm["ptx"]
@@ -56,7 +44,8 @@ def check(kseg, vseg, T=512, kg=128, G=4, D=128, dt="bf16", br=0, nw=4, ns=0, op
         f.write(ptx)
     r = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True)
     print("   ", " ".join(l.split(":", 1)[-1].strip() for l in r.stderr.splitlines() if "Used" in l or "spill" in l))
-    const2 = dict(S_PAD=64, G_PAD=16, D_PAD=QD._pow2(D, 16), DV_PAD=QD._pow2(vl.kept, 16), CH=min(32, QD._pow2(D, 16), QD._pow2(vl.kept, 16)), SB=16)
+    pads = {n: const[n] for n in ("G_PAD", "D_PAD", "DV_PAD")}
+    const2 = dict(S_PAD=64, **pads, CH=min(32, pads["D_PAD"], pads["DV_PAD"]), SB=16)
     ptrs2 = dict(m_ptr="*fp32", l_ptr="*fp32", accc_ptr="*fp32", acce_ptr="*fp32", outc_ptr="*fp32", oute_ptr="*fp32")
     triton.compile(ASTSource(fn=qd_combine_kernel, signature=sig(qd_combine_kernel, ptrs2, const2), constexprs=const2),
                    target=GPUTarget("cuda", 90, 32))

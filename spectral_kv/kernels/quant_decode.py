@@ -161,14 +161,10 @@ def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
 # --------------------------------------------------------------------------- launch
 
 
-def _segments(layout: CodeLayout, p_base: int) -> tuple:
-    """The constexpr description of `quant_decode_triton` (its module docstring); offsets in bytes."""
-    return _segments_of(layout.tokens, tuple(tuple(s) for s in layout.segments), p_base)
-
-
 @functools.lru_cache(maxsize=256)
-def _segments_of(tokens: int, segments: tuple, p_base: int) -> tuple:
-    layout = CodeLayout(tokens, segments)
+def _segments(layout: CodeLayout, p_base: int) -> tuple:
+    """The constexpr description of `quant_decode_triton` (its module docstring); offsets in bytes.
+    Cached per (frozen) layout: every layer asks for the same one at every decode step."""
     out, c0, tile = [], 0, 0
     for col, ((channels, bits), offs) in enumerate(zip(layout.kept_segments, layout.offsets)):
         pl, bit = [], 0
@@ -218,24 +214,47 @@ def _interpreted() -> bool:
     return type(qd_partial_kernel).__name__ == "InterpretedFunction"
 
 
+def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, key_group: int, block_rows: int = 0,
+                     num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", unpack: str = "auto",
+                     interpreted: bool = False) -> tuple[dict, dict]:
+    """The partial kernel's constexprs and launch options (``num_warps``, ``num_stages``) for one
+    layout pair, ``g`` query heads per KV head, head_dim ``d`` and ``te`` exact tokens (knobs as in
+    `quant_decode`, 0 = heuristic): what `_impl` launches and `benchmarks/quant_decode_compile.py`
+    compiles offline for sm_90."""
+    p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
+    r_base = plane_rows(kl.tokens, p_base)
+    nw = num_warps if num_warps > 0 else 4
+    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), r_base, nw)
+    kg = int(key_group)
+    key_bcast = kg % br == 0 and r_base % br == 0
+    # The PTX unpacking on CUDA with fp16 operands; the interpreter runs an explicit form's bit
+    # patterns with Triton ops (EMU), and Triton's integer ops for "auto".
+    form = 0 if operands != "fp16" or unpack == "triton" or (interpreted and unpack == "auto") else _FORMS[unpack]
+    const = dict(
+        KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=-(-r_base // br),
+        KSEGS=_segments(kl, p_base), VSEGS=_segments(vl, p_base),
+        KASM=_asm_of(kl, p_base, form == 2) if form else (), VASM=_asm_of(vl, p_base, form == 2) if form else (),
+        FORM=form, EMU=interpreted, **_form_constants(form, key_bcast),
+        KEY_BCAST=key_bcast, KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",
+        G_PAD=_pow2(g, 16), D_PAD=_pow2(d, 16), DV_PAD=_pow2(vl.kept, 16), BLOCK_E=64 if te >= 64 else _pow2(max(te, 1), 16),
+    )
+    # Several segments: 2 stages (H200, `quant_decode_sweep_multi_H200.txt`, at 8 x 32K and 32 rows 1.22-1.27x
+    # faster than 3; with the rows rule above instead of 16 rows, 1.45-1.9x the previous defaults). One segment:
+    # 3 stages, 4% faster than 2 (`quant_decode_sweep_forms_H200.txt`).
+    multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
+    return const, dict(num_warps=nw, num_stages=num_stages if num_stages > 0 else (2 if multi else 3))
+
+
 def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
           launch, max_registers=0, unpack="auto", cold_blocks=0):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
     B, Hq, _ = qk.shape
     H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
-    G, NB, T, dev = Hq // H, k_codes.shape[2], kl.tokens, qk.device
-    p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
-    r_base = plane_rows(T, p_base)
-    nw = num_warps if num_warps > 0 else 4
-    # Several segments: 2 stages (H200, `quant_decode_sweep_multi_H200.txt`, at 8 x 32K and 32 rows 1.22-1.27x
-    # faster than 3; with the rows rule below instead of 16 rows, 1.45-1.9x the previous defaults). One segment:
-    # 3 stages, 4% faster than 2 (`quant_decode_sweep_forms_H200.txt`).
-    multi = len(kl.kept_segments) > 1 or len(vl.kept_segments) > 1
-    br = block_rows if block_rows > 0 else choose_block_rows(_words_per_row((kl, vl), p_base), r_base, nw)
-    nr = -(-r_base // br)  # units per block
-    kg = int(key_group)
-    G_PAD, D_PAD, DV_PAD = _pow2(G, 16), _pow2(D, 16), _pow2(vl.kept, 16)
+    G, NB, dev = Hq // H, k_codes.shape[2], qk.device
+    const, opts = _kernel_constants(kl, vl, G, D, Te, key_group, block_rows, num_warps, num_stages, operands, unpack,
+                                   _interpreted())
+    nr, G_PAD, D_PAD, DV_PAD = const["NR"], const["G_PAD"], const["D_PAD"], const["DV_PAD"]
     # planned for the blocks in use (a static pool's spare slots are covered by splits that exit at once)
     in_use = min(cold_blocks, NB) if cold_blocks > 0 else NB
     tps = tiles_per_split if tiles_per_split > 0 else choose_tiles_per_split(B * H, in_use * nr, _num_sms(dev))
@@ -251,10 +270,6 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
         # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
         # try to read fake storage; shapes are all the fake kernel has to produce.
         return out_cold, out_exact
-    # the PTX unpacking on CUDA (fp16 operands); the interpreter runs Triton's integer ops
-    # (the interpreter runs an explicit form's bit patterns with Triton ops: EMU)
-    form = 0 if operands != "fp16" or unpack == "triton" or (_interpreted() and unpack == "auto") else _FORMS[unpack]
-    segs = lambda lay: tuple(tuple(x) for x in lay.segments)
     launch(qd_partial_kernel)[(B * H, S_TOT)](
         qk, q, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
         _nonempty(v_codes), _nonempty(v_scale), _nonempty(v_zero), n_cold,
@@ -265,14 +280,7 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
         *qk.stride(), *q.stride(),
         *_strides(k_codes, 4)[:3], *_strides(k_scale, 5), *_strides(v_codes, 4)[:3], *_strides(v_scale, 5),
         *_strides(exact_k, 4), *_strides(exact_v, 4),
-        KG=kg, R_BASE=r_base, P_BASE=p_base, BR=br, NR=nr,
-        KSEGS=_segments(kl, p_base), VSEGS=_segments(vl, p_base),
-        KASM=_asm_of(T, segs(kl), p_base, form == 2) if form else (), VASM=_asm_of(T, segs(vl), p_base, form == 2) if form else (),
-        FORM=form, EMU=_interpreted(), **_form_constants(form, kg % br == 0 and r_base % br == 0),
-        KEY_BCAST=kg % br == 0 and r_base % br == 0, KSTEP=kg // r_base if kg % r_base == 0 else 1,
-        F16=operands == "fp16",
-        G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, BLOCK_E=64 if Te >= 64 else _pow2(max(Te, 1), 16),
-        num_warps=nw, num_stages=num_stages if num_stages > 0 else (2 if multi else 3),
+        **const, **opts,
         **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
     ch = min(32, DV_PAD, D_PAD)  # output columns per combine program (DV_PAD, D_PAD: powers of two >= 16)

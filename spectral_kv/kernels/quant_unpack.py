@@ -54,7 +54,6 @@ def chunk_asm(bits: int, chunk: int, p_base: int, subnormal: bool) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def asm_of(tokens: int, segments: tuple, p_base: int, subnormal: bool) -> tuple:
-    """Every chunk's PTX string of a layout, ``[segment * chunks + chunk]``."""
-    return tuple(chunk_asm(bits, i, p_base, subnormal) for _, bits in CodeLayout(tokens, segments).kept_segments
-                 for i in range(8 // p_base))
+def asm_of(layout: CodeLayout, p_base: int, subnormal: bool) -> tuple:
+    """Every chunk's PTX string of a (frozen) layout, ``[segment * chunks + chunk]``."""
+    return tuple(chunk_asm(bits, i, p_base, subnormal) for _, bits in layout.kept_segments for i in range(8 // p_base))
