@@ -34,7 +34,7 @@ byte is read once for all of them. One online-softmax step (fp32, exp2) per unit
 
 Measured (H200, `benchmarks/results/quant_decode_H200.txt`): ~1.0x SDPA (flash) at 8 x 32K and
 16 x 32K, 1.2x at 1 x 4K, at 23% of the read bandwidth. The unpacking now costs ~1 instruction
-per code (sm_90 SASS of the unit loop: 2819 -> 1975 instructions per 256-token unit), but that did
+per code (sm_90 SASS of the unit loop at 2 stages: 2819 -> 1975 instructions per 256-token unit), but that did
 not move the time: with 255 registers a thread only 2 programs (8 warps) share an SM, and each
 chunk's fp16 codes reach the tensor cores through a shared-memory round trip (store, barrier,
 ``ldmatrix``; ~50 barriers a unit), so the warps wait on latency, not on issue slots.
