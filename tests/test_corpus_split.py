@@ -1,5 +1,9 @@
 """The tuning / validation split of the evaluation corpus."""
 
+import os
+import platform
+
+import pytest
 import torch
 
 from spectral_kv.eval.corpus import REFERENCE_RENDERING, haystack_range, load_corpus, quality_offsets, rendering_note
@@ -35,6 +39,40 @@ def test_segments_and_haystacks_stay_inside_their_sources():
         assert src["start"] <= o and o + length <= src["start"] + 0.7 * (src["end"] - src["start"]) + 1
         assert o + length <= h0 or o >= h1  # perplexity text never doubles as a haystack
     assert srcs[0]["start"] < h0 < h1 == srcs[0]["end"]
+
+
+def test_the_shipped_text_is_the_readmes_and_live_rendering_is_explicit():
+    # the frozen text (the default) is the rendering the README's numbers read, on every machine
+    _, info = load_corpus(ByteTokenizer(), "validation")
+    ref_python, ref_hashes = REFERENCE_RENDERING["validation"]
+    assert info["rendering"] == "frozen" and info["python"] == ref_python
+    assert [s["sha256"] for s in info["sources"]] == list(ref_hashes) and rendering_note(info) is None
+    # the live one is this Python's; same modules, same kinds, in the same order
+    live = split_sources("validation", "live")
+    assert [(k, m) for k, _, m in live] == [(k, m) for k, _, m in split_sources("validation")]
+    _, info_live = load_corpus(ByteTokenizer(), "validation", rendering="live")
+    assert info_live["rendering"] == "live" and info_live["python"] == platform.python_version()
+    with pytest.raises(ValueError, match="rendering"):
+        split_sources("validation", "cached")
+
+
+def test_a_stale_frozen_file_is_refused(tmp_path, monkeypatch):
+    import spectral_kv.text as text
+
+    monkeypatch.setattr(text, "FROZEN_DIR", str(tmp_path))
+    text._frozen.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="live"):
+            text.split_sources("tuning")
+        paths = text.freeze(str(tmp_path))
+        assert sorted(os.path.basename(p) for p in paths) == ["tuning.json.xz", "validation.json.xz"]
+        assert text.split_sources("tuning") == text.split_sources("tuning", "live")
+        monkeypatch.setitem(text.SPLITS, "tuning", dict(text.SPLITS["tuning"], source=("queue",)))
+        text._frozen.cache_clear()
+        with pytest.raises(ValueError, match="re-freeze"):
+            text.split_sources("tuning")
+    finally:
+        text._frozen.cache_clear()
 
 
 def test_a_rendering_other_than_the_readmes_is_said():

@@ -17,9 +17,11 @@ __all__ = ["load_corpus", "quality_offsets", "haystack_range", "rendering_note",
 
 QUALITY_SHARE = 0.7  # of each source: the first 70% feeds perplexity segments, the rest (prose) haystacks
 
-# The text is rendered from the running Python's stdlib (pydoc and module source), so it differs
-# between Python versions. The README's validation numbers (results/validation/validation-*.json,
-# H200 runs) read this rendering: split -> (Python version, sha256 of each source's text).
+# The text is rendered from a Python's stdlib (pydoc and module source), so it differs between
+# Python versions. The package ships one rendering (`spectral_kv.text.split_sources`, "frozen",
+# the default); ``rendering="live"`` renders it from the running Python. The README's validation
+# numbers (results/validation/validation-*.json, H200 runs) read this rendering, the frozen one:
+# split -> (Python version, sha256 of each source's text).
 REFERENCE_RENDERING = {
     "validation": ("3.12.3", ("56b82ad65bc121b8a5584bc1c7018219135dbfcf9c54ad9b585e931cd32dc0c5",
                               "c03eaa4aa9a31dc33e274189827a4ef025fbe4fa7d26753a4b98f28d3458c152")),
@@ -32,12 +34,13 @@ def rendering_note(info: dict[str, Any]) -> str | None:
     ref = REFERENCE_RENDERING.get(info["split"])
     if ref is None or tuple(s["sha256"] for s in info["sources"]) == ref[1]:
         return None
-    return (f"this machine renders the {info['split']} split differently from the README's runs (Python "
-            f"{info['python']} here, {ref[0]} there; text sha256 differs): compare methods within this run, "
-            "not with the README's numbers")
+    return (f"this text of the {info['split']} split is not the README's runs' (Python {info['python']} "
+            f"rendered it, {ref[0]} there; text sha256 differs): compare methods within this run, not with "
+            "the README's numbers (the default --corpus frozen reads the README's text)")
 
 
-def load_corpus(tokenizer, split: str = "validation", max_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_corpus(tokenizer, split: str = "validation", max_tokens: int | None = None,
+                rendering: str = "frozen") -> tuple[torch.Tensor, dict[str, Any]]:
     """Token ids of one split and a description of it for the results.
 
     Parameters
@@ -46,21 +49,24 @@ def load_corpus(tokenizer, split: str = "validation", max_tokens: int | None = N
     split : {"validation", "tuning"}
     max_tokens : int, optional
         Keep only the first ``max_tokens`` ids of each source.
+    rendering : {"frozen", "live"}
+        The text shipped with the package (the same on every machine) or rendered now from this
+        Python's stdlib (`spectral_kv.text.split_sources`).
 
     Returns
     -------
     ids : Tensor[N] int64
         The sources' ids, concatenated in order.
     info : dict
-        ``name``, ``split``, ``python`` (the text depends on the Python version), ``n_tokens``
+        ``name``, ``split``, ``rendering``, ``python`` (the Python that rendered the text), ``n_tokens``
         and ``sources``: per source ``kind``, ``modules``, ``start`` / ``end`` (token range in
         ``ids``), ``sha256`` of its text and ``n_chars``.
     """
-    from spectral_kv.text import split_sources
+    from spectral_kv.text import frozen_python, split_sources
 
     ids: list[int] = []
     sources = []
-    for kind, text, modules in split_sources(split):
+    for kind, text, modules in split_sources(split, rendering):
         part = tokenizer(text, add_special_tokens=False)["input_ids"]
         if max_tokens is not None:
             part = part[:max_tokens]
@@ -70,7 +76,8 @@ def load_corpus(tokenizer, split: str = "validation", max_tokens: int | None = N
     info = {
         "name": f"{split} split: pydoc prose + Python source of disjoint CPython stdlib modules",
         "split": split,
-        "python": platform.python_version(),
+        "rendering": rendering,
+        "python": frozen_python(split) if rendering == "frozen" else platform.python_version(),
         "n_tokens": len(ids),
         "sources": sources,
     }

@@ -50,6 +50,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--split", choices=("validation", "tuning", "both"), default="validation",
                    help="corpus split (spectral_kv.text.SPLITS): quality is reported on validation; 'both' also "
                         "measures the tuning split (perplexity only; NIAH reads validation)")
+    p.add_argument("--corpus", choices=("frozen", "live"), default="frozen",
+                   help="the split's text: 'frozen' (default) the rendering shipped with the package, the one the "
+                        "README's numbers read, the same on every machine; 'live' rendered from this Python's stdlib")
     p.add_argument("--device", default=None, help="torch device of the model and caches (default: cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="model dtype (default float32; the exact reference runs in the same dtype)")
@@ -182,7 +185,8 @@ def run_eval(args, model=None, tokenizer=None, device=None, dtype=None) -> int:
     log(f"model {model_name} loaded ({timings['model_load']:.0f}s)")
     t = time.perf_counter()
     split = getattr(args, "split", "validation") or "validation"
-    corpora = {s: load_corpus(tokenizer, s) for s in (("tuning", "validation") if split == "both" else (split,))}
+    rendering_kind = getattr(args, "corpus", "frozen") or "frozen"
+    corpora = {s: load_corpus(tokenizer, s, rendering=rendering_kind) for s in (("tuning", "validation") if split == "both" else (split,))}
     report_split = "validation" if split == "both" else split
     corpus_ids, corpus = corpora[report_split]
     timings["corpus"] = time.perf_counter() - t
