@@ -20,7 +20,10 @@ measured in the same run:
   the points listed in ``STATIC_AT``);
 * ``<preset> generate``: ``generate`` with `SpectralCache` (default attention: the fused
   kernel on CUDA);
-* ``<preset> static``: `StaticDecoder` (one CUDA graph per step) from the filled cache.
+* ``<preset> static``: `StaticDecoder` (one CUDA graph per step) from the filled cache;
+* ``<preset> static compiled``: the same with ``StaticDecoder(compile=True)`` (the decode forward
+  through Inductor, so the model's elementwise ops fuse; one compile per shape: at the points in
+  ``STATIC_AT``, for the presets in ``COMPILED``).
 
 Beside each: the bytes floor of a step, (weight bytes + cache bytes) / read bandwidth measured
 in the run, the step's fraction of it, and the bytes limit of each ratio,
@@ -153,14 +156,15 @@ def generate_step_ms(model, cache, batch, steps):
     return 1000 * (best[2 + steps] - best[2]) / steps
 
 
-def static_decoder_step_ms(model, cache, batch, steps):
-    """Median ms of a graphed decode step (CUDA events; the first steps, warm-up and capture, excluded)."""
-    decoder = StaticDecoder(model, cache, record_step_times=True)
+def static_decoder_step_ms(model, cache, batch, steps, compile=False):
+    """Median ms of a graphed decode step (CUDA events; the first steps, warm-up, compilation and
+    capture, excluded)."""
+    decoder = StaticDecoder(model, cache, record_step_times=True, compile=compile)
     ids = torch.ones(batch, 1, dtype=torch.long, device=model.device)
     t0 = time.perf_counter()
-    decoder.generate_from_cache(ids, max_new_tokens=steps + 3)
-    wall = 1000 * (time.perf_counter() - t0) / (steps + 3)
-    times = decoder.step_ms[2:]
+    decoder.generate_from_cache(ids, max_new_tokens=steps + 4)
+    wall = 1000 * (time.perf_counter() - t0) / (steps + 4)
+    times = decoder.step_ms[3:]
     return (statistics.median(times) if times else wall), decoder
 
 
@@ -235,6 +239,7 @@ def correctness(device, presets, log_fn) -> bool:
 
 # ----------------------------------------------------------------------------- the run
 STATIC_AT = {("mistral7b", 8, 32768), ("smollm2", 1, 4096), ("smollm2", 8, 4096)}
+COMPILED = ("balanced", "fast")  # the default and the fastest layout
 
 
 def run(args) -> int:
@@ -276,6 +281,8 @@ def run(args) -> int:
             if batch == "max":
                 batch = None
             methods = ["dynamic", "static+compile"] + [f"{p} generate" for p in presets] + [f"{p} static" for p in presets]
+            if (shape, batch, ctx) in STATIC_AT:
+                methods += [f"{p} static compiled" for p in COMPILED if p in presets]
             if batch is None:  # the largest batch that fits: the stock baseline and the two GPU paths of interest
                 methods = ["dynamic", "balanced generate", "balanced static", "fast static"]
             for method in methods:
@@ -305,7 +312,7 @@ def run(args) -> int:
                 if row is None:
                     ok = False
                     continue
-                per_token[preset if method.endswith(("generate", "static")) else "dynamic"] = row["cache_bytes"] / (b * ctx)
+                per_token[preset if method.endswith(("generate", "static", "compiled")) else "dynamic"] = row["cache_bytes"] / (b * ctx)
                 rows.append({"shape": shape, **row})
                 torch.cuda.empty_cache() if device.type == "cuda" else None
         del model
@@ -347,7 +354,7 @@ def one_point(model, method, preset, batch, ctx, steps, wb, read_bw):
         if method.endswith("generate"):
             ms = generate_step_ms(model, cache, batch, steps)
         else:
-            ms, decoder = static_decoder_step_ms(model, cache, batch, steps)
+            ms, decoder = static_decoder_step_ms(model, cache, batch, steps, compile=method.endswith("compiled"))
         strategies = [layer.strategy for layer in cache.spectral_layers]
         fallbacks = sum(getattr(s, "fallback_calls", 0) for s in strategies)
         if device.type == "cuda" and fallbacks:

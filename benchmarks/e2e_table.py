@@ -17,8 +17,9 @@ def rows(path):
             break
         shape, b, ctx, method, ms, floor, of, vs, limit = m.groups()
         if method not in NAMES:
-            preset, kind = method.rsplit(" ", 1)
-            method = f"`{preset}` " + ("StaticDecoder" if kind == "static" else "generate")
+            preset, kind = method.split(" ", 1)
+            method = f"`{preset}` " + {"static": "StaticDecoder", "static compiled": "StaticDecoder(compile=True)",
+                                       "generate": "generate"}[kind]
         yield f"| {shape} | {b} x {int(ctx) // 1024}K | {NAMES.get(method, method)} | {ms} | {vs}x | {floor} | {of}% | {limit}x |"
 
 

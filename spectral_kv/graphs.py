@@ -14,6 +14,14 @@ changes the cache's layout runs between replays in `SpectralCache.advance`:
 
 Without CUDA (or with ``use_cuda_graph=False``) the same steps run eagerly, which is how the
 CPU tests check that a captured step computes what the dynamic cache computes.
+
+``compile=True`` runs the decode forward through ``torch.compile`` (Inductor, its own CUDA graphs
+off: this driver captures): the model's elementwise ops (RMSNorm, RoPE, SiLU, residuals) fuse,
+which is what transformers' static cache + compile has over an eager graph. The first decode step
+still runs the plain forward (it counts which attention path ran: compiled steps do not touch the
+Python counters, which would make Dynamo recompile every step), the next one compiles, the one
+after is captured; after a pool grows (new shapes) one compiled step runs before the re-capture,
+so no compilation happens inside a capture.
 """
 
 from __future__ import annotations
@@ -67,6 +75,10 @@ class StaticDecoder:
     record_step_times : bool
         On CUDA, time every decode step (replay plus the host work after it) with CUDA
         events into `step_ms` (no host sync until the end).
+    compile : bool or str
+        Decode steps through ``torch.compile`` (module docstring): faster steps, a compilation
+        (tens of seconds for a 7B model) at the first `generate` and after a pool grows, one per
+        batch size. A string names the ``torch.compile`` backend (``True``: ``"inductor"``).
 
     Attributes
     ----------
@@ -76,7 +88,8 @@ class StaticDecoder:
         Per-step times of the latest `generate` when ``record_step_times``.
     """
 
-    def __init__(self, model, cache, use_cuda_graph: bool | None = None, record_step_times: bool = False) -> None:
+    def __init__(self, model, cache, use_cuda_graph: bool | None = None, record_step_times: bool = False,
+                 compile: bool = False) -> None:
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl != "spectral_kv":
             raise ValueError(
@@ -92,6 +105,14 @@ class StaticDecoder:
         self._takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
         self.captures = 0
         self.record_step_times = record_step_times and device.type == "cuda"
+        if compile is not False and compile is not True and not (isinstance(compile, str) and compile):
+            raise ValueError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+        self.compile = compile
+        backend = "inductor" if compile is True else compile
+        # Inductor's own CUDA graphs off: this driver captures the step itself.
+        self._compiled = None if compile is False else torch.compile(
+            model.forward, backend=backend, dynamic=False,
+            options={"triton.cudagraphs": False} if backend == "inductor" else None)
         self.step_ms: list[float] = []
 
     @torch.no_grad()
@@ -203,7 +224,9 @@ class StaticDecoder:
         self._cache_pos = torch.tensor([length], device=dev)
         self._mask = torch.ones(b, 1, 1, 1, dtype=torch.bool, device=dev)  # 4-D: transformers uses it as is
         self.captures = 0
-        graph, version, warmed = None, None, False
+        # warm: the storage version the function about to be captured last ran on (compiled, it
+        # must have compiled for the current shapes before a capture)
+        graph, version, warm, eager_done = None, None, None, False
         events = []
         with deferred_advance():
             for step in range(1, max_new_tokens):
@@ -212,17 +235,23 @@ class StaticDecoder:
                 if self.record_step_times:
                     events.append(torch.cuda.Event(enable_timing=True))
                     events[-1].record()
-                if self.use_cuda_graph and warmed and (graph is None or version != self.cache.storage_version):
-                    graph = self._capture()
-                    version = self.cache.storage_version
+                current = self.cache.storage_version
+                if self.use_cuda_graph and (graph is None or version != current):
+                    graph = None
+                    if warm is not None and (self._compiled is None or warm == current):
+                        graph = self._capture()
+                        version = current
                 if graph is not None:
                     graph.replay()
                     out = self._out
                 elif self.use_cuda_graph:
-                    out = self._warm_up()
-                    warmed = True
+                    # the first step plain (it counts the attention path), then compiled if asked
+                    compiled = self._compiled is not None and eager_done
+                    out = self._warm_up(compiled)
+                    eager_done = True
+                    warm = current if compiled or self._compiled is None else None
                 else:
-                    out = self._step()
+                    out = self._step(self._compiled is not None)
                 self.cache.advance()
                 tokens.append(out.clone())
                 self._ids.copy_(out)
@@ -236,21 +265,21 @@ class StaticDecoder:
             self.step_ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
 
     # ------------------------------------------------------------------ one step
-    def _step(self) -> torch.Tensor:
+    def _step(self, compiled: bool = False) -> torch.Tensor:
         kwargs = dict(input_ids=self._ids, attention_mask=self._mask, position_ids=self._pos,
                       past_key_values=self.cache, use_cache=True)
         if self._takes_cache_position:
             kwargs["cache_position"] = self._cache_pos
-        logits = self.model(**kwargs).logits[:, -1]
+        logits = (self._compiled if compiled else self.model)(**kwargs).logits[:, -1]
         self._bad |= ~torch.isfinite(logits).all()
         return self._finish(self._select(logits))
 
-    def _warm_up(self) -> torch.Tensor:
-        """A real eager step on a side stream (cuBLAS / Triton set up before any capture)."""
+    def _warm_up(self, compiled: bool = False) -> torch.Tensor:
+        """A real step on a side stream (cuBLAS / Triton / Inductor set up before any capture)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            out = self._step()
+            out = self._step(compiled)
         torch.cuda.current_stream().wait_stream(side)
         return out
 
@@ -258,6 +287,6 @@ class StaticDecoder:
         """Record one decode step (nothing runs while capturing; every replay runs it)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._out = self._step()
+            self._out = self._step(self._compiled is not None)
         self.captures += 1
         return graph

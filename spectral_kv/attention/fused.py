@@ -104,10 +104,15 @@ class FusedAttention(SpectralAttention):
         )
 
     def attend(self, q, view, scaling):
+        # Not counted while torch.compile traces (`StaticDecoder(compile=True)`): Dynamo would guard
+        # on the count and recompile every step; the driver's first, plain step is counted.
+        counting = not torch.compiler.is_compiling()
         if not self._kernel_ok(q, view):
-            self.fallback_calls += 1
+            if counting:
+                self.fallback_calls += 1
             return super().attend(q, view, scaling)
-        self.kernel_calls += 1
+        if counting:
+            self.kernel_calls += 1
         n_cold, n_exact = view.counts()  # blocks past n_cold / tokens past n_exact are never read
         b, h, d, dev = q.shape[0], view.exact_k.shape[1], q.shape[3], q.device
         if self.kernel == "svd":

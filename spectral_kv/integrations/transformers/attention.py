@@ -57,18 +57,21 @@ def spectral_attention_forward(
         _handoff.layer = _handoff.key = None
         if dropout:
             raise ValueError(f"spectral_kv attention is for inference; got dropout={dropout}")
-        COUNTERS["spectral_calls"] += 1
+        if not torch.compiler.is_compiling():  # a guarded count recompiles every step
+            COUNTERS["spectral_calls"] += 1
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         defer_if_hooked(layer, module, query)  # a kvpress press in a forward hook reads the prompt exactly
         out = layer.attend_and_commit(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
-    COUNTERS["exact_calls"] += 1
+    if not torch.compiler.is_compiling():  # a guarded count recompiles every step
+        COUNTERS["exact_calls"] += 1
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def spectral_mask(*args, **kwargs):
     """transformers' SDPA mask, always materialized as bool ``[B, 1, Tq, kv_len]`` (never None)."""
-    COUNTERS["mask_calls"] += 1
+    if not torch.compiler.is_compiling():  # a guarded count recompiles every step
+        COUNTERS["mask_calls"] += 1
     kwargs["allow_is_causal_skip"] = False
     return sdpa_mask(*args, **kwargs)
 

@@ -177,7 +177,8 @@ class SpectralLayer(CacheLayerMixin):
         the host checks and the host side of the step are left to the driver.
         """
         self._staged = False
-        self.attention_calls += 1
+        if not torch.compiler.is_compiling():  # a guarded count would recompile every step
+            self.attention_calls += 1
         deferred = advance_deferred()
         view = self.tiers.view(key, value, mask, check=not deferred)
         if view.static:  # static decode steps run eagerly (a CUDA graph captures them instead)
