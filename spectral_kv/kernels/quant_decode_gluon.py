@@ -44,8 +44,8 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     gluon = gl = mma_v2 = None
     GLUON_IMPORT_ERROR = exc
 
-__all__ = ["HAS_GLUON", "GLUON_IMPORT_ERROR", "ROWS", "check_layouts", "pair_asm", "unit_plan", "cold_partials_reference",
-           "combine_partials", "value_column_channel"]
+__all__ = ["HAS_GLUON", "GLUON_IMPORT_ERROR", "ROWS", "check_layouts", "pair_asm", "unit_plan", "cold_partials",
+           "cold_partials_reference", "combine_partials", "value_column_channel", "kernel_constants"]
 
 HAS_GLUON = gluon is not None
 ROWS = 16  # rows of the smallest plane per unit: one mma k-tile of tokens per chunk
@@ -203,9 +203,9 @@ if HAS_GLUON:
     @gluon.jit
     def qd_cold_gluon_kernel(
         qk_ptr, kc_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, ncold_ptr, m_ptr, l_ptr, acc_ptr,
-        qk_scale, H, G, TPS, S_COLD,
+        qk_scale, H, TPS, S_COLD,
         sqk_b, sqk_h, skc_b, skc_h, skc_n, sks_b, sks_h, sks_n, sks_g, svw_b, svw_h, svw_n, svs_b, svs_h, svs_n,
-        C: gl.constexpr, DV: gl.constexpr, KG: gl.constexpr, KSTEP: gl.constexpr, R_BASE: gl.constexpr,
+        G: gl.constexpr, C: gl.constexpr, DV: gl.constexpr, KG: gl.constexpr, KSTEP: gl.constexpr, R_BASE: gl.constexpr,
         P_BASE: gl.constexpr, NR: gl.constexpr, KSEG: gl.constexpr, VSEG: gl.constexpr, KASM: gl.constexpr,
         VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr,
     ):
@@ -223,8 +223,9 @@ if HAS_GLUON:
         # the query [16, C] (rows >= G: zeros), scaling * log2(e) folded in
         g_a = gl.arange(0, 16, layout=gl.SliceLayout(1, QA))
         c_a = gl.arange(0, C, layout=gl.SliceLayout(0, QA))
-        qk = gl.load(qk_ptr + b * sqk_b + (h * G + g_a)[:, None] * sqk_h + c_a[None, :],
-                     mask=(g_a < G)[:, None], other=0.0) * qk_scale
+        # fp16 once: the key scale is then one fp16 multiply per pair of channels (HMUL2)
+        q16 = (gl.load(qk_ptr + b * sqk_b + (h * G + g_a)[:, None] * sqk_h + c_a[None, :],
+                       mask=(g_a < G)[:, None], other=0.0) * qk_scale).to(gl.float16)
         c_k = gl.arange(0, C, layout=gl.SliceLayout(1, KB))
         n_k = gl.arange(0, 16, layout=gl.SliceLayout(0, KB))
         n_m = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
@@ -233,8 +234,9 @@ if HAS_GLUON:
         wv = gl.arange(0, DW, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))[None, None, :]
         vw_cols = gv * DW + wv
         m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, MMA))
-        l_t = gl.zeros([16, 16], gl.float32, layout=MMA)
-        z_t = gl.zeros([16, 16], gl.float32, layout=MMA)
+        # G constexpr: for G <= 8 the query rows 8..15 are constant zeros (no registers)
+        l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))
+        z_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))  # sum_t p_t * z_t (the value zero)
         acc = gl.zeros([16, DV], gl.float32, layout=MMA)
         n_c = gl.load(ncold_ptr + b).to(gl.int64)
         u_lo = split.to(gl.int64) * TPS
@@ -253,6 +255,19 @@ if HAS_GLUON:
             for j in gl.static_range(gl.constexpr(KSEG[4])):
                 for k in gl.static_range(gl.constexpr(KSEG[5 + 4 * j] // P_BASE)):
                     kt = kt + (gl.load(kc_base + KSEG[6 + 4 * j] + (r0 + R_BASE * k + n_k)[None, :] * C + c_k[:, None]),)
+            ss = ()
+            for i in gl.static_range(NCH):
+                if i % KSTEP == 0:  # a new key group: its scale folded into the query, its zero into a bias
+                    grp = (R_BASE * i + r0) // KG
+                    qs = q16 * gl.load(ks_base + grp * sks_g + c_a)[None, :]
+                    # q . z_k on the tensor cores: an n8 dot with z_k broadcast over its 8 columns,
+                    # then both halves of the [16, 16] score tile take the same columns (registers only)
+                    kz = gl.load(kz_base + grp * sks_g + c_k)[:, None].broadcast_to([C, 8])
+                    b8 = mma_v2(q16, kz, gl.zeros([16, 8], gl.float32, layout=MMA)) * (1.0 / INV)
+                    s0 = gl.convert_layout(gl.reshape(gl.permute(gl.join(b8, b8), [0, 2, 1]), [16, 16]), MMA,
+                                           assert_trivial=True)
+                ss = ss + (mma_v2(qs, _key_codes(kt, i, KSEG, P_BASE, gl.constexpr(KASM[i])), s0),)
+            # value words after the key dots: their registers are not live during the key phase
             ta = ()
             tb = ()
             for j in gl.static_range(gl.constexpr(VSEG[4])):
@@ -260,24 +275,14 @@ if HAS_GLUON:
                     w0 = vw_base + VSEG[6 + 4 * j] // 4 + (r0 + R_BASE * k + 2 * kp) * (DV // 4) + vw_cols
                     ta = ta + (gl.load(w0),)
                     tb = tb + (gl.load(w0 + DV // 4),)
-            ss = ()
-            for i in gl.static_range(NCH):
-                if i % KSTEP == 0:  # a new key group: its scale folded into the query, its zero into a bias
-                    st = ((R_BASE * i + r0) // KG) * sks_g + c_a
-                    ks = gl.load(ks_base + st).to(gl.float32)
-                    kz = gl.load(kz_base + st).to(gl.float32)
-                    qs = (qk * ks[None, :]).to(gl.float16)
-                    bias = gl.convert_layout(gl.sum(qk * kz[None, :], axis=1), gl.SliceLayout(1, MMA)) * (1.0 / INV)
-                    s0 = gl.zeros([16, 16], gl.float32, layout=MMA) + bias[:, None]
-                ss = ss + (mma_v2(qs, _key_codes(kt, i, KSEG, P_BASE, gl.constexpr(KASM[i])), s0),)
             # one online-softmax step per unit (scores in code steps: * INV)
             mx = ss[0]
             for i in gl.static_range(1, NCH):
                 mx = gl.maximum(mx, ss[i])
             m_new = gl.maximum(m_i, gl.max(mx, axis=1) * INV)
             alpha = gl.exp2(m_i - m_new)
-            l_t = l_t * alpha[:, None]
-            z_t = z_t * alpha[:, None]
+            l_t = gl.zeros([16, 16], gl.float32, layout=MMA)
+            z_t = gl.zeros([16, 16], gl.float32, layout=MMA)
             acc = acc * alpha[:, None]
             m_i = m_new
             for i in gl.static_range(NCH):
@@ -289,13 +294,15 @@ if HAS_GLUON:
                 z_t += p * vz[None, :]
                 pv = gl.convert_layout((p * vs[None, :]).to(gl.float16), PA, assert_trivial=True)
                 acc = mma_v2(pv, _value_codes(ta, tb, i, VSEG, P_BASE, gl.constexpr(VASM[i]), DV, VB), acc)
+            l_i = l_i * alpha + gl.sum(l_t, axis=1)
+            z_i = z_i * alpha + gl.sum(z_t, axis=1)
         g_m = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
         ws = pid_bh.to(gl.int64) * S_COLD + split
         gl.store(m_ptr + ws * 16 + g_m, m_i, mask=g_m < G)
-        gl.store(l_ptr + ws * 16 + g_m, gl.sum(l_t, axis=1), mask=g_m < G)
+        gl.store(l_ptr + ws * 16 + g_m, l_i, mask=g_m < G)
         col = gl.arange(0, DV, layout=gl.SliceLayout(0, MMA))
         ch = (col % 8) * (DV // 8) + col // 8  # value_column_channel
-        out = acc * INV + gl.sum(z_t, axis=1)[:, None]
+        out = acc * INV + z_i[:, None]
         gl.store(acc_ptr + (ws * 16 + g_m[:, None]) * DV + ch[None, :], out, mask=(g_m < G)[:, None])
 
 
@@ -315,3 +322,41 @@ def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int) -> dict:
     return dict(C=kl.kept, DV=dv, KG=kg, KSTEP=kg // r_base if kg % r_base == 0 else 1, R_BASE=r_base, P_BASE=p_base,
                 NR=nr, KSEG=_segments(kl, p_base)[0], VSEG=_segments(vl, p_base)[0], KASM=asm_of(kl, p_base, True),
                 VASM=tuple(pair_asm(vbits, i, p_base) for i in range(8 // p_base)), INV=2.0**24, LV=lv)
+
+
+def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, scaling, kl: CodeLayout,
+                  vl: CodeLayout, key_group: int, tps: int = 0):
+    """The Gluon kernel on CUDA: same contract and returns as `cold_partials_reference` (``tps`` 0:
+    `quant_decode.choose_tiles_per_split` with 8 one-warp programs per SM). Returns (m, l, acc, tps).
+    Raises ``RuntimeError`` without gluon, ``ValueError`` for a layout or input it does not take."""
+    if not HAS_GLUON:
+        raise RuntimeError(f"the Gluon kernel needs triton >= 3.6 (triton.experimental.gluon); import failed with "
+                           f"{GLUON_IMPORT_ERROR!r}. Gluon has no interpreter: on CPU use cold_partials_reference.")
+    from .launch import num_sms
+    from .quant_decode import choose_tiles_per_split
+
+    check_layouts(kl, vl, qk.shape[1] // k_codes.shape[1], key_group)
+    B, Hq, dk = qk.shape
+    H, NB = k_codes.shape[1], k_codes.shape[2]
+    G = Hq // H
+    for name, t in (("qk", qk), ("k_codes", k_codes), ("k_scale", k_scale), ("v_codes", v_codes), ("v_scale", v_scale)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} (strides {tuple(t.stride())}) must have a contiguous last dim")
+    if v_scale.stride(3) != 1 or k_zero.stride() != k_scale.stride() or v_zero.stride() != v_scale.stride():
+        raise ValueError("v_scale's tokens must be contiguous and zeros must have their scales' strides")
+    if v_codes.stride(2) % 4 or v_codes.storage_offset() % 4 or vl.nbytes % 4:
+        raise ValueError(f"v_codes (strides {tuple(v_codes.stride())}) must be 4-byte aligned per block")
+    const = kernel_constants(kl, vl, key_group)
+    nr = const["NR"]
+    tps = tps if tps > 0 else choose_tiles_per_split(B * H, NB * nr, num_sms(qk.device), per_sm=8)
+    S = -(-(NB * nr) // tps)
+    m = torch.empty((B * H * S, 16), dtype=torch.float32, device=qk.device)
+    l = torch.empty_like(m)
+    acc = torch.empty((B * H * S, 16, vl.kept), dtype=torch.float32, device=qk.device)
+    vw = v_codes.view(torch.int32)
+    qd_cold_gluon_kernel[(B * H, S)](
+        qk, k_codes, k_scale, k_zero, vw, v_scale, v_zero, n_cold, m, l, acc,
+        float(scaling) * 1.4426950408889634, H, tps, S,
+        qk.stride(0), qk.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:4], *vw.stride()[:3], *v_scale.stride()[:3],
+        G=G, **const, num_warps=1)
+    return (m.view(B, H, S, 16)[..., :G], l.view(B, H, S, 16)[..., :G], acc.view(B, H, S, 16, vl.kept)[:, :, :, :G], tps)
