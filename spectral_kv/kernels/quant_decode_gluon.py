@@ -234,6 +234,11 @@ if HAS_GLUON:
         wv = gl.arange(0, DW, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))[None, None, :]
         vw_cols = gv * DW + wv
         m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, MMA))
+        # G <= 8: rows 8..15 of every dot are padding; selecting constants there (a per-register
+        # condition, folded at compile time) frees their registers in the scores and the query
+        LIVE: gl.constexpr = 8 if G <= 8 else 16
+        live_m = (gl.arange(0, 16, layout=gl.SliceLayout(1, MMA)) < LIVE)[:, None]
+        live_a = (g_a < LIVE)[:, None]
         # G constexpr: for G <= 8 the query rows 8..15 are constant zeros (no registers)
         l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))
         z_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))  # sum_t p_t * z_t (the value zero)
@@ -266,7 +271,7 @@ if HAS_GLUON:
                     b8 = mma_v2(q16, kz, gl.zeros([16, 8], gl.float32, layout=MMA)) * (1.0 / INV)
                     s0 = gl.convert_layout(gl.reshape(gl.permute(gl.join(b8, b8), [0, 2, 1]), [16, 16]), MMA,
                                            assert_trivial=True)
-                ss = ss + (mma_v2(qs, _key_codes(kt, i, KSEG, P_BASE, gl.constexpr(KASM[i])), s0),)
+                ss = ss + (gl.where(live_m, mma_v2(qs, _key_codes(kt, i, KSEG, P_BASE, gl.constexpr(KASM[i])), s0), 0.0),)
             # value words after the key dots: their registers are not live during the key phase
             ta = ()
             tb = ()
