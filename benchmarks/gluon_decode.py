@@ -63,7 +63,7 @@ def _sass_stats(compiled):
     return dict(regs=regs, spill_bytes=spill, loop=collections.Counter(ins[lo: hi + 1]), shared=compiled.metadata.shared)
 
 
-def compile_gluon(kseg, vseg, d=D, g=G):
+def compile_gluon(kseg, vseg, d=D, g=G, maxnreg=None):
     """Compile the Gluon kernel for sm_90 (needs triton 3.6's gluon): `_sass_stats` + per-unit tokens."""
     import inspect
 
@@ -80,7 +80,7 @@ def compile_gluon(kseg, vseg, d=D, g=G):
     # what a launch specializes: pointers and the strides of real pools are multiples of 16
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in ptrs or sig[n] == "i64"}
     out = triton.compile(GluonASTSource(fn=QG.qd_cold_gluon_kernel, signature=sig, constexprs=const, attrs=attrs),
-                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, maxnreg=maxnreg))
     return dict(_sass_stats(out), tokens=8 // const["P_BASE"] * QG.ROWS, warps=1)
 
 

@@ -288,7 +288,7 @@ if HAS_GLUON:
             alpha = gl.exp2(m_i - m_new)
             l_t = gl.zeros([16, 16], gl.float32, layout=MMA)
             z_t = gl.zeros([16, 16], gl.float32, layout=MMA)
-            acc = acc * alpha[:, None]
+            acc = gl.where(live_m, acc * alpha[:, None], acc)  # padding rows: not rescaled
             m_i = m_new
             for i in gl.static_range(NCH):
                 p = gl.exp2(ss[i] * INV - m_new[:, None])
