@@ -183,9 +183,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _value_codes(ta, tb, I: gl.constexpr, VSEG: gl.constexpr, P_BASE: gl.constexpr, CODE: gl.constexpr,
-                     DV: gl.constexpr, VB: gl.constexpr):
-        """Chunk I's value codes [16 tokens, DV columns] in the B layout of ``p @ V`` (columns
-        permuted: `value_column_channel`), from the words of tokens 2k (``ta``) and 2k+1 (``tb``)."""
+                     DV: gl.constexpr, VA: gl.constexpr):
+        """Chunk I's value codes transposed, [DV rows, 16 tokens], in the A layout of ``accᵀ = Vᵀ pᵀ``
+        (rows permuted: `value_column_channel`), from the words of tokens 2k (``ta``) and 2k+1 (``tb``)."""
         NP: gl.constexpr = VSEG[4]
         j0: gl.constexpr = VSEG[8] + I % (VSEG[5] // P_BASE)
         if NP == 1:
@@ -197,8 +197,15 @@ if HAS_GLUON:
                                           dtype=(gl.float16,) * 8, is_pure=True, pack=1)
         # o[2c + e]: token 2k + e, channel 4 w + c of thread g's words w -> dims (k, g, w, e, c0, c1)
         z = gl.join(gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3])), gl.join(gl.join(o[4], o[5]), gl.join(o[6], o[7])))
-        z = gl.permute(z, [0, 3, 2, 5, 4, 1])  # (k, e, w, c1, c0, g): row 2k + e, column g + 8 (4 w + c)
-        return gl.convert_layout(gl.reshape(z, [16, DV]), VB, assert_trivial=True)
+        z = gl.permute(z, [2, 5, 4, 1, 0, 3])  # (w, c1, c0, g, k, e): row g + 8 (4 w + c), token 2k + e
+        return gl.convert_layout(gl.reshape(z, [DV, 16]), VA, assert_trivial=True)
+
+    @gluon.jit
+    def _heads(x, NQ: gl.constexpr, MMA: gl.constexpr):
+        # a per-head vector [16] of the score layout -> [NQ] along accᵀ's columns (a few shuffles)
+        if NQ == 8:
+            x = gl.split(gl.permute(gl.reshape(x, [2, 8]), [1, 0]))[0]
+        return gl.convert_layout(x, gl.SliceLayout(0, MMA))
 
     @gluon.jit
     def qd_cold_gluon_kernel(
@@ -212,8 +219,9 @@ if HAS_GLUON:
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
         KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=4)
-        PA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        VB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        VA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        PB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+        NQ: gl.constexpr = 8 if G <= 8 else 16  # the N of accᵀ = Vᵀ pᵀ: the query heads
         NCH: gl.constexpr = 8 // P_BASE
         DW: gl.constexpr = DV // 32  # value words (4 channels) per thread per token
         pid_bh = gl.program_id(0)
@@ -242,7 +250,7 @@ if HAS_GLUON:
         # G constexpr: for G <= 8 the query rows 8..15 are constant zeros (no registers)
         l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))
         z_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))  # sum_t p_t * z_t (the value zero)
-        acc = gl.zeros([16, DV], gl.float32, layout=MMA)
+        acc = gl.zeros([DV, NQ], gl.float32, layout=MMA)  # transposed: [value columns, query heads]
         n_c = gl.load(ncold_ptr + b).to(gl.int64)
         u_lo = split.to(gl.int64) * TPS
         u_hi = gl.minimum(u_lo + TPS, n_c * NR)
@@ -288,7 +296,7 @@ if HAS_GLUON:
             alpha = gl.exp2(m_i - m_new)
             l_t = gl.zeros([16, 16], gl.float32, layout=MMA)
             z_t = gl.zeros([16, 16], gl.float32, layout=MMA)
-            acc = gl.where(live_m, acc * alpha[:, None], acc)  # padding rows: not rescaled
+            acc = acc * _heads(alpha, NQ, MMA)[None, :]
             m_i = m_new
             for i in gl.static_range(NCH):
                 p = gl.exp2(ss[i] * INV - m_new[:, None])
@@ -297,18 +305,24 @@ if HAS_GLUON:
                 vs = gl.load(vs_base + tok).to(gl.float32)
                 vz = gl.load(vz_base + tok).to(gl.float32)
                 z_t += p * vz[None, :]
-                pv = gl.convert_layout((p * vs[None, :]).to(gl.float16), PA, assert_trivial=True)
-                acc = mma_v2(pv, _value_codes(ta, tb, i, VSEG, P_BASE, gl.constexpr(VASM[i]), DV, VB), acc)
+                # pᵀ [16 tokens, NQ heads]: the score accumulator holds (head g, tokens 2t, 2t+1) in the
+                # lanes the B operand wants them: a transpose in registers, no data movement
+                pt = gl.permute((p * vs[None, :]).to(gl.float16), [1, 0])
+                if NQ == 8:
+                    pt = gl.split(gl.permute(gl.reshape(pt, [16, 2, 8]), [0, 2, 1]))[0]
+                acc = mma_v2(_value_codes(ta, tb, i, VSEG, P_BASE, gl.constexpr(VASM[i]), DV, VA),
+                             gl.convert_layout(pt, PB, assert_trivial=True), acc)
             l_i = l_i * alpha + gl.sum(l_t, axis=1)
             z_i = z_i * alpha + gl.sum(z_t, axis=1)
         g_m = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
         ws = pid_bh.to(gl.int64) * S_COLD + split
         gl.store(m_ptr + ws * 16 + g_m, m_i, mask=g_m < G)
         gl.store(l_ptr + ws * 16 + g_m, l_i, mask=g_m < G)
-        col = gl.arange(0, DV, layout=gl.SliceLayout(0, MMA))
-        ch = (col % 8) * (DV // 8) + col // 8  # value_column_channel
-        out = acc * INV + z_i[:, None]
-        gl.store(acc_ptr + (ws * 16 + g_m[:, None]) * DV + ch[None, :], out, mask=(g_m < G)[:, None])
+        row = gl.arange(0, DV, layout=gl.SliceLayout(1, MMA))
+        ch = (row % 8) * (DV // 8) + row // 8  # value_column_channel
+        g_v = gl.arange(0, NQ, layout=gl.SliceLayout(0, MMA))
+        out = acc * INV + _heads(z_i, NQ, MMA)[None, :]
+        gl.store(acc_ptr + (ws * 16 + g_v[None, :]) * DV + ch[:, None], out, mask=(g_v < G)[None, :])
 
 
 def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int) -> dict:
