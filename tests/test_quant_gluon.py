@@ -66,24 +66,20 @@ def test_check_layouts_names_what_it_does_not_take():
 
 
 def _run_pair(code, ins):
-    """Execute a `pair_asm` string: inputs $8.., returns the 8 fp16 bit patterns $0..$7."""
-    regs = {f"${8 + i}": v for i, v in enumerate(ins)}
-    out = {}
+    """Execute a `pair_asm` string: inputs $4.. (plane 0 A, B, plane 1 A, B); returns the 8 fp16 bit
+    patterns (A_0, B_0, A_1, B_1, ...) of its outputs $0..$3 (A in the low half)."""
+    regs = {f"${4 + i}": v for i, v in enumerate(ins)}
     for stmt in code.strip()[1:-1].split(";"):
         stmt = stmt.strip()
         if not stmt or stmt.startswith(".reg"):
             continue
         op, args = stmt.split(None, 1)
-        if op == "mov.b32" and args.startswith("{"):
-            lo, hi, src = re.fullmatch(r"\{(\$\d+), (\$\d+)\}, (\w+)", args).groups()
-            out[lo], out[hi] = regs[src] & 0xFFFF, regs[src] >> 16
-            continue
         dst, *src = [x.strip() for x in args.split(",")]
         x = [regs[s] if s in regs else int(s, 0) for s in src]
         r = {"mov.b32": lambda: x[0], "shr.b32": lambda: x[0] >> x[1], "shl.b32": lambda: x[0] << x[1],
              "and.b32": lambda: x[0] & x[1], "or.b32": lambda: x[0] | x[1], "prmt.b32": lambda: _prmt(*x)}[op]()
         regs[dst] = r & M32
-    return [out[f"${i}"] for i in range(8)]
+    return [regs[f"${c}"] >> (16 * e) & 0xFFFF for c in range(4) for e in (0, 1)]
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -103,7 +99,7 @@ def test_pair_ptx_gives_two_tokens_of_a_channel(bits):
             code = QG.pair_asm(bits, i, p_base)
             for r in range(0, r_base, 2):  # tokens r_base * i + r (A) and + r + 1 (B)
                 rows = [[r_base * (i % (p // p_base)) + r + e for j, p in enumerate(planes(bits))] for e in (0, 1)]
-                ins = [word(j, rows[e][j]) for e in (0, 1) for j in range(len(planes(bits)))]
+                ins = [word(j, rows[e][j]) for j in range(len(planes(bits))) for e in (0, 1)]
                 got = _run_pair(code, ins)
                 want = [int(codes[r_base * i + r + e, c]) for c in range(4) for e in (0, 1)]
                 assert got == want, (bits, p_base, i, r, code)

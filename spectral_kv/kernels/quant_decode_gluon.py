@@ -81,15 +81,14 @@ def value_column_channel(dv: int) -> torch.Tensor:
 
 
 def pair_asm(bits: int, chunk: int, p_base: int) -> str:
-    """PTX for chunk ``chunk`` of a ``bits``-bit value segment: inputs ``$8 ..`` are the planes' words
-    of token A (4 channels each), then token B's; outputs ``$0 .. $7`` the fp16 subnormals
-    ``(A_c, B_c)`` for channel c = 0..3 (``$2c``: A, ``$2c+1``: B)."""
+    """PTX for chunk ``chunk`` of a ``bits``-bit value segment. Inputs ``$4, $5`` are plane 0's words
+    (4 channels each) of tokens A and B, ``$6, $7`` plane 1's; outputs ``$0 .. $3`` the fp16x2 pairs
+    ``(A_c, B_c)`` of channel c = 0..3, the code as an fp16 subnormal ``code * 2**-24``."""
     ops = []
-    np_ = len(planes(bits))
     for t, reg in enumerate(("a", "b")):
         bit = 0
         for j, p in enumerate(planes(bits)):
-            src, dst = f"${8 + t * np_ + j}", (reg if j == 0 else "t")
+            src, dst = f"${4 + 2 * j + t}", (reg if j == 0 else "t")
             d = p * (chunk // (p // p_base)) - bit
             ops.append(f"shr.b32 {dst}, {src}, {d};" if d > 0 else f"shl.b32 {dst}, {src}, {-d};" if d < 0
                        else f"mov.b32 {dst}, {src};")
@@ -99,14 +98,12 @@ def pair_asm(bits: int, chunk: int, p_base: int) -> str:
                 ops.append(f"or.b32 {reg}, {reg}, t;")
             bit += p
     for c in range(4):
-        if bits < 8:  # byte 1 / 3: the sign of code byte A_c / B_c, 0 (codes < 128)
-            sel = c | (8 | c) << 4 | (4 + c) << 8 | (12 + c) << 12
-            ops.append(f"prmt.b32 t, a, b, {sel:#06x};")
+        if bits < 8:  # bytes 1 / 3: the sign of code byte A_c / B_c, i.e. 0 (codes < 128)
+            ops.append(f"prmt.b32 ${c}, a, b, {c | (8 | c) << 4 | (4 + c) << 8 | (12 + c) << 12:#06x};")
         else:  # 8-bit codes may have the top bit set: zero bytes from the constant 0 first
             ops.append(f"prmt.b32 t, a, 0, {(c | 4 << 4 | 4 << 8 | 4 << 12):#06x};")
             ops.append(f"prmt.b32 u, b, 0, {(c | 4 << 4 | 4 << 8 | 4 << 12):#06x};")
-            ops.append("prmt.b32 t, t, u, 0x5410;")
-        ops.append(f"mov.b32 {{${2 * c}, ${2 * c + 1}}}, t;")
+            ops.append(f"prmt.b32 ${c}, t, u, 0x5410;")
     return "{ .reg .b32 a, b, t, u; " + " ".join(ops) + " }"
 
 
@@ -187,16 +184,18 @@ if HAS_GLUON:
         """Chunk I's value codes transposed, [DV rows, 16 tokens], in the A layout of ``accᵀ = Vᵀ pᵀ``
         (rows permuted: `value_column_channel`), from the words of tokens 2k (``ta``) and 2k+1 (``tb``)."""
         NP: gl.constexpr = VSEG[4]
+        # (A, B) words side by side ([..., 2], registers): pack=2 hands the op both tokens and takes
+        # back each channel's (A, B) codes as one fp16x2 register, the operand's own
         j0: gl.constexpr = VSEG[8] + I % (VSEG[5] // P_BASE)
         if NP == 1:
-            o = gl.inline_asm_elementwise(CODE, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [ta[j0], tb[j0]],
-                                          dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+            o = gl.inline_asm_elementwise(CODE, "=r,=r,=r,=r,r,r", [gl.join(ta[j0], tb[j0])],
+                                          dtype=(gl.float16,) * 4, is_pure=True, pack=2)
         else:
             j1: gl.constexpr = VSEG[12] + I % (VSEG[9] // P_BASE)
-            o = gl.inline_asm_elementwise(CODE, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r", [ta[j0], ta[j1], tb[j0], tb[j1]],
-                                          dtype=(gl.float16,) * 8, is_pure=True, pack=1)
-        # o[2c + e]: token 2k + e, channel 4 w + c of thread g's words w -> dims (k, g, w, e, c0, c1)
-        z = gl.join(gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3])), gl.join(gl.join(o[4], o[5]), gl.join(o[6], o[7])))
+            o = gl.inline_asm_elementwise(CODE, "=r,=r,=r,=r,r,r,r,r", [gl.join(ta[j0], tb[j0]), gl.join(ta[j1], tb[j1])],
+                                          dtype=(gl.float16,) * 4, is_pure=True, pack=2)
+        # o[c][k, g, w, e]: token 2k + e, channel 4 w + c of thread g's words w -> dims (k, g, w, e, c0, c1)
+        z = gl.join(gl.join(o[0], o[1]), gl.join(o[2], o[3]))
         z = gl.permute(z, [2, 5, 4, 1, 0, 3])  # (w, c1, c0, g, k, e): row g + 8 (4 w + c), token 2k + e
         return gl.convert_layout(gl.reshape(z, [DV, 16]), VA, assert_trivial=True)
 
