@@ -1,31 +1,28 @@
-"""Cold-block split-K partials of `quant_decode` in Gluon: codes loaded straight into mma.sync's
-operand registers (issue 13; `benchmarks/NOTES_kernels.md`, "Gluon"). Experimental, not wired
-into the op: `benchmarks/gluon_decode.py` compiles it offline (sm_90 SASS) and checks / times it
-on a GPU against `quant_decode_reference` and the `tl` kernel.
+"""Cold-block split-K partials of `quant_decode` in Gluon, codes loaded straight into mma.sync's
+operand registers (issue 13). Experimental, not wired into the op: `benchmarks/gluon_decode.py`
+compiles it offline (sm_90 SASS) and checks / times it on a GPU (`benchmarks/NOTES_kernels.md`).
 
-Why: the `tl` kernel (`quant_decode_triton.py`) sends every chunk's fp16 codes registers ->
-shared -> ``ldmatrix`` (~50 barriers per 256-token unit) and is latency-bound at 2 programs per
-SM. Here ONE warp is one program (no cross-warp traffic inside the loop at all: a warp keeps its
-own running max / sum / accumulator) and no code passes through shared memory:
+The `tl` kernel sends every chunk's fp16 codes registers -> shared -> ``ldmatrix`` (~50 barriers
+per 256-token unit). Here one warp is one program (it keeps its own running max / sum /
+accumulator: no cross-warp traffic in the loop) and no code passes through shared memory:
 
-* keys: each thread loads its B-operand bytes of ``s = (q * s_k) @ codesᵀ`` (``DotOperandLayout(1,
-  mma, k_width=4)``: 4 consecutive channels of one token per 32-bit register) and turns them into
-  fp16 subnormals with the `tl` kernel's own PTX strings (`quant_unpack.asm_of`, form 2). Key
-  scale folded into the query per key group, zero into a bias (as the `tl` kernel).
-* values: ``p @ V`` has K = tokens, so a B register needs 2 TOKENS of one channel while storage
-  has channels contiguous. Each thread loads 32-bit words (4 channels of one token) of the token
-  pairs (2t, 2t+1) of its fragment, does the per-plane shift / mask on 4 codes at once, then ONE
-  ``prmt`` per channel pairs the two tokens (the ``0x8`` selector bit copies a code byte's sign,
-  0 for codes < 128, as the zero high byte of the fp16 subnormal): the `tl` kernel's instruction
-  count per code, with no shared-memory stage. The value dot's N axis is permuted so a thread's
-  channels are contiguous (column ``n = g + 8 j`` of the dot is channel ``16 g + j`` for a
-  128-channel value, ``(n % 8) * DV / 8 + n // 8`` in general): 16-byte loads; the permutation is
-  undone by the store.
-* ``p`` goes from the score accumulator to the value dot's A operand with no data movement (the
-  m16n8 accumulator layout is the k_width=2 A layout).
+* keys: ``s = (q * s_k) @ codesᵀ``; each thread loads the bytes of its B fragment
+  (``DotOperandLayout(1, mma, k_width=8)``: 8 consecutive channels of one token) and turns 4 at a
+  time into fp16 subnormals with the `tl` kernel's PTX (`quant_unpack.asm_of`). Key scale folded
+  into the query per key group (HMUL2), the zero into a bias computed on the tensor cores.
+* values: ``accᵀ [Dv, heads] = Vᵀ pᵀ``, the query heads as the N (8 when G <= 8) of m16n8k16,
+  the value channels as M: half the HMMA and accumulator registers of ``p @ V`` with M = 16
+  padded heads, and ``pᵀ`` is the score accumulator itself (a transpose in registers). K is tokens,
+  so a register needs 2 TOKENS of one channel while storage has channels contiguous: each thread
+  loads 16-byte rows (4 words of 4 channels) of its token pairs (2t, 2t+1), shifts / masks 4 codes
+  at once per plane, and ONE ``prmt`` per channel pairs the two tokens (selector bit 3 copies a
+  code byte's sign, 0 for codes < 128: the zero high byte of the subnormal): `pair_asm`. Row
+  ``m`` of ``accᵀ`` is channel ``(m % 8) * Dv / 8 + m // 8`` (`value_column_channel`, undone at
+  the store), so a thread's channels are contiguous.
 
-Scope (checked by `check_layouts`): one segment per role, widths 2, 3, 4, 8, fp16 subnormal codes,
-G <= 16 query heads per KV head, key_group a multiple of 16 dividing the block, head_dim 64 / 128.
+Scope (`check_layouts`): one segment per role of width 2, 3, 4 or 8, fp16 subnormal codes, G <= 16
+query heads per KV head, key_group a multiple of 16 dividing the block, head_dim 64 / 128.
+Longer than ~350 lines: the twin, the PTX and the kernel are one contract.
 """
 
 from __future__ import annotations
@@ -216,8 +213,8 @@ if HAS_GLUON:
         VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr,
     ):
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=4)
-        KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=4)
+        QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
+        KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
         VA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         PB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
         NQ: gl.constexpr = 8 if G <= 8 else 16  # the N of accᵀ = Vᵀ pᵀ: the query heads
