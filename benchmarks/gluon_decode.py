@@ -34,6 +34,8 @@ from spectral_kv.kernels import quant_decode_gluon as QG  # noqa: E402
 
 LAYOUTS = {"balanced": (((128, 4),), ((128, 3),)), "max-compression": (((128, 3),), ((128, 2),))}
 T, KG, H, G, D = 512, 128, 8, 4, 128
+CHECK = ((1, 4096), (8, 32768))  # (batch, context) of the correctness pass
+TIME = ((1, 4096), (8, 32768), (16, 32768))
 
 
 # ----------------------------------------------------------------------------- offline SASS
@@ -136,7 +138,7 @@ def gpu():
     ok = True
     print("== correctness (rel. Frobenius error; tolerance 1e-2: fp16 operands, bf16 query)")
     for name in LAYOUTS:
-        for B, ctx in ((1, 4096), (8, 32768)):
+        for B, ctx in CHECK:
             NB = ctx // T
             op, ga = inputs(name, B, ctx, n_cold=[NB] * (B - 1) + [NB - 3] if B > 1 else None)
             m, l, acc, tps = QG.cold_partials(*ga)
@@ -158,8 +160,8 @@ def gpu():
         sys.exit(1)
 
     print("== timing (us per call, CUDA-graph replay; GB/s of the bytes each reads)")
-    print(f"  {'shape':10s} {'method':34s} {'us':>8s} {'GB/s':>7s} {'x SDPA':>7s} {'x tl':>6s}")
-    for B, ctx in ((1, 4096), (8, 32768), (16, 32768)):
+    print(f"  {'shape':10s} {'method':44s} {'us':>8s} {'GB/s':>7s} {'x SDPA':>7s} {'x tl':>6s}")
+    for B, ctx in TIME:
         NB = ctx // T
         dense = B * H * ctx * D * 2 * 2
         sets = qb.n_sets(dense, l2, cap=8)
@@ -173,16 +175,21 @@ def gpu():
 
         t_sd = qb.graph_ms([lambda d=d: sdpa(d) for d in kv]) * 1e3
         del kv
-        print(f"  {B} x {ctx // 1024}K   {'SDPA flash (dense bf16)':34s} {t_sd:8.1f} {dense / t_sd / 1e3:7.0f} {1.0:7.2f}")
+        print(f"  {B} x {ctx // 1024}K   {'SDPA flash (dense bf16)':44s} {t_sd:8.1f} {dense / t_sd / 1e3:7.0f} {1.0:7.2f}")
         for name in LAYOUTS:
             nbytes = qb.quant_bytes(lays[name], B, NB, T, 0)
             xs = [inputs(name, B, ctx, seed=s) for s in range(qb.n_sets(nbytes, l2))]
             t_tl = qb.graph_ms([lambda o=o: quant_decode(*o) for o, _ in xs]) * 1e3
             t_gp = qb.graph_ms([lambda a=a: QG.cold_partials(*a) for _, a in xs]) * 1e3
             t_gc = qb.graph_ms([lambda a=a: QG.combine_partials(*QG.cold_partials(*a)[:3]) for _, a in xs]) * 1e3
-            for meth, t in ((f"{name} tl op (partials+combine)", t_tl), (f"{name} gluon partials", t_gp),
-                            (f"{name} gluon + torch combine", t_gc)):
-                print(f"  {B} x {ctx // 1024}K   {meth:34s} {t:8.1f} {nbytes / t / 1e3:7.0f} {t_sd / t:7.2f} {t_tl / t:6.2f}",
+            rows = [(f"{name} tl op (partials+combine)", t_tl), (f"{name} gluon partials", t_gp),
+                    (f"{name} gluon + torch combine", t_gc)]
+            if name == "balanced" and B > 1:  # fewer registers, more warps per SM (some spills)
+                for cap in (224, 200):
+                    t = qb.graph_ms([lambda a=a: QG.cold_partials(*a, max_registers=cap) for _, a in xs]) * 1e3
+                    rows.append((f"{name} gluon partials maxnreg {cap}", t))
+            for meth, t in rows:
+                print(f"  {B} x {ctx // 1024}K   {meth:44s} {t:8.1f} {nbytes / t / 1e3:7.0f} {t_sd / t:7.2f} {t_tl / t:6.2f}",
                       flush=True)
             del xs
         torch.cuda.empty_cache()

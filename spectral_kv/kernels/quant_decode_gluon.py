@@ -203,7 +203,9 @@ if HAS_GLUON:
             x = gl.split(gl.permute(gl.reshape(x, [2, 8]), [1, 0]))[0]
         return gl.convert_layout(x, gl.SliceLayout(0, MMA))
 
-    @gluon.jit
+    # units per split and splits change with the context: not specialized on (a recompile each time
+    # one becomes 1 or a multiple of 16)
+    @gluon.jit(do_not_specialize=["TPS", "S_COLD"])
     def qd_cold_gluon_kernel(
         qk_ptr, kc_ptr, ks_ptr, kz_ptr, vw_ptr, vs_ptr, vz_ptr, ncold_ptr, m_ptr, l_ptr, acc_ptr,
         qk_scale, H, TPS, S_COLD,
@@ -340,9 +342,10 @@ def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int) -> dict:
 
 
 def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, scaling, kl: CodeLayout,
-                  vl: CodeLayout, key_group: int, tps: int = 0):
+                  vl: CodeLayout, key_group: int, tps: int = 0, max_registers: int = 0):
     """The Gluon kernel on CUDA: same contract and returns as `cold_partials_reference` (``tps`` 0:
-    `quant_decode.choose_tiles_per_split` with 8 one-warp programs per SM). Returns (m, l, acc, tps).
+    `quant_decode.choose_tiles_per_split` with 8 one-warp programs per SM; ``max_registers``: ptxas's
+    cap, 0 none: 248 registers are 8 warps per SM, 224 9, 200 10). Returns (m, l, acc, tps).
     Raises ``RuntimeError`` without gluon, ``ValueError`` for a layout or input it does not take."""
     if not HAS_GLUON:
         raise RuntimeError(f"the Gluon kernel needs triton >= 3.6 (triton.experimental.gluon); import failed with "
@@ -373,5 +376,5 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
         qk, k_codes, k_scale, k_zero, vw, v_scale, v_zero, n_cold, m, l, acc,
         float(scaling) * 1.4426950408889634, H, tps, S,
         qk.stride(0), qk.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:4], *vw.stride()[:3], *v_scale.stride()[:3],
-        G=G, **const, num_warps=1)
+        G=G, **const, num_warps=1, **({"maxnreg": max_registers} if max_registers else {}))
     return (m.view(B, H, S, 16)[..., :G], l.view(B, H, S, 16)[..., :G], acc.view(B, H, S, 16, vl.kept)[:, :, :, :G], tps)
