@@ -108,7 +108,7 @@ def offline():
             r = fn(kseg, vseg)
             n = sum(r["loop"].values())
             per256 = n * r["warps"] * 256 // r["tokens"]
-            print(f"{name:16s} {kind:6s} regs {r['regs']:3d} spills {r['spill_bytes']:4d} B shared {r['shared']:6d} B "
+            print(f"{name:16s} {kind:6s} regs {r['regs']:3d} spill st+ld {r['spill_bytes']:4d} B shared {r['shared']:6d} B "
                   f"loop {n:5d} instr/thread/unit ({r['tokens']} tokens, {r['warps']} warps) = {per256} warp-instr per 256 tokens")
             print("    " + " ".join(f"{k} {r['loop'].get(k, 0)}" for k in keys))
             print("    all: " + str(dict(r["loop"].most_common())))
