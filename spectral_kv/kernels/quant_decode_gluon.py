@@ -22,7 +22,7 @@ accumulator: no cross-warp traffic in the loop) and no code passes through share
 
 Scope (`check_layouts`): one segment per role of width 2, 3, 4 or 8, fp16 subnormal codes, G <= 16
 query heads per KV head, key_group a multiple of 16 dividing the block, head_dim 64 / 128.
-Longer than ~350 lines: the twin, the PTX and the kernel are one contract.
+This module is longer than ~350 lines: the twin, the PTX and the kernel are one contract.
 """
 
 from __future__ import annotations
@@ -214,6 +214,9 @@ if HAS_GLUON:
         P_BASE: gl.constexpr, NR: gl.constexpr, KSEG: gl.constexpr, VSEG: gl.constexpr, KASM: gl.constexpr,
         VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr,
     ):
+        """Program (row * H + head, split): units [split * TPS, ...) of the row's cold blocks. Reads qk
+        fp32 [B, H*G, C], codes uint8 (keys) / int32 words (values) [B, H, NB, ...], scales fp16; writes
+        m, l fp32 [B*H*S_COLD, 16] and acc fp32 [B*H*S_COLD, 16, DV] rows < G (`cold_partials`)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
         KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
@@ -240,12 +243,11 @@ if HAS_GLUON:
         wv = gl.arange(0, DW, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))[None, None, :]
         vw_cols = gv * DW + wv
         m_i = gl.full([16], float("-inf"), gl.float32, layout=gl.SliceLayout(1, MMA))
-        # G <= 8: rows 8..15 of every dot are padding; selecting constants there (a per-register
-        # condition, folded at compile time) frees their registers in the scores and the query
+        # G <= 8: rows 8..15 of the score dots are padding; zeros selected there (a per-register
+        # condition, folded at compile time) free their registers. (The same select on the scaled
+        # query costs more register moves for the zero halves of its operand quads than it saves.)
         LIVE: gl.constexpr = 8 if G <= 8 else 16
         live_m = (gl.arange(0, 16, layout=gl.SliceLayout(1, MMA)) < LIVE)[:, None]
-        live_a = (g_a < LIVE)[:, None]
-        # G constexpr: for G <= 8 the query rows 8..15 are constant zeros (no registers)
         l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))
         z_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))  # sum_t p_t * z_t (the value zero)
         acc = gl.zeros([DV, NQ], gl.float32, layout=MMA)  # transposed: [value columns, query heads]
