@@ -212,14 +212,14 @@ if HAS_GLUON:
         sqk_b, sqk_h, skc_b, skc_h, skc_n, sks_b, sks_h, sks_n, sks_g, svw_b, svw_h, svw_n, svs_b, svs_h, svs_n,
         G: gl.constexpr, C: gl.constexpr, DV: gl.constexpr, KG: gl.constexpr, KSTEP: gl.constexpr, R_BASE: gl.constexpr,
         P_BASE: gl.constexpr, NR: gl.constexpr, KSEG: gl.constexpr, VSEG: gl.constexpr, KASM: gl.constexpr,
-        VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr,
+        VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr, KW: gl.constexpr,
     ):
         """Program (row * H + head, split): units [split * TPS, ...) of the row's cold blocks. Reads qk
         fp32 [B, H*G, C], codes uint8 (keys) / int32 words (values) [B, H, NB, ...], scales fp16; writes
         m, l fp32 [B*H*S_COLD, 16] and acc fp32 [B*H*S_COLD, 16, DV] rows < G (`cold_partials`)."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
-        QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=8)
-        KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=8)
+        QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW)
+        KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=KW)
         VA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         PB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
         NQ: gl.constexpr = 8 if G <= 8 else 16  # the N of accᵀ = Vᵀ pᵀ: the query heads
@@ -325,8 +325,10 @@ if HAS_GLUON:
         gl.store(acc_ptr + (ws * 16 + g_v[None, :]) * DV + ch[:, None], out, mask=(g_v < G)[None, :])
 
 
-def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int) -> dict:
-    """The Gluon kernel's constexprs for one layout pair (needs gluon: the load layout is one)."""
+def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int = 8) -> dict:
+    """The Gluon kernel's constexprs for one layout pair (needs gluon: the load layout is one).
+    ``key_width``: the key dot's k_width, consecutive channels per thread (8: 8-byte key loads; 4:
+    the probe's, 4-byte loads, 2290 -> 2389 instructions per unit)."""
     from .quant_decode import _segments  # read-only: the `tl` kernel's segment description
     from .quant_unpack import asm_of
 
@@ -340,11 +342,11 @@ def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int) -> dict:
     vbits = vl.kept_segments[0][1]
     return dict(C=kl.kept, DV=dv, KG=kg, KSTEP=kg // r_base if kg % r_base == 0 else 1, R_BASE=r_base, P_BASE=p_base,
                 NR=nr, KSEG=_segments(kl, p_base)[0], VSEG=_segments(vl, p_base)[0], KASM=asm_of(kl, p_base, True),
-                VASM=tuple(pair_asm(vbits, i, p_base) for i in range(8 // p_base)), INV=2.0**24, LV=lv)
+                VASM=tuple(pair_asm(vbits, i, p_base) for i in range(8 // p_base)), INV=2.0**24, LV=lv, KW=key_width)
 
 
 def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, scaling, kl: CodeLayout,
-                  vl: CodeLayout, key_group: int, tps: int = 0, max_registers: int = 0):
+                  vl: CodeLayout, key_group: int, tps: int = 0, max_registers: int = 0, key_width: int = 8):
     """The Gluon kernel on CUDA: same contract and returns as `cold_partials_reference` (``tps`` 0:
     `quant_decode.choose_tiles_per_split` with 8 one-warp programs per SM; ``max_registers``: ptxas's
     cap, 0 none: 248 registers are 8 warps per SM, 224 9, 200 10). Returns (m, l, acc, tps).
@@ -366,7 +368,7 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
         raise ValueError("v_scale's tokens must be contiguous and zeros must have their scales' strides")
     if v_codes.stride(2) % 4 or v_codes.storage_offset() % 4 or vl.nbytes % 4:
         raise ValueError(f"v_codes (strides {tuple(v_codes.stride())}) must be 4-byte aligned per block")
-    const = kernel_constants(kl, vl, key_group)
+    const = kernel_constants(kl, vl, key_group, key_width)
     nr = const["NR"]
     tps = tps if tps > 0 else choose_tiles_per_split(B * H, NB * nr, num_sms(qk.device), per_sm=8)
     S = -(-(NB * nr) // tps)
