@@ -1,7 +1,7 @@
 """The Gluon cold-loop kernel (`spectral_kv/kernels/quant_decode_gluon.py`) vs the `tl` kernel.
 
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/gluon_decode.py --offline   # no GPU: sm_90 SASS
-    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gluon_decode.py              # on the GPU (Triton 3.6)
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gluon_decode.py [--quick]    # on the GPU (Triton 3.6)
 
 ``--offline`` compiles both kernels for sm_90 and prints registers, spills and the SASS opcode
 histogram of their unit loops (the loop with the most HMMA), per 256 tokens of one KV head (the
@@ -117,7 +117,7 @@ def offline():
 
 
 # ----------------------------------------------------------------------------- GPU
-def gpu():
+def gpu(timed=tuple(LAYOUTS)):
     import quant_decode_bench as qb
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,7 +182,7 @@ def gpu():
         t_sd = qb.graph_ms([lambda d=d: sdpa(d) for d in kv]) * 1e3
         del kv
         print(f"  {B} x {ctx // 1024}K   {'SDPA flash (dense bf16)':44s} {t_sd:8.1f} {dense / t_sd / 1e3:7.0f} {1.0:7.2f}")
-        for name in LAYOUTS:
+        for name in timed:
             nbytes = qb.quant_bytes(lays[name], B, NB, T, 0)
             xs = [inputs(name, B, ctx, seed=s) for s in range(qb.n_sets(nbytes, l2))]
             t_tl = qb.graph_ms([lambda o=o: quant_decode(*o) for o, _ in xs]) * 1e3
@@ -204,5 +204,6 @@ def gpu():
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--offline", action="store_true", help="compile for sm_90 and count SASS (no GPU)")
+    ap.add_argument("--quick", action="store_true", help="time balanced only (checks both; one tl compile less)")
     args = ap.parse_args()
-    offline() if args.offline else gpu()
+    offline() if args.offline else gpu(("balanced",) if args.quick else tuple(LAYOUTS))
