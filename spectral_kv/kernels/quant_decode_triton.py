@@ -172,9 +172,7 @@ def qd_partial_kernel(
             offs_c = tl.arange(0, tl.constexpr(KSEGS[si][1]))
             c_ok = offs_c < KSEGS[si][0]
             if ROT_K:  # the segment's query in the key basis, q @ R_k[c0:c0+C]^T, DC columns of D at a time
-                # computed transposed, (R_k q^T)^T: the layouts that gives compile to fewer spills
-                # in the unit loop on sm_90 than q @ R_k^T (quant_decode_compile.py)
-                qx = tl.zeros([tl.constexpr(KSEGS[si][1]), G_PAD], tl.float32)
+                qx = tl.zeros([G_PAD, tl.constexpr(KSEGS[si][1])], tl.float32)
                 for dc in tl.static_range(D_PAD // DC):
                     offs_x = dc * DC + tl.arange(0, DC)
                     x_ok = (offs_x < D) & live
@@ -183,8 +181,7 @@ def qd_partial_kernel(
                                 + offs_x[None, :] * srk_d, mask=c_ok[:, None] & x_ok[None, :], other=0.0).to(tl.float32)
                     # fp32 operands at ~fp32 accuracy (3 tf32 passes): tf32 alone would round the
                     # query to 10 bits, more than the fp16 operands of the unit loop lose
-                    qx = tl.dot(r, tl.trans(qd.to(tl.float32)), qx, input_precision="tf32x3")
-                qx = tl.trans(qx)
+                    qx = tl.dot(qd.to(tl.float32), tl.trans(r), qx, input_precision="tf32x3")
             else:  # identity basis: the kept channels are the query's first columns
                 qx = tl.load(q_base + (KSEGS[si][2] + offs_c)[None, :] * sq_d,
                              mask=g_ok[:, None] & (c_ok & live)[None, :], other=0.0).to(tl.float32)
@@ -304,7 +301,8 @@ def qd_partial_kernel(
             fin = fin + (accs[si] * INV + tl.sum(zaccs[si], axis=1)[:, None],)
         acc_base = acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD
         if ROT_V:  # back to the model's basis once per program: sum_seg acc_seg @ R_v[c0:c0+C], DC columns at a time
-            # (transposed, R_v^T acc^T, [DC, G_PAD], for the same reason as the query's)
+            # computed transposed, R_v^T acc^T [DC, G_PAD]: acc @ R_v made ptxas spill in the unit
+            # loop on sm_90 (`benchmarks/quant_decode_compile.py`; so did R_k q^T for the query)
             for dc in tl.static_range(D_PAD // DC):
                 offs_x = dc * DC + tl.arange(0, DC)
                 x_ok = offs_x < d_lim
