@@ -9,8 +9,9 @@ Order: correctness (kernels vs their fp32 references on fresh random inputs, NaN
 exit 1 on failure), the copy and read bandwidths of this card, the timing table, the fused
 compression op, then the short table. Every time is the median of `triton.testing.do_bench` over
 one CUDA graph holding one call per input set (sets like layers, enough that the working set is
->= 3x the L2), divided by the sets. "kernel" times the op alone, "step" adds the once-per-step
-rotations (q @ R_kᵀ before, @ R_v after) of `attention.quant_fused.quant_fused_decode`.
+>= 3x the L2), divided by the sets. "kernel" times the op alone, "step" the whole decode step of
+`attention.quant_fused.quant_fused_decode`: since issue 13 both rotations are inside the op, so
+the step is its checks (host only) + the op, and the two rows should agree in graph timing.
 Bytes of a layout: its cold codes + scales/zeros (+ the SVD bases) + the exact tail, bf16.
 Longer than ~350 lines: correctness, bandwidths, the table and the sweep read as one script (the
 compression part is benchmarks/quant_compress_bench.py).
@@ -128,12 +129,11 @@ def quant_inputs(lay, B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=Tr
             ev[b, :, n_exact[b]:] = float("inf")
     nc = torch.tensor(n_cold, dtype=torch.int32, device=DEV)
     ne = torch.tensor(n_exact, dtype=torch.int32, device=DEV)
-    rk = kc.rotation_on(D, DEV)
-    qk = (q.float().reshape(B, Hh, Gg, D) @ (rk.T if rk is not None else torch.eye(D, device=DEV)))[..., : kl.kept]
-    op = (qk.reshape(B, Hh * Gg, kl.kept).contiguous(), q.reshape(B, Hh * Gg, D), kcode, ks, kz, vcode, vs, vz, nc,
-          ek, ev, ne, D**-0.5, flat(kl), flat(vl), kg)
+    # the bases as the glue hands them to the op: shared [D, D] expanded (stride 0), or None (identity)
+    rk, rv = (None if r is None else r.expand(B, Hh, *r.shape) for r in (kc.rotation_on(D, DEV), vc.rotation_on(D, DEV)))
+    op = (q.reshape(B, Hh * Gg, D), rk, rv, kcode, ks, kz, vcode, vs, vz, nc, ek, ev, ne, D**-0.5, flat(kl), flat(vl), kg)
     glue = (q, kc, vc, dict(codes=kcode, scale=ks, zero=kz), dict(codes=vcode, scale=vs, zero=vz), nc, ek, ev, ne, D**-0.5)
-    return dict(op=op, glue=glue, rv=vc.rotation_on(D, DEV), dv=vl.kept)
+    return dict(op=op, glue=glue)
 
 
 def quant_bytes(lay, B, NB, t, Te):
@@ -174,7 +174,7 @@ def correctness(smoke, full=False):
     for name, lay in layouts(t).items():
         for Gg in (4, 1) if name == "balanced" or (full and not smoke) else (4,):
             x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, nc, ne, seed=10 * len(name) + Gg)
-            ref = torch.cat(qd.quant_decode_reference(*x["op"]), -1)
+            ref = qd.quant_decode_reference(*x["op"])
             errs = []
             knobs = [{}] if smoke else [{}, dict(tiles_per_split=1)]
             if not smoke and (full or (name == "balanced" and Gg == 4)):
@@ -182,16 +182,16 @@ def correctness(smoke, full=False):
             extra = [dict(tiles_per_split=3, block_rows=16, num_warps=8), dict(block_rows=64, num_warps=8, num_stages=3)] \
                 if name == "balanced" and full and not smoke else []
             for kn in knobs + extra:
-                out = torch.cat(qd.quant_decode(*x["op"], **kn), -1)
+                out = qd.quant_decode(*x["op"], **kn)
                 errs.append(rel(out, ref) if torch.isfinite(out).all() else float("nan"))
             good = all(e < TOL for e in errs)  # NaN compares False
             ok &= good
             log(f"  quant_decode {name:15s} G={Gg} B=4 H={Hh} NB={NB} T={t} Te={Te} bf16 knobs {len(knobs + extra)}: "
                 f"rel_err {' '.join('%.1e' % e for e in errs)} {'OK' if good else 'FAIL'}")
-        # the glue (rotations once per step) against the reference composed in fp32
+        # the glue (checks + the op, which rotates) against the reference, computed in fp32 (fp32 query)
         x = quant_inputs(lay, 4, Hh, 4, NB, t, Te, nc, ne, seed=11)
-        oc, oe = qd.quant_decode_reference(*x["op"])
-        want = (oc.reshape(4, Hh, 4, x["dv"]) @ x["rv"][: x["dv"]]).reshape(oe.shape) + oe if x["rv"] is not None else oc + oe
+        want = qd.quant_decode_reference(x["op"][0].float(), *x["op"][1:10], x["op"][10].float(), x["op"][11].float(),
+                                         *x["op"][12:])
         e = rel(quant_fused_decode(*x["glue"]).squeeze(2).float(), want)
         ok &= e < TOL
         log(f"  quant_fused_decode {name:15s} (bf16 output) rel_err {e:.1e} {'OK' if e < TOL else 'FAIL'}")
@@ -220,7 +220,7 @@ def graph_and_opcheck():
         captured = qd.quant_decode(*x["op"])
     gr.replay()
     torch.cuda.synchronize()
-    same = all(torch.equal(a, b) for a, b in zip(eager, captured))
+    same = torch.equal(eager, captured)
     log(f"  quant_decode in a CUDA graph == eager: {same}")
     try:
         res = torch.library.opcheck(torch.ops.spectral_kv.quant_decode.default, x["op"])

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     for preset in a.presets.split(","):
         lay = qb.layouts(qb.T)[preset]
         check = qb.quant_inputs(lay, 4, qb.H, qb.G, 9, qb.T, qb.TE, [9, 1, 0, 0], [qb.TE, 1, 30, 0], seed=7)
-        ref = torch.cat(qd.quant_decode_reference(*check["op"]), -1)
+        ref = qd.quant_decode_reference(*check["op"])
         sets = {}
         for B, ctx in points:
             NB = ctx // qb.T
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                 continue
             t1 = time.time()
             try:
-                out = torch.cat(qd.quant_decode(*check["op"], **kn), -1)
+                out = qd.quant_decode(*check["op"], **kn)
             except Exception as exc:  # a variant that does not compile (registers, shared memory)
                 qb.log(f"  {preset} {kn}: FAILED to run: {exc!r}"[:400])
                 continue

@@ -1,9 +1,9 @@
 """Decode attention through the fused quantized kernel, independent of the strategy API.
 
-`quant_fused_decode` rotates the query once into the key basis, runs
-`spectral_kv.kernels.quant_decode` over the codes and the exact tail, and applies the value
-basis once to the cold output. A layout it cannot serve raises ``ValueError`` naming what;
-it never falls back (the caller decides, and counts).
+`quant_fused_decode` checks its inputs and runs `spectral_kv.kernels.quant_decode` over the
+codes and the exact tail; the kernel applies both bases itself (the query into the key basis,
+the value accumulators back), so a step is the op's two launches and nothing else. A layout it
+cannot serve raises ``ValueError`` naming what; it never falls back (the caller decides, and counts).
 """
 
 from __future__ import annotations
@@ -36,13 +36,17 @@ def _flat(layout) -> tuple[int, ...]:
     return tuple(x for seg in layout.segments for x in seg)
 
 
-def _basis(comp, shared, d, device, name):
-    """The basis rows ``[Dk, D]`` (or per head ``[H, Dk, D]`` / ``[B, H, Dk, D]``) float32, or None (identity)."""
-    if shared is None:
-        return comp.rotation_on(d, device)
-    if shared.shape[-1] != d or shared.dim() not in (2, 3, 4):
-        raise ValueError(f"quant_fused_decode: {name} shaped {tuple(shared.shape)} is not [.., Dk, D={d}]")
-    return shared.float()
+def _basis(comp, shared, b, h, d, device, name):
+    """The basis rows as the kernel takes them: ``[B, H, Dk, D]`` (fp16/bf16/fp32, read as fp32),
+    expanded (stride 0) from shared ``[Dk, D]`` or per head ``[H, Dk, D]``; or None (identity)."""
+    r = comp.rotation_on(d, device) if shared is None else shared
+    if r is None:
+        return None
+    if r.dim() not in (2, 3, 4) or r.shape[-1] != d or (r.dim() >= 3 and r.shape[-3] != h) or (r.dim() == 4 and r.shape[0] != b):
+        raise ValueError(f"quant_fused_decode: {name} shaped {tuple(r.shape)} is not [Dk, D={d}], [H={h}, Dk, D] "
+                         f"or [B={b}, H, Dk, D]")
+    # a view, no copy and no launch: the kernel reads the basis in its dtype (a learned one is fp16)
+    return r.expand(b, h, *r.shape[-2:])
 
 
 def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_cold, exact_k, exact_v, n_exact,
@@ -58,7 +62,7 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
     n_cold, n_exact : int [B] valid blocks / exact tokens per row (device tensors).
     exact_k, exact_v : [B, H, Te, D] in q's dtype, right-padded.
     scaling : softmax scale.
-    shared_k, shared_v : optional basis rows [Dk, D] (or [H, Dk, D], [B, H, Dk, D]) float32
+    shared_k, shared_v : optional basis rows [Dk, D] (or [H, Dk, D], [B, H, Dk, D]) fp16/bf16/fp32
         overriding the compressors' rotations (a learned per-head basis); None: the
         compressor's own (identity for KIVI).
     cold_blocks : int, blocks the widest row holds now (0: all of the pools'); the kernel's
@@ -68,7 +72,7 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
     -------
     [B, Hq, 1, D] in q's dtype. The kernel's dot operands follow q's precision: fp16 for
     fp16/bf16 models (codes exact, scaled query and weights rounded to fp16), fp32 (tf32 on the
-    GPU) for fp32 ones.
+    GPU) for fp32 ones; the two rotations are fp32 at ~fp32 accuracy either way.
     """
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"quant_fused_decode serves one query token (Tq=1), got q shaped {tuple(q.shape)}")
@@ -89,20 +93,12 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
     t = cold_v["scale"].shape[3]
     kl, vl = key_compressor.code_layout(d, t), value_compressor.code_layout(d, t)
     key_group = t // cold_k["scale"].shape[3]
-    rk = _basis(key_compressor, shared_k, d, q.device, "shared_k")
-    rv = _basis(value_compressor, shared_v, d, q.device, "shared_v")
-    qf = q.float().reshape(b, h, hq // h, d)
-    # Rotated once per step, never per block; matmul broadcasting covers [Dk, D], [H, Dk, D], [B, H, Dk, D].
-    qk = qf if rk is None else qf @ rk.transpose(-1, -2)
-    qk = qk[..., : kl.kept].reshape(b, hq, kl.kept).contiguous()
-    out_cold, out_exact = quant_decode(
-        qk, q.reshape(b, hq, d), cold_k["codes"], cold_k["scale"], cold_k["zero"], cold_v["codes"], cold_v["scale"],
+    out = quant_decode(
+        q.reshape(b, hq, d), _basis(key_compressor, shared_k, b, h, d, q.device, "shared_k"),
+        _basis(value_compressor, shared_v, b, h, d, q.device, "shared_v"),
+        cold_k["codes"], cold_k["scale"], cold_k["zero"], cold_v["codes"], cold_v["scale"],
         cold_v["zero"], n_cold.to(device=q.device, dtype=torch.int32), exact_k, exact_v,
         n_exact.to(device=q.device, dtype=torch.int32), scaling, _flat(kl), _flat(vl), key_group,
         operands="fp32" if q.dtype == torch.float32 else "fp16", cold_blocks=cold_blocks,
     )
-    if rv is None:
-        out = out_cold if vl.kept == d else torch.nn.functional.pad(out_cold, (0, d - vl.kept))
-    else:  # the value basis once, on the sum over every block
-        out = (out_cold.reshape(b, h, hq // h, vl.kept) @ rv[..., : vl.kept, :]).reshape(b, hq, d)
-    return (out + out_exact).to(q.dtype).reshape(b, hq, 1, d)
+    return out.reshape(b, hq, 1, d)

@@ -8,9 +8,9 @@ layer and KV head as codes in ONE orthonormal basis ``R`` (Hadamard, identity, l
 segments of channels of one width each (`spectral_kv.codes.CodeLayout`, token-axis bit
 planes), with keys dequantized per channel over ``key_group`` tokens
 (``k = code * s[t // key_group, c] + z[t // key_group, c]``) and values per token per segment
-(``v = code * s[t, seg(c)] + z[t, seg(c)]``). The caller rotates the query once
-(``qk = q @ R_kᵀ``, kept components) and the output once (``out_cold @ R_v[:Dv]``); this op
-attends on the codes in between, jointly with the exact tail (sinks, warm, hot).
+(``v = code * s[t, seg(c)] + z[t, seg(c)]``). The op takes the model-dtype query and both
+bases and returns the attention output in the model's basis and dtype: the rotations are inside
+the kernel (issue 13), so a decode step is the partial kernel and the combine kernel, nothing else.
 
 Public entry points
 -------------------
@@ -31,6 +31,13 @@ scaled back once per accumulator). Keys: the key scale is folded into the query 
 (``(q * s_k) . code + q . z_k``), values: the per-token scale into p and the zero into one row
 sum. The G query heads of the KV head are the M dimension (padded to 16) of every dot, so each
 byte is read once for all of them. One online-softmax step (fp32, exp2) per unit.
+Rotations: a cold program rotates the query of each key segment once, before its units
+(``q @ R_k[c0:c0+C]ᵀ``), and after them maps its value accumulators back once
+(``Σ_seg acc_seg @ R_v[c0:c0+C]``; linear, so it commutes with the combine's rescale-and-sum);
+both dots in fp32 at ~fp32 accuracy (``tf32x3``). Every split's partial is then D wide, the
+exact tail's in the last slot, and the combine writes the normalized output in q's dtype. The
+identity basis (KIVI) is a constexpr: no dot, channels map to columns, columns past the kept
+ones get no cold contribution.
 
 Measured (H200, `benchmarks/results/quant_decode_H200.txt`): ~1.0x SDPA (flash) at 8 x 32K and
 16 x 32K, 1.2x at 1 x 4K, at 23% of the read bandwidth. The unpacking now costs ~1 instruction
@@ -53,6 +60,7 @@ do not fit.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
@@ -74,6 +82,7 @@ __all__ = ["quant_decode", "quant_decode_reference", "HAS_TRITON", "layout_pairs
            "choose_block_rows"]
 
 HAS_TRITON = triton is not None
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of q and the exact tail, and of the bases
 _LOG2E = 1.4426950408889634
 
 
@@ -103,33 +112,36 @@ def _layout_pair(t: int, key_layout: tuple, value_layout: tuple) -> tuple[CodeLa
 
 
 # --------------------------------------------------------------------------- reference
-def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
+def quant_decode_reference(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
                            exact_k, exact_v, n_exact, scaling, key_layout, value_layout, key_group):
     """Decode attention over quantized shared-basis blocks plus an exact tail, in fp32 torch.
 
     Parameters
     ----------
-    qk : float32 [B, Hq, Dk], the query in the key basis (``q @ R_kᵀ``, kept components).
-    q : [B, Hq, D] model dtype, the query for the exact tail (Hq = H * G; head h*G+g reads h).
+    q : [B, Hq, D] fp16/bf16/fp32, the query in the model's basis (Hq = H * G; head h*G+g reads h).
+    rk, rv : fp16/bf16/fp32 [B, H, R, D] (R >= the role's kept components; broadcast dims may
+        have stride 0), the basis rows ``R`` of keys / values (coefficients = ``x @ Rᵀ``, the
+        first kept ones stored; read as fp32), or None for the identity (KIVI).
     k_codes : uint8 [B, H, NB, nbytes_k]; k_scale, k_zero : float16 [B, H, NB, T/key_group, Dk].
     v_codes : uint8 [B, H, NB, nbytes_v]; v_scale, v_zero : float16 [B, H, NB, T, n_value_segments].
     n_cold, n_exact : int32 [B]: valid blocks / exact tokens per row (the rest may be garbage).
-    exact_k, exact_v : [B, H, Te, D] model dtype, right-padded.
+    exact_k, exact_v : [B, H, Te, D] in q's dtype, right-padded.
     scaling : softmax scale of ``q . k``.
     key_layout, value_layout : flat (channels, bits) pairs of each role's `CodeLayout`.
     key_group : tokens per key statistic.
 
     Returns
     -------
-    out_cold : float32 [B, Hq, Dv], softmax-weighted value coefficients (value basis, kept).
-    out_exact : float32 [B, Hq, D], softmax-weighted exact values. Both divided by the one
-        joint denominator, so attention = ``out_cold @ R_v[:Dv] + out_exact``; rows with no
-        valid token are zeros.
+    [B, Hq, D] in q's dtype: softmax over the cold tokens (scores ``(q @ R_k[:Dk]ᵀ) . k``) and the
+    exact tail jointly, ``p_cold @ v_coeffs @ R_v[:Dv] + p_exact @ exact_v``; rows with no valid
+    token are zeros.
     """
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
-    B, Hq, Dk = qk.shape
-    H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
-    G, NB, dev = Hq // H, k_codes.shape[2], qk.device
+    B, Hq, D = q.shape
+    H, Te = exact_k.shape[1], exact_k.shape[2]
+    G, NB, dev = Hq // H, k_codes.shape[2], q.device
+    qf = q.float().view(B, H, G, D)
+    qk = qf[..., : kl.kept] if rk is None else qf @ rk[..., : kl.kept, :].float().transpose(-1, -2)  # [B, H, G, Dk]
     blk_ok = torch.arange(NB, device=dev)[None, :] < n_cold.to(dev).long()[:, None]  # [B, NB]
     ok = blk_ok[:, None, :, None, None]
     kg = int(key_group)
@@ -140,11 +152,11 @@ def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                                   torch.tensor([c for c, _ in vl.kept_segments], device=dev))
     v = vl.unpack(v_codes).float() * v_scale.float()[..., seg] + v_zero.float()[..., seg]
     v = torch.where(ok, v, 0.0)  # [B, H, NB, T, Dv]
-    s_cold = torch.einsum("bhgc,bhntc->bhgnt", qk.float().view(B, H, G, Dk), k) * scaling
+    s_cold = torch.einsum("bhgc,bhntc->bhgnt", qk, k) * scaling
     s_cold = s_cold.masked_fill(~blk_ok[:, None, None, :, None], float("-inf")).flatten(-2)
     tok_ok = (torch.arange(Te, device=dev)[None, :] < n_exact.to(dev).long()[:, None])[:, None, :, None]
     ek, ev = torch.where(tok_ok, exact_k.float(), 0.0), torch.where(tok_ok, exact_v.float(), 0.0)
-    s_ex = torch.einsum("bhgd,bhtd->bhgt", q.float().view(B, H, G, D), ek) * scaling
+    s_ex = torch.einsum("bhgd,bhtd->bhgt", qf, ek) * scaling
     s_ex = s_ex.masked_fill(~tok_ok[:, :, None, :, 0], float("-inf"))
     s = torch.cat((s_cold, s_ex), dim=-1)
     m = s.amax(dim=-1, keepdim=True)
@@ -153,9 +165,10 @@ def quant_decode_reference(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
     l = p.sum(dim=-1, keepdim=True)
     inv = torch.where(l > 0, 1.0 / l.clamp_min(1e-30), torch.zeros_like(l))
     p_cold = p[..., : NB * kl.tokens].unflatten(-1, (NB, kl.tokens))
-    out_cold = torch.einsum("bhgnt,bhntc->bhgc", p_cold, v) * inv
+    out_cold = torch.einsum("bhgnt,bhntc->bhgc", p_cold, v) * inv  # [B, H, G, Dv], value basis
     out_exact = torch.einsum("bhgt,bhtd->bhgd", p[..., NB * kl.tokens :], ev) * inv
-    return out_cold.reshape(B, Hq, vl.kept), out_exact.reshape(B, Hq, D)
+    cold = torch.nn.functional.pad(out_cold, (0, D - vl.kept)) if rv is None else out_cold @ rv[..., : vl.kept, :].float()
+    return (cold + out_exact).reshape(B, Hq, D).to(q.dtype)
 
 
 # --------------------------------------------------------------------------- launch
@@ -216,11 +229,11 @@ def _interpreted() -> bool:
 
 def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, key_group: int, block_rows: int = 0,
                      num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", unpack: str = "auto",
-                     interpreted: bool = False) -> tuple[dict, dict]:
+                     interpreted: bool = False, rot_k: bool = True, rot_v: bool = True) -> tuple[dict, dict]:
     """The partial kernel's constexprs and launch options (``num_warps``, ``num_stages``) for one
-    layout pair, ``g`` query heads per KV head, head_dim ``d`` and ``te`` exact tokens (knobs as in
-    `quant_decode`, 0 = heuristic): what `_impl` launches and `benchmarks/quant_decode_compile.py`
-    compiles offline for sm_90."""
+    layout pair, ``g`` query heads per KV head, head_dim ``d``, ``te`` exact tokens and whether each
+    role has a basis (``rot_k``/``rot_v``; False: identity) (knobs as in `quant_decode`, 0 =
+    heuristic): what `_impl` launches and `benchmarks/quant_decode_compile.py` compiles offline for sm_90."""
     p_base = min(planes(b)[-1] for _, b in kl.kept_segments + vl.kept_segments)
     r_base = plane_rows(kl.tokens, p_base)
     nw = num_warps if num_warps > 0 else 4
@@ -236,7 +249,10 @@ def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, k
         KASM=_asm_of(kl, p_base, form == 2) if form else (), VASM=_asm_of(vl, p_base, form == 2) if form else (),
         FORM=form, EMU=interpreted, **_form_constants(form, key_bcast),
         KEY_BCAST=key_bcast, KSTEP=kg // r_base if kg % r_base == 0 else 1, F16=operands == "fp16",
-        G_PAD=_pow2(g, 16), D_PAD=_pow2(d, 16), DV_PAD=_pow2(vl.kept, 16), BLOCK_E=64 if te >= 64 else _pow2(max(te, 1), 16),
+        G_PAD=_pow2(g, 16), D_PAD=_pow2(d, 16), BLOCK_E=64 if te >= 64 else _pow2(max(te, 1), 16),
+        # the rotations' dots take DC columns of D at a time: a [C_PAD, DC] fp32 basis tile is
+        # 32 registers a thread at C = 128, where the whole [C_PAD, D_PAD] one would be 128
+        ROT_K=bool(rot_k), ROT_V=bool(rot_v), DV=vl.kept, DC=min(32, _pow2(d, 16)),
     )
     # Several segments: 2 stages (H200, `quant_decode_sweep_multi_H200.txt`, at 8 x 32K and 32 rows 1.22-1.27x
     # faster than 3; with the rows rule above instead of 16 rows, 1.45-1.9x the previous defaults). One segment:
@@ -245,16 +261,16 @@ def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, k
     return const, dict(num_warps=nw, num_stages=num_stages if num_stages > 0 else (2 if multi else 3))
 
 
-def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
           launch, max_registers=0, unpack="auto", cold_blocks=0):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
-    B, Hq, _ = qk.shape
-    H, Te, D = exact_k.shape[1], exact_k.shape[2], exact_k.shape[3]
-    G, NB, dev = Hq // H, k_codes.shape[2], qk.device
+    B, Hq, D = q.shape
+    H, Te = exact_k.shape[1], exact_k.shape[2]
+    G, NB, dev = Hq // H, k_codes.shape[2], q.device
     const, opts = _kernel_constants(kl, vl, G, D, Te, key_group, block_rows, num_warps, num_stages, operands, unpack,
-                                   _interpreted())
-    nr, G_PAD, D_PAD, DV_PAD = const["NR"], const["G_PAD"], const["D_PAD"], const["DV_PAD"]
+                                   _interpreted(), rk is not None, rv is not None)
+    nr, G_PAD, D_PAD = const["NR"], const["G_PAD"], const["D_PAD"]
     # planned for the blocks in use (a static pool's spare slots are covered by splits that exit at once)
     in_use = min(cold_blocks, NB) if cold_blocks > 0 else NB
     tps = tiles_per_split if tiles_per_split > 0 else choose_tiles_per_split(B * H, in_use * nr, _num_sms(dev))
@@ -262,54 +278,54 @@ def _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exa
     S_TOT = S_COLD + 1  # the last split: the exact tail
     m_ws = torch.empty((B * H * S_TOT, G_PAD), dtype=torch.float32, device=dev)
     l_ws = torch.empty_like(m_ws)
-    accc_ws = torch.empty((B * H * S_TOT, G_PAD, DV_PAD), dtype=torch.float32, device=dev)
-    acce_ws = torch.empty((B * H, G_PAD, D_PAD), dtype=torch.float32, device=dev)
-    out_cold = torch.empty((B, Hq, vl.kept), dtype=torch.float32, device=dev)
-    out_exact = torch.empty((B, Hq, D), dtype=torch.float32, device=dev)
-    if _interpreted() and _is_fake(qk):
+    # every split's partial output in the model's basis, the exact tail's in the last slot
+    acc_ws = torch.empty((B * H * S_TOT, G_PAD, D_PAD), dtype=torch.float32, device=dev)
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+    if _interpreted() and _is_fake(q):
         # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
         # try to read fake storage; shapes are all the fake kernel has to produce.
-        return out_cold, out_exact
+        return out
+    # identity (None): the kernel never reads the pointer (ROT_K/ROT_V false), q stands in
     launch(qd_partial_kernel)[(B * H, S_TOT)](
-        qk, q, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
+        q, q if rk is None else rk, q if rv is None else rv, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
         _nonempty(v_codes), _nonempty(v_scale), _nonempty(v_zero), n_cold,
         _nonempty(exact_k), _nonempty(exact_v), n_exact,
-        m_ws, l_ws, accc_ws, acce_ws,
+        m_ws, l_ws, acc_ws,
         float(scaling) * _LOG2E,
         H, G, D, tps, S_COLD, S_TOT,
-        *qk.stride(), *q.stride(),
+        *q.stride(), *(rk.stride() if rk is not None else (0,) * 4), *(rv.stride() if rv is not None else (0,) * 4),
         *_strides(k_codes, 4)[:3], *_strides(k_scale, 5), *_strides(v_codes, 4)[:3], *_strides(v_scale, 5),
         *_strides(exact_k, 4), *_strides(exact_v, 4),
         **const, **opts,
         **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
-    ch = min(32, DV_PAD, D_PAD)  # output columns per combine program (DV_PAD, D_PAD: powers of two >= 16)
-    launch(qd_combine_kernel)[(B * H, max(DV_PAD, D_PAD) // ch)](
-        m_ws, l_ws, accc_ws, acce_ws, out_cold, out_exact, H, G, D, vl.kept, S_COLD, S_TOT,
-        *out_cold.stride(), *out_exact.stride(),
-        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, DV_PAD=DV_PAD, CH=ch, SB=16, num_warps=4,
+    ch = min(32, D_PAD)  # output columns per combine program (D_PAD: a power of two >= 16)
+    launch(qd_combine_kernel)[(B * H, D_PAD // ch)](
+        m_ws, l_ws, acc_ws, out, H, G, D, S_TOT, *out.stride(),
+        S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, CH=ch, SB=16, num_warps=4,
     )
-    return out_cold, out_exact
+    return out
 
 
-def _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+def _check_inputs(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                   key_layout, value_layout, key_group):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
-    B, Hq, Dk = qk.shape
-    H, D = exact_k.shape[1], exact_k.shape[3]
+    if q.dim() != 3:
+        raise ValueError(f"quant_decode: q shaped {tuple(q.shape)} is not [B, Hq, D]")
+    B, Hq, D = q.shape
+    H, Dk = exact_k.shape[1], kl.kept
     NB, T = k_codes.shape[2], kl.tokens
     # (condition, message): a message is formatted only when its check fails; this runs once per
     # layer per decode step, and formatting every message cost ~30 µs of host time a call.
     checks = [
-        (qk.dtype == torch.float32, lambda: f"qk must be float32, got {qk.dtype}"),
-        (q.dtype in (torch.float16, torch.bfloat16, torch.float32), lambda: f"q dtype {q.dtype} is not fp16/bf16/fp32"),
+        (q.dtype in _DTYPES, lambda: f"q dtype {q.dtype} is not fp16/bf16/fp32"),
         (exact_k.dtype == exact_v.dtype == q.dtype, lambda: f"exact_k/exact_v dtype {exact_k.dtype}/{exact_v.dtype} != q's {q.dtype}"),
         (k_codes.dtype == v_codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {k_codes.dtype}/{v_codes.dtype}"),
         (all(t.dtype == torch.float16 for t in (k_scale, k_zero, v_scale, v_zero)), lambda: "scales/zeros must be float16"),
         (n_cold.dtype == n_exact.dtype == torch.int32, lambda: f"n_cold/n_exact must be int32, got {n_cold.dtype}/{n_exact.dtype}"),
         (H > 0 and Hq % H == 0 and Hq // H <= 16, lambda: f"Hq={Hq} must be a multiple of H={H} with at most 16 heads per group"),
-        (q.shape == (B, Hq, D), lambda: f"q shaped {tuple(q.shape)}, expected {(B, Hq, D)}"),
-        (Dk == kl.kept, lambda: f"qk has {Dk} components, key_layout keeps {kl.kept}"),
+        (exact_k.shape[3] == D, lambda: f"exact_k has head_dim {exact_k.shape[3]}, q has {D}"),
+        (k_scale.shape[-1] == Dk, lambda: f"k_scale has {k_scale.shape[-1]} channels, key_layout keeps {Dk}"),
         (k_codes.shape == (B, H, NB, kl.nbytes), lambda: f"k_codes shaped {tuple(k_codes.shape)}, expected {(B, H, NB, kl.nbytes)}"),
         (v_codes.shape == (B, H, NB, vl.nbytes), lambda: f"v_codes shaped {tuple(v_codes.shape)}, expected {(B, H, NB, vl.nbytes)}"),
         (k_scale.shape == k_zero.shape == (B, H, NB, T // int(key_group), Dk) and k_scale.stride() == k_zero.stride(),
@@ -319,9 +335,14 @@ def _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_c
         (exact_v.shape == exact_k.shape and exact_k.shape[0] == B, lambda: "exact_k/exact_v must both be [B, H, Te, D]"),
         (n_cold.shape == n_exact.shape == (B,), lambda: f"n_cold/n_exact must be [B={B}]"),
     ]
-    for role, codes, lay in (("key", k_codes, kl), ("value", v_codes, vl)):
-        name = "k_codes" if role == "key" else "v_codes"
+    for role, codes, lay, rot in (("key", k_codes, kl, rk), ("value", v_codes, vl, rv)):
+        name, rname = ("k_codes", "rk") if role == "key" else ("v_codes", "rv")
         checks += [
+            (rot is None or (rot.dtype in _DTYPES and rot.dim() == 4 and rot.shape[:2] == (B, H)
+                             and rot.shape[3] == D and rot.shape[2] >= lay.kept),
+             lambda rname=rname, rot=rot, lay=lay: f"{rname} must be fp16/bf16/fp32 [B={B}, H={H}, R >= {lay.kept}, D={D}] "
+             f"(the {role} basis rows; None: identity), got {rot.dtype} {tuple(rot.shape)}"),
+            (lay.kept <= D, lambda role=role, lay=lay: f"the {role} layout keeps {lay.kept} > head_dim {D} components"),
             (all(c % 4 == 0 for c, _ in lay.kept_segments),
              lambda role=role, lay=lay: f"{role} segments {lay.kept_segments}: the kernel unpacks 4 channels per 32-bit "
              "register, so every kept segment's channels must be a multiple of 4"),
@@ -342,20 +363,20 @@ if HAS_TRITON:
 
     @triton_op("spectral_kv::quant_decode", mutates_args=())
     def _quant_decode_op(
-        qk: torch.Tensor, q: torch.Tensor,
+        q: torch.Tensor, rk: Optional[torch.Tensor], rv: Optional[torch.Tensor],
         k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
         v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
         n_cold: torch.Tensor, exact_k: torch.Tensor, exact_v: torch.Tensor, n_exact: torch.Tensor,
         scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
         tiles_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
         operands: str = "fp16", max_registers: int = 0, unpack: str = "auto", cold_blocks: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _impl(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+    ) -> torch.Tensor:
+        return _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
                      operands, wrap_triton, max_registers, unpack, cold_blocks)
 
 
-def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+def quant_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                  scaling, key_layout, value_layout, key_group, *, tiles_per_split: int = 0, block_rows: int = 0,
                  num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", max_registers: int = 0,
                  unpack: str = "auto", cold_blocks: int = 0):
@@ -378,7 +399,7 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
     if not HAS_TRITON:
         raise RuntimeError(f"spectral_kv.kernels.quant_decode needs triton; import failed with {_TRITON_IMPORT_ERROR!r}. "
                            "Use quant_decode_reference for a pure-torch path.")
-    _check_inputs(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
+    _check_inputs(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                   key_layout, value_layout, key_group)
     if block_rows and (block_rows < 16 or block_rows & (block_rows - 1)):
         raise ValueError(f"block_rows={block_rows} must be a power of two >= 16")
@@ -390,10 +411,10 @@ def quant_decode(qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_co
         raise ValueError(f"unpack={unpack!r} must be one of 'auto', 'triton', " + ", ".join(map(repr, _FORMS)))
     if isinstance(max_registers, bool) or not isinstance(max_registers, int) or not (max_registers == 0 or 24 <= max_registers <= 255):
         raise ValueError(f"max_registers={max_registers!r} must be 0 (no cap) or an int in [24, 255]")
-    args = (qk, q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
+    args = (q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
             [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
             tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers, unpack, int(cold_blocks))
-    if qk.is_cuda and qk.get_device() != torch.cuda.current_device():
-        with torch.cuda.device(qk.device):  # Triton launches on the current device
+    if q.is_cuda and q.get_device() != torch.cuda.current_device():
+        with torch.cuda.device(q.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_decode(*args)
     return torch.ops.spectral_kv.quant_decode(*args)

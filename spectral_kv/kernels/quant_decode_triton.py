@@ -3,6 +3,12 @@
 Kept apart from the op so each file reads in one sitting; the math, the layout constants and
 the launch live in ``quant_decode.py``. Importing this module needs triton.
 
+The partial kernel takes the model-dtype query and both bases (``ROT_K`` / ``ROT_V``; false:
+identity): a cold program rotates its query per key segment before the units and maps its value
+accumulators back to the model's basis after them, so every split's partial (``acc_ptr``, one
+``[G_PAD, D_PAD]`` slot per split, the exact tail's last) is D wide; the combine kernel sums the
+slots with the joint softmax weights and writes the output in q's dtype.
+
 Codes are read as uint8 tiles ``[rows, channels]`` of each plane. A chunk's codes (bits
 ``[SH, SH+P)`` of plane bytes moved to ``[BIT, BIT+P)``, ORed over the planes) become the dots'
 fp16 operands in one of the kernel's ``FORM``s (`spectral_kv.kernels.quant_unpack`):
@@ -113,13 +119,14 @@ def _load_tiles(tiles, base, SEG_C: tl.constexpr, SEG_CPAD: tl.constexpr, NP: tl
 # the middle of decoding, once per variant and machine).
 @triton.jit(do_not_specialize=["TPS", "S_COLD", "S_TOT"])
 def qd_partial_kernel(
-    qk_ptr, q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, ncold_ptr,
+    q_ptr, rk_ptr, rv_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, ncold_ptr,
     ek_ptr, ev_ptr, nexact_ptr,
-    m_ptr, l_ptr, accc_ptr, acce_ptr,
+    m_ptr, l_ptr, acc_ptr,
     qk_scale,
     H, G, D, TPS, S_COLD, S_TOT,
-    sqk_b, sqk_h, sqk_d,
     sq_b, sq_h, sq_d,
+    srk_b, srk_h, srk_r, srk_d,
+    srv_b, srv_h, srv_r, srv_d,
     skc_b, skc_h, skc_n,
     sks_b, sks_h, sks_n, sks_g, sks_d,
     svc_b, svc_h, svc_n,
@@ -130,7 +137,8 @@ def qd_partial_kernel(
     KSEGS: tl.constexpr, VSEGS: tl.constexpr, KASM: tl.constexpr, VASM: tl.constexpr, FORM: tl.constexpr,
     MAGIC: tl.constexpr, INV: tl.constexpr, SINV: tl.constexpr, EMU: tl.constexpr,
     KEY_BCAST: tl.constexpr, KSTEP: tl.constexpr, F16: tl.constexpr,
-    G_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
+    ROT_K: tl.constexpr, ROT_V: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -148,11 +156,35 @@ def qd_partial_kernel(
     # SINV: the same for the score accumulators (1 on the per-token key path, which dequantizes).
 
     if split < S_COLD:
+        n_c = tl.load(ncold_ptr + b).to(tl.int64)
+        u_lo = split.to(tl.int64) * TPS
+        u_hi = tl.minimum(u_lo + TPS, n_c * NR)
+        # A split with no unit (a short row, a static pool's spare slots) only stores zeros:
+        # its basis and query loads are masked off, so it reads no memory for them.
+        live = u_lo < u_hi
+        # What the value rotation after the loop needs, made here as one int and one pointer:
+        # keeping b, h and `live` alive through the loop instead cost spills in it (sm_90).
+        d_lim = tl.where(live, D, 0)
+        rv_base = rv_ptr + b * srv_b + h * srv_h
+        q_base = q_ptr + b * sq_b + rows[:, None] * sq_h
         qks = ()
         for si in tl.static_range(len(KSEGS)):
             offs_c = tl.arange(0, tl.constexpr(KSEGS[si][1]))
-            qx = tl.load(qk_ptr + b * sqk_b + rows[:, None] * sqk_h + (KSEGS[si][2] + offs_c)[None, :] * sqk_d,
-                         mask=g_ok[:, None] & (offs_c < KSEGS[si][0])[None, :], other=0.0)
+            c_ok = offs_c < KSEGS[si][0]
+            if ROT_K:  # the segment's query in the key basis, q @ R_k[c0:c0+C]^T, DC columns of D at a time
+                qx = tl.zeros([G_PAD, tl.constexpr(KSEGS[si][1])], tl.float32)
+                for dc in tl.static_range(D_PAD // DC):
+                    offs_x = dc * DC + tl.arange(0, DC)
+                    x_ok = (offs_x < D) & live
+                    qd = tl.load(q_base + offs_x[None, :] * sq_d, mask=g_ok[:, None] & x_ok[None, :], other=0.0)
+                    r = tl.load(rk_ptr + b * srk_b + h * srk_h + (KSEGS[si][2] + offs_c)[:, None] * srk_r
+                                + offs_x[None, :] * srk_d, mask=c_ok[:, None] & x_ok[None, :], other=0.0).to(tl.float32)
+                    # fp32 operands at ~fp32 accuracy (3 tf32 passes): tf32 alone would round the
+                    # query to 10 bits, more than the fp16 operands of the unit loop lose
+                    qx = tl.dot(qd.to(tl.float32), tl.trans(r), qx, input_precision="tf32x3")
+            else:  # identity basis: the kept channels are the query's first columns
+                qx = tl.load(q_base + (KSEGS[si][2] + offs_c)[None, :] * sq_d,
+                             mask=g_ok[:, None] & (c_ok & live)[None, :], other=0.0).to(tl.float32)
             # scaling * log2(e) folded in once (the softmax runs on exp2); cast back because
             # Inductor passes the float argument as fp64.
             qks = qks + ((qx * qk_scale).to(tl.float32),)
@@ -162,9 +194,6 @@ def qd_partial_kernel(
             accs = accs + (tl.zeros([G_PAD, tl.constexpr(VSEGS[si][1])], tl.float32),)
             zaccs = zaccs + (tl.zeros([G_PAD, BR], tl.float32),)
         l_t = tl.zeros([G_PAD, BR], tl.float32)  # the softmax sum, likewise
-        n_c = tl.load(ncold_ptr + b).to(tl.int64)
-        u_lo = split.to(tl.int64) * TPS
-        u_hi = tl.minimum(u_lo + TPS, n_c * NR)
         offs_r = tl.arange(0, BR)
         # One unit = rows r0..r0+BR-1 of the smallest plane of one block: 8 / P_BASE chunks of
         # BR consecutive tokens (chunk i: tokens R_BASE * i + r0 + 0..BR-1).
@@ -267,11 +296,34 @@ def qd_partial_kernel(
                 new_zaccs = new_zaccs + (zacc,)
             accs = new_accs
             zaccs = new_zaccs
+        fin = ()  # each value segment's coefficients, [G_PAD, C_PAD] (unnormalized, this split's max)
         for si in tl.static_range(len(VSEGS)):
-            offs_c = tl.arange(0, tl.constexpr(VSEGS[si][1]))
-            tl.store(accc_ptr + ws * (G_PAD * DV_PAD) + offs_g[:, None] * DV_PAD + (VSEGS[si][2] + offs_c)[None, :],
-                     accs[si] * INV + tl.sum(zaccs[si], axis=1)[:, None],
-                     mask=g_ok[:, None] & (offs_c < VSEGS[si][0])[None, :])
+            fin = fin + (accs[si] * INV + tl.sum(zaccs[si], axis=1)[:, None],)
+        acc_base = acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD
+        if ROT_V:  # back to the model's basis once per program: sum_seg acc_seg @ R_v[c0:c0+C], DC columns at a time
+            # computed transposed, R_v^T acc^T [DC, G_PAD]: acc @ R_v made ptxas spill in the unit
+            # loop on sm_90 (`benchmarks/quant_decode_compile.py`; so did R_k q^T for the query)
+            for dc in tl.static_range(D_PAD // DC):
+                offs_x = dc * DC + tl.arange(0, DC)
+                x_ok = offs_x < d_lim
+                o = tl.zeros([DC, G_PAD], tl.float32)
+                for si in tl.static_range(len(VSEGS)):
+                    offs_c = tl.arange(0, tl.constexpr(VSEGS[si][1]))
+                    r = tl.load(rv_base + (VSEGS[si][2] + offs_c)[:, None] * srv_r
+                                + offs_x[None, :] * srv_d, mask=(offs_c < VSEGS[si][0])[:, None] & x_ok[None, :],
+                                other=0.0).to(tl.float32)
+                    o = tl.dot(tl.trans(r), tl.trans(fin[si]), o, input_precision="tf32x3")
+                tl.store(acc_ptr + ws * (G_PAD * D_PAD) + offs_g[None, :] * D_PAD + offs_x[:, None], o,
+                         mask=g_ok[None, :])
+        else:  # identity: coefficient c is output column c; columns DV.. get no cold contribution
+            for si in tl.static_range(len(VSEGS)):
+                offs_c = tl.arange(0, tl.constexpr(VSEGS[si][1]))
+                tl.store(acc_base + (VSEGS[si][2] + offs_c)[None, :], fin[si],
+                         mask=g_ok[:, None] & (offs_c < VSEGS[si][0])[None, :])
+            if DV < D_PAD:
+                offs_z = tl.arange(0, D_PAD)
+                tl.store(acc_base + offs_z[None, :], tl.zeros([G_PAD, D_PAD], tl.float32),
+                         mask=g_ok[:, None] & (offs_z >= DV)[None, :])
         l_i = tl.sum(l_t, axis=1)
     else:
         offs_d = tl.arange(0, D_PAD)
@@ -298,24 +350,23 @@ def qd_partial_kernel(
                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, v)
             m_i = m_new
-        tl.store(acce_ptr + pid_bh.to(tl.int64) * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :], acc,
-                 mask=g_ok[:, None])
+        tl.store(acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :], acc, mask=g_ok[:, None])
     tl.store(m_ptr + ws * G_PAD + offs_g, m_i)
     tl.store(l_ptr + ws * G_PAD + offs_g, l_i)
 
 
-@triton.jit(do_not_specialize=["S_COLD", "S_TOT"])
+@triton.jit(do_not_specialize=["S_TOT"])
 def qd_combine_kernel(
-    m_ptr, l_ptr, accc_ptr, acce_ptr, outc_ptr, oute_ptr,
-    H, G, D, DV, S_COLD, S_TOT,
-    soc_b, soc_h, soc_d, soe_b, soe_h, soe_d,
-    S_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
-    CH: tl.constexpr, SB: tl.constexpr,
+    m_ptr, l_ptr, acc_ptr, out_ptr,
+    H, G, D, S_TOT,
+    so_b, so_h, so_d,
+    S_PAD: tl.constexpr, G_PAD: tl.constexpr, D_PAD: tl.constexpr, CH: tl.constexpr, SB: tl.constexpr,
 ):
-    # One program per (row, KV head, CH columns of the outputs): merges the splits' (max, sum,
-    # acc) partials with the one joint denominator of cold and exact tokens (flash-decoding).
-    # The splits are summed SB at a time as [SB, G_PAD, CH] tiles (at batch 1 a head has ~100
-    # splits: one load per split in a serial loop was latency-bound, ~30 µs per call).
+    # One program per (row, KV head, CH output columns): merges the splits' (max, sum, acc)
+    # partials, cold splits and the exact tail's alike (all in the model's basis, D wide), with
+    # one joint denominator (flash-decoding), and writes the output in its dtype. The splits are
+    # summed SB at a time as [SB, G_PAD, CH] tiles (at batch 1 a head has ~100 splits: one load
+    # per split in a serial loop was latency-bound, ~30 µs per call).
     pid_bh = tl.program_id(0)
     c0 = tl.program_id(1) * CH
     b = (pid_bh // H).to(tl.int64)
@@ -334,22 +385,15 @@ def qd_combine_kernel(
     inv = tl.where(lsum > 0, 1.0 / tl.maximum(lsum, 1e-30), 0.0)
     rows = (h * G + offs_g).to(tl.int64)
     offs_c = c0 + tl.arange(0, CH)
-    if c0 < DV_PAD:
-        offs_sb = tl.arange(0, SB)
-        out_c = tl.zeros([G_PAD, CH], tl.float32)
-        for s0 in range(0, S_COLD, SB):
-            ss = s0 + offs_sb
-            sb_ok = ss < S_COLD
-            w_s = tl.exp2(tl.load(m_ptr + (base + ss[:, None]) * G_PAD + offs_g[None, :], mask=sb_ok[:, None],
-                                  other=float("-inf")) - m_g[None, :])  # [SB, G_PAD]
-            a = tl.load(accc_ptr + ((base + ss[:, None, None]) * G_PAD + offs_g[None, :, None]) * DV_PAD + offs_c[None, None, :],
-                        mask=sb_ok[:, None, None] & g_ok[None, :, None], other=0.0)
-            out_c += tl.sum(a * w_s[:, :, None], axis=0)
-        tl.store(outc_ptr + b * soc_b + rows[:, None] * soc_h + offs_c[None, :] * soc_d, out_c * inv[:, None],
-                 mask=g_ok[:, None] & (offs_c < DV)[None, :])
-    if c0 < D_PAD:
-        w_e = tl.exp2(tl.load(m_ptr + (base + S_COLD) * G_PAD + offs_g) - m_g)
-        a = tl.load(acce_ptr + pid_bh.to(tl.int64) * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_c[None, :],
-                    mask=g_ok[:, None], other=0.0)
-        tl.store(oute_ptr + b * soe_b + rows[:, None] * soe_h + offs_c[None, :] * soe_d, a * (w_e * inv)[:, None],
-                 mask=g_ok[:, None] & (offs_c < D)[None, :])
+    offs_sb = tl.arange(0, SB)
+    out = tl.zeros([G_PAD, CH], tl.float32)
+    for s0 in range(0, S_TOT, SB):
+        ss = s0 + offs_sb
+        sb_ok = ss < S_TOT
+        w_s = tl.exp2(tl.load(m_ptr + (base + ss[:, None]) * G_PAD + offs_g[None, :], mask=sb_ok[:, None],
+                              other=float("-inf")) - m_g[None, :])  # [SB, G_PAD]
+        a = tl.load(acc_ptr + ((base + ss[:, None, None]) * G_PAD + offs_g[None, :, None]) * D_PAD + offs_c[None, None, :],
+                    mask=sb_ok[:, None, None] & g_ok[None, :, None], other=0.0)
+        out += tl.sum(a * w_s[:, :, None], axis=0)
+    tl.store(out_ptr + b * so_b + rows[:, None] * so_h + offs_c[None, :] * so_d,
+             (out * inv[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & (offs_c < D)[None, :])
