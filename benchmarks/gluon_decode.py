@@ -130,10 +130,25 @@ def gpu(timed=tuple(LAYOUTS)):
 
     def inputs(name, B, ctx, seed=0, n_cold=None):
         x = qb.quant_inputs(lays[name], B, H, G, ctx // T, T, 1, n_cold=n_cold, n_exact=[0] * B, poison=True, seed=seed)
+        # the op: (q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v,
+        # n_exact, scaling, key_layout, value_layout, key_group); the Gluon partials take the query already in
+        # the key basis (fp32 [B, Hq, Dk]) and leave acc in the value basis (`to_model_basis`)
         op = x["op"]
-        kl, vl = CodeLayout(T, layout_pairs(op[13])), CodeLayout(T, layout_pairs(op[14]))
-        gl_args = (op[0], op[2], op[3], op[4], op[5], op[6], op[7], op[8], op[12], kl, vl, op[15])
+        kl, vl = CodeLayout(T, layout_pairs(op[14])), CodeLayout(T, layout_pairs(op[15]))
+        q, rk = op[0], op[1]
+        qf = q.float().view(B, H, G, D)
+        qk = (qf if rk is None else qf @ rk.float().transpose(-1, -2))[..., : kl.kept].reshape(B, H * G, kl.kept)
+        gl_args = (qk.contiguous(), op[3], op[4], op[5], op[6], op[7], op[8], op[9], op[13], kl, vl, op[16])
         return op, gl_args
+
+    def to_model_basis(out_cold, op):
+        """[B, Hq, Dv] value-basis output -> [B, Hq, D] (what quant_decode_reference returns)."""
+        rv = op[2]
+        B_ = out_cold.shape[0]
+        if rv is None:
+            return torch.nn.functional.pad(out_cold, (0, D - out_cold.shape[-1]))
+        o = out_cold.view(B_, H, G, -1) @ rv.float()[..., : out_cold.shape[-1], :]
+        return o.reshape(B_, H * G, D)
 
     def check(key_width):
         ok = True
@@ -143,8 +158,8 @@ def gpu(timed=tuple(LAYOUTS)):
                 NB = ctx // T
                 op, ga = inputs(name, B, ctx, n_cold=[NB] * (B - 1) + [NB - 3] if B > 1 else None)
                 m, l, acc, tps = QG.cold_partials(*ga, key_width=key_width)
-                want = quant_decode_reference(*op)[0]
-                err = qb.rel(QG.combine_partials(m, l, acc), want)
+                want = quant_decode_reference(*op)
+                err = qb.rel(to_model_basis(QG.combine_partials(m, l, acc), op), want)
                 line = f"  {name:16s} {B} x {ctx}: partials + torch combine vs quant_decode_reference {err:.2e}"
                 if B == 1:
                     cpu = [t.cpu() if torch.is_tensor(t) else t for t in ga]

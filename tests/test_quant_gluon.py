@@ -50,8 +50,9 @@ def test_twin_partials_combine_to_the_reference(kbits, vbits, kg, tps):
     assert torch.isinf(m[1, :, -(-nr // tps) + 1:]).all()  # row 1 has one block: its later splits are empty
     out = QG.combine_partials(m, l, acc)
     empty = torch.zeros(B, H, 1, dk)
-    want, _ = quant_decode_reference(qk, torch.zeros(B, H * G, dk), kc, ks, kz, vc, vs, vz, nc, empty, empty,
-                                     torch.zeros(B, dtype=torch.int32), dk**-0.5, [dk, kbits], [dk, vbits], kg)
+    # identity bases (None): the query is already in the key basis, the output stays in the value basis
+    want = quant_decode_reference(qk, None, None, kc, ks, kz, vc, vs, vz, nc, empty, empty,
+                                  torch.zeros(B, dtype=torch.int32), dk**-0.5, [dk, kbits], [dk, vbits], kg)
     assert torch.allclose(out, want, rtol=1e-4, atol=1e-5), (out - want).abs().max()
 
 
