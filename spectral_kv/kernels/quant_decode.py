@@ -16,7 +16,7 @@ Public entry points
 -------------------
 quant_decode(...)            Triton split-K kernel + a small combine kernel; needs triton.
 quant_decode_reference(...)  Pure-torch fp32 twin that defines the math; always available.
-torch.ops.spectral_kv.quant_decode  The kernel as a ``torch.library.triton_op``.
+torch.ops.spectral_kv.quant_decode  The kernel as a ``torch.library.custom_op`` (opaque to Inductor).
 
 Kernel plan (issue 13; `benchmarks/quant_decode_compile.py` prints ptxas's registers and
 spills for sm_90 without a GPU). One program per (batch row, KV head, run of *units*) plus one
@@ -359,9 +359,14 @@ def _check_inputs(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
 
 
 if HAS_TRITON:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import custom_op
 
-    @triton_op("spectral_kv::quant_decode", mutates_args=())
+    # A custom_op (opaque to Inductor), not a triton_op: under torch.compile Inductor would analyze a
+    # triton_op's kernel for the tensors it writes, cannot read its impure inline PTX (impure on
+    # purpose, quant_decode_triton's docstring), then treats every input as written and fails on
+    # the stride-0 expanded bases (H200, StaticDecoder(compile=True): "more than one element of the
+    # written-to tensor refers to a single memory location"). Opaque, it is one extern call.
+    @custom_op("spectral_kv::quant_decode", mutates_args=())
     def _quant_decode_op(
         q: torch.Tensor, rk: Optional[torch.Tensor], rv: Optional[torch.Tensor],
         k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
@@ -373,7 +378,13 @@ if HAS_TRITON:
     ) -> torch.Tensor:
         return _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
-                     operands, wrap_triton, max_registers, unpack, cold_blocks)
+                     operands, lambda kernel: kernel, max_registers, unpack, cold_blocks)
+
+    @_quant_decode_op.register_fake
+    def _quant_decode_fake(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v,
+                           n_exact, scaling, key_layout, value_layout, key_group, tiles_per_split=0, block_rows=0,
+                           num_warps=0, num_stages=0, operands="fp16", max_registers=0, unpack="auto", cold_blocks=0):
+        return q.new_empty(q.shape)
 
 
 def quant_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
