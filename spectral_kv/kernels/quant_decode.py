@@ -14,7 +14,9 @@ the kernel (issue 13), so a decode step is the partial kernel and the combine ke
 
 Public entry points
 -------------------
-quant_decode(...)            Triton split-K kernel + a small combine kernel; needs triton.
+quant_decode(...)            On CUDA the Gluon path where it serves (`quant_decode_gluon_path`: query rotation,
+                             Gluon cold partials, a `tl` finish kernel), else the Triton split-K kernel + a
+                             small combine kernel (below); needs triton.
 quant_decode_reference(...)  Pure-torch fp32 twin that defines the math; always available.
 torch.ops.spectral_kv.quant_decode  The kernel as a ``torch.library.custom_op`` (opaque to Inductor).
 
@@ -66,6 +68,7 @@ import torch
 
 from ..codes import CodeLayout, planes, plane_rows
 from .quant_unpack import FORMS as _FORMS, asm_of as _asm_of, form_constants as _form_constants
+from . import quant_decode_gluon_path as _gluon
 from .launch import is_fake as _is_fake, nonempty as _nonempty, num_sms as _num_sms, pow2 as _pow2, strides as _strides
 
 try:  # triton is optional: the reference must work without it.
@@ -79,7 +82,10 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _TRITON_IMPORT_ERROR = exc
 
 __all__ = ["quant_decode", "quant_decode_reference", "HAS_TRITON", "layout_pairs", "choose_tiles_per_split",
-           "choose_block_rows"]
+           "choose_block_rows", "gluon_serves", "BACKENDS"]
+
+BACKENDS = ("auto", "gluon", "triton")
+gluon_serves = _gluon.gluon_serves
 
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of q and the exact tail, and of the bases
@@ -263,8 +269,18 @@ def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, k
 
 def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
-          launch, max_registers=0, unpack="auto", cold_blocks=0):
+          launch, max_registers=0, unpack="auto", cold_blocks=0, backend="auto"):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
+    if backend != "triton":
+        ok, why = _gluon.gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl, vl, key_group, operands, unpack,
+                                      block_rows, num_warps, num_stages, _interpreted())
+        if ok:
+            return _gluon.gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k,
+                                       exact_v, n_exact, scaling, kl, vl, key_group, tiles_per_split, max_registers,
+                                       cold_blocks, launch)
+        if backend == "gluon":  # forced: never a silent fallback
+            raise (RuntimeError if not _gluon.QG.HAS_GLUON else ValueError)(f"quant_decode: backend='gluon' cannot serve "
+                                                                           f"this call: {why}")
     B, Hq, D = q.shape
     H, Te = exact_k.shape[1], exact_k.shape[2]
     G, NB, dev = Hq // H, k_codes.shape[2], q.device
@@ -375,23 +391,34 @@ if HAS_TRITON:
         scaling: float, key_layout: list[int], value_layout: list[int], key_group: int,
         tiles_per_split: int = 0, block_rows: int = 0, num_warps: int = 0, num_stages: int = 0,
         operands: str = "fp16", max_registers: int = 0, unpack: str = "auto", cold_blocks: int = 0,
+        backend: str = "auto",
     ) -> torch.Tensor:
         return _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
-                     operands, lambda kernel: kernel, max_registers, unpack, cold_blocks)
+                     operands, lambda kernel: kernel, max_registers, unpack, cold_blocks, backend)
 
     @_quant_decode_op.register_fake
     def _quant_decode_fake(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v,
                            n_exact, scaling, key_layout, value_layout, key_group, tiles_per_split=0, block_rows=0,
-                           num_warps=0, num_stages=0, operands="fp16", max_registers=0, unpack="auto", cold_blocks=0):
+                           num_warps=0, num_stages=0, operands="fp16", max_registers=0, unpack="auto", cold_blocks=0,
+                           backend="auto"):
         return q.new_empty(q.shape)
 
 
 def quant_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                  scaling, key_layout, value_layout, key_group, *, tiles_per_split: int = 0, block_rows: int = 0,
                  num_warps: int = 0, num_stages: int = 0, operands: str = "fp16", max_registers: int = 0,
-                 unpack: str = "auto", cold_blocks: int = 0):
-    """Triton fused decode; same contract as :func:`quant_decode_reference` (shapes there).
+                 unpack: str = "auto", cold_blocks: int = 0, backend: str = "auto"):
+    """Fused decode on the GPU; same contract as :func:`quant_decode_reference` (shapes there).
+
+    ``backend``: ``"auto"`` (default) runs the Gluon path (`quant_decode_gluon_path`) where
+    `gluon_serves` says it can (CUDA, gluon importable, one segment per role of width 2/3/4/8
+    keeping 64 or 128 channels, G <= 8, fp16 operands, ``unpack="auto"``, none of the `tl` kernel's
+    knobs ``block_rows`` / ``num_warps`` / ``num_stages`` set), else the `tl` kernel: choosing it
+    there is by design, not a fallback from an error. ``"gluon"`` forces the Gluon path and raises
+    (``ValueError``; ``RuntimeError`` without gluon) naming why it cannot serve; ``"triton"`` forces
+    the `tl` kernel. ``tiles_per_split`` and ``max_registers`` apply to whichever cold kernel runs
+    (the Gluon kernel's units are 16 rows of the smallest plane of a block).
 
     Tuning knobs, 0 = heuristic: ``block_rows`` (rows of the smallest plane per unit, a power of
     two >= 16; a unit is ``block_rows * 8 / p_min`` tokens of one block), ``tiles_per_split``
@@ -418,13 +445,15 @@ def quant_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         raise ValueError(f"operands={operands!r} must be 'fp16' or 'fp32'")
     if isinstance(cold_blocks, bool) or not isinstance(cold_blocks, int) or cold_blocks < 0:
         raise ValueError(f"cold_blocks={cold_blocks!r} must be an int >= 0 (0: plan for every block of the pools)")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of " + ", ".join(map(repr, BACKENDS)))
     if unpack not in ("auto", "triton", *_FORMS):
         raise ValueError(f"unpack={unpack!r} must be one of 'auto', 'triton', " + ", ".join(map(repr, _FORMS)))
     if isinstance(max_registers, bool) or not isinstance(max_registers, int) or not (max_registers == 0 or 24 <= max_registers <= 255):
         raise ValueError(f"max_registers={max_registers!r} must be 0 (no cap) or an int in [24, 255]")
     args = (q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact, float(scaling),
             [int(x) for x in key_layout], [int(x) for x in value_layout], int(key_group),
-            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers, unpack, int(cold_blocks))
+            tiles_per_split, block_rows, num_warps, num_stages, operands, max_registers, unpack, int(cold_blocks), backend)
     if q.is_cuda and q.get_device() != torch.cuda.current_device():
         with torch.cuda.device(q.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_decode(*args)

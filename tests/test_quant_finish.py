@@ -1,0 +1,131 @@
+"""The Gluon path of `quant_decode` without a GPU (`kernels/quant_decode_gluon_path.py`).
+
+Gluon has no interpreter, so the cold partials come from their torch twin
+(`quant_decode_gluon.cold_partials_reference`, itself checked in test_quant_gluon.py) and the
+finish kernel (`kernels/quant_finish_triton.py`: exact tail, joint merge, value rotation, cast)
+runs under TRITON_INTERPRET=1; both it and its twin must reproduce `quant_decode_reference`.
+Then the backend selection: what `gluon_serves` refuses, and that "auto" picks the `tl` kernel on
+CPU while a forced "gluon" raises naming why. The GPU check is `benchmarks/quant_decode_bench.py`.
+"""
+
+import types
+
+import pytest
+import torch
+
+from spectral_kv.codes import CodeLayout
+from spectral_kv.kernels import quant_decode_gluon as QG
+from spectral_kv.kernels import quant_decode_gluon_path as GP
+from spectral_kv.kernels.quant_decode import HAS_TRITON, quant_decode, quant_decode_reference
+
+from test_kernels_quant import make
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not importable")
+
+
+def _partials(args, tps):
+    """The Gluon kernel's partials (its torch twin) for the op arguments ``args``."""
+    q, rk, rv, kc, ks, kz, vc, vs, vz, nc, ek, ev, ne, scaling, kflat, vflat, kg = args
+    T = vs.shape[3]
+    kl, vl = CodeLayout(T, tuple(zip(kflat[0::2], kflat[1::2]))), CodeLayout(T, tuple(zip(vflat[0::2], vflat[1::2])))
+    qk = GP.query_in_key_basis(q, rk, kl.kept)
+    return QG.cold_partials_reference(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, tps)
+
+
+CASES = {  # B, H, G, D, NB, T, key layout, value layout, key group, Te, n_cold, n_exact, basis, tps
+    "hd64-g4-shared": (2, 2, 4, 64, 3, 128, ((64, 4),), ((64, 3),), 64, 5, [3, 1], [5, 2], "shared", 1),
+    "hd128-g1-head": (2, 1, 1, 128, 2, 128, ((128, 3),), ((128, 2),), 32, 70, [2, 1], [70, 64], "head", 2),
+    "hd64-g3-identity": (2, 2, 3, 64, 2, 256, ((64, 8),), ((64, 4),), 128, 9, [1, 2], [0, 9], "identity", 3),
+    "hd128-g8-row": (1, 2, 8, 128, 2, 128, ((128, 4),), ((128, 4),), 16, 3, [2], [3], "row", 1),
+    "no-cold-g4": (2, 1, 4, 64, 2, 128, ((64, 4),), ((64, 2),), 64, 6, [0, 0], [6, 1], "shared", 1),
+    "empty-exact-g8": (2, 1, 8, 64, 2, 128, ((64, 2),), ((64, 2),), 32, 0, [2, 1], [0, 0], "head", 2),
+    "no-token-row": (2, 1, 4, 64, 1, 128, ((64, 4),), ((64, 3),), 64, 4, [1, 0], [4, 0], "identity", 1),
+    "kept<D-identity": (1, 2, 4, 128, 1, 128, ((64, 4), (64, 0)), ((64, 3), (64, 0)), 64, 5, [1], [5], "identity", 1),
+    "kept<D-shared": (1, 2, 4, 128, 1, 128, ((64, 4), (64, 0)), ((64, 3), (64, 0)), 64, 5, [1], [5], "shared", 1),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_finish_kernel_on_twin_partials_matches_the_reference(case):
+    B, H, G, D, NB, T, kseg, vseg, kg, Te, nc, ne, basis, tps = CASES[case]
+    args, _ = make(B, H, G, D, NB, T, kseg, vseg, kg, Te, nc, ne, seed=len(case), basis=basis)
+    q, rv, ek, ev, n_exact, scaling = args[0], args[2], args[10], args[11], args[12], args[13]
+    m, l, acc = _partials(args, tps)
+    assert m.shape[2] == -(-(NB * QG.unit_plan(CodeLayout(T, kseg), CodeLayout(T, vseg))[2]) // tps)
+    want = quant_decode_reference(*args)
+    twin = GP.finish_reference(q, rv, m, l, acc, ek, ev, n_exact, scaling)
+    out = GP.finish(q, rv, m, l, acc, ek, ev, n_exact, scaling)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    assert torch.isfinite(out).all()
+    assert torch.allclose(twin, want, atol=1e-5, rtol=1e-4), (twin - want).abs().max()
+    assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (out - want).abs().max()
+    for b in range(B):  # a row with no token at all is zeros, not NaN
+        if nc[b] == 0 and ne[b] == 0:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+
+
+@needs_triton
+def test_finish_output_in_the_query_dtype_and_no_split():
+    # bf16 model: cast once at the store; NB = 0 (S = 0): the exact tail alone
+    args, _ = make(2, 1, 4, 64, 0, 128, ((64, 4),), ((64, 3),), 64, 7, [0, 0], [7, 3], seed=3, poison=False)
+    low = (args[0].bfloat16(),) + args[1:10] + (args[10].bfloat16(), args[11].bfloat16()) + args[12:]
+    m, l, acc = _partials(low, 1)
+    assert m.shape[2] == 0
+    out, want = GP.finish(low[0], low[2], m, l, acc, *low[10:14]), quant_decode_reference(*low)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+    with pytest.raises(ValueError, match="m/l/acc shaped"):
+        GP.finish(low[0], low[2], m[:, :, :, :2], l, acc, *low[10:14])
+
+
+def _cuda_query(B, Hq, D):
+    # gluon_serves reads only the query's device and shape: a stand-in "on CUDA" reaches the
+    # layout-level reasons on a machine without a GPU
+    return types.SimpleNamespace(is_cuda=True, shape=(B, Hq, D), device=torch.device("cuda"))
+
+
+def _serves(kseg, vseg, G=4, kg=128, T=512, **kw):
+    kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
+    ks = torch.zeros(1, 2, 1, T // kg, kl.kept, dtype=torch.float16)
+    vs = torch.zeros(1, 2, 1, T, len(vl.kept_segments), dtype=torch.float16)
+    kc, vc = torch.zeros(1, 2, 1, kl.nbytes, dtype=torch.uint8), torch.zeros(1, 2, 1, vl.nbytes, dtype=torch.uint8)
+    return GP.gluon_serves(_cuda_query(1, 2 * G, 128), kc, ks, vc, vs, kl, vl, kg, **kw)
+
+
+@pytest.mark.skipif(not QG.HAS_GLUON or not HAS_TRITON, reason="gluon (triton >= 3.6) not importable")
+def test_gluon_serves_names_what_it_does_not_take():
+    bal = (((128, 4),), ((128, 3),))
+    assert _serves(*bal) == (True, "")
+    assert _serves(((128, 3),), ((128, 2),), G=8) == (True, "")
+    for kw, why in [(dict(kseg=((64, 4), (64, 2)), vseg=bal[1]), "one segment"),
+                    (dict(kseg=bal[0], vseg=((32, 4),) * 4), "one segment"),
+                    (dict(kseg=bal[0], vseg=((128, 5),)), "width"),
+                    (dict(kseg=((96, 4), (32, 0)), vseg=bal[1]), "keeps 96"),
+                    (dict(kseg=bal[0], vseg=bal[1], G=16), "G=16"),
+                    (dict(kseg=bal[0], vseg=bal[1], kg=8), "key_group=8"),
+                    (dict(kseg=bal[0], vseg=bal[1], operands="fp32"), "operands='fp32'"),
+                    (dict(kseg=bal[0], vseg=bal[1], unpack="triton"), "unpack='triton'"),
+                    (dict(kseg=bal[0], vseg=bal[1], block_rows=32), "block_rows=32"),
+                    (dict(kseg=bal[0], vseg=bal[1], interpreted=True), "TRITON_INTERPRET")]:
+        ok, reason = _serves(**kw)
+        assert not ok and why in reason, (kw, reason)
+
+
+@needs_triton
+def test_backend_auto_is_triton_on_cpu_and_forced_gluon_raises():
+    args, _ = make(1, 1, 4, 64, 1, 128, ((64, 4),), ((64, 3),), 64, 3, [1], [3], seed=5)
+    kl, vl = CodeLayout(128, ((64, 4),)), CodeLayout(128, ((64, 3),))
+    ok, why = GP.gluon_serves(args[0], args[3], args[4], args[6], args[7], kl, vl, 64)
+    assert not ok and ("CUDA" in why or "gluon" in why), why
+    auto, tl_ = quant_decode(*args), quant_decode(*args, backend="triton")
+    assert torch.equal(auto, tl_)  # by design: the tl kernel serves where Gluon cannot
+    assert torch.allclose(auto, quant_decode_reference(*args), atol=2e-2, rtol=2e-2)
+    err = ValueError if QG.HAS_GLUON else RuntimeError
+    with pytest.raises(err, match="backend='gluon' cannot serve this call: .*(CUDA|gluon)"):
+        quant_decode(*args, backend="gluon")
+    multi, _ = make(1, 1, 4, 64, 1, 16, ((32, 4), (32, 2)), ((64, 3),), 16, 3, [1], [3], seed=6)
+    with pytest.raises(err, match="backend='gluon' cannot serve"):
+        quant_decode(*multi, backend="gluon")
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        quant_decode(*args, backend="cuda")
