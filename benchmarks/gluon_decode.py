@@ -99,6 +99,33 @@ def compile_tl(kseg, vseg):
     return dict(_sass_stats(got[0]), tokens=256, warps=4)
 
 
+def compile_finish(d=D, dv=D, rot=True, g=G, te=68, dt="bf16"):
+    """Compile the Gluon path's finish kernel (`quant_finish_triton`) for sm_90 with the constexprs
+    `quant_decode_gluon_path.finish` launches it with: ptxas's registers and spill bytes."""
+    import inspect
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from spectral_kv.kernels.quant_finish_triton import qd_finish_kernel
+
+    g_pad, ch = 16 if g <= 16 else 32, min(32, d)
+    const = dict(ROT_V=rot, DV=dv, DV_PAD=dv, G_PAD=g_pad, D_PAD=d, CH=ch, BLOCK_E=32 if te >= 32 else 16,
+                 SB=max(1, 2048 // (g_pad * (dv if rot else ch))))
+    ptrs = dict(q_ptr=f"*{dt}", rv_ptr="*fp32" if rot else f"*{dt}", ek_ptr=f"*{dt}", ev_ptr=f"*{dt}", nexact_ptr="*i32",
+                m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dt}")
+    names = list(inspect.signature(qd_finish_kernel.fn).parameters)
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i32" if n in "HGDS" else "i64")
+           for n in names}
+    out = triton.compile(ASTSource(fn=qd_finish_kernel, signature=sig, constexprs=const),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(out.asm["ptx"])
+    err = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
+    return dict(regs=int(re.search(r"Used (\d+) registers", err).group(1)),
+                spill_bytes=sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", err)))
+
+
 def offline():
     keys = ("HMMA", "PRMT", "LOP3", "SHF", "IMAD", "LDG", "BAR", "STS", "LDS", "LDSM", "SHFL", "HMUL2", "FFMA", "FMUL", "MUFU")
     print(f"triton {triton.__version__}, sm_90; per 256 tokens of one KV head = warp-instructions of the unit loop "
@@ -114,6 +141,9 @@ def offline():
             print("    all: " + str(dict(r["loop"].most_common())))
     r = compile_gluon(((64, 4),), ((64, 3),), d=64)
     print(f"head_dim 64 balanced gluon: regs {r['regs']} spills {r['spill_bytes']} loop {sum(r['loop'].values())}")
+    for d, rot in ((128, True), (128, False), (64, True)):
+        r = compile_finish(d, d, rot)
+        print(f"finish kernel head_dim {d} {'basis' if rot else 'identity'}: regs {r['regs']} spills {r['spill_bytes']} B")
 
 
 # ----------------------------------------------------------------------------- GPU

@@ -116,10 +116,13 @@ def test_offline_sm90_compile_has_no_spills_and_no_shared_memory_trip():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     bench = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
     code = ("import json, gluon_decode as g; print(json.dumps([g.compile_gluon(((128, k),), ((128, v),)) "
-            "for k, v in ((4, 3), (3, 2))], default=dict))")
+            "for k, v in ((4, 3), (3, 2))], default=dict)); "
+            "print(json.dumps([g.compile_finish(128, 128, r) for r in (True, False)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=bench, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    for r in json.loads(out.stdout.strip().splitlines()[-1]):
+    for r in json.loads(out.stdout.strip().splitlines()[-1]):  # the Gluon path's finish kernel
+        assert r["spill_bytes"] == 0, r
+    for r in json.loads(out.stdout.strip().splitlines()[-2]):
         assert r["spill_bytes"] == 0, r
         assert r["shared"] == 0 and not any(r["loop"].get(k) for k in ("BAR", "STS", "LDS", "LDSM")), r
         assert r["loop"]["HMMA"] > 0

@@ -108,8 +108,10 @@ def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, launch=lambda k
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     g_pad, d_pad, dv_pad = pow2(G, 16), pow2(D, 16), pow2(dv, 16)
     ch = min(32, d_pad)
-    # the merge's [SB, G_PAD, columns] tiles at ~64 fp32 registers a thread (4 warps)
-    sb = max(1, 8192 // (g_pad * (dv_pad if rv is not None else ch)))
+    # Tiles of ~2048 elements (the merge's [SB, G_PAD, columns], the tail's [BLOCK_E, D_PAD]): sm_90 at
+    # head_dim 128, 4 warps, 200 registers and no spills (`benchmarks/gluon_decode.py --offline`); the
+    # tl kernel's 64 exact tokens a step and 8192-element merge tiles spilled ~500 bytes a thread
+    sb = max(1, 2048 // (g_pad * (dv_pad if rv is not None else ch)))
     empty = m.numel() == 0  # no split (S = 0): never dereferenced, an fp32 stand-in (one compiled variant)
     if empty:
         m = l = acc = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -122,7 +124,7 @@ def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, launch=lambda k
         *(exact_k.stride() if exact_k.numel() else (0,) * 4), *(exact_v.stride() if exact_v.numel() else (0,) * 4),
         *ms, *accs, *out.stride(),
         ROT_V=rv is not None, DV=dv, DV_PAD=dv_pad, G_PAD=g_pad, D_PAD=d_pad, CH=ch,
-        BLOCK_E=64 if Te >= 64 else pow2(max(Te, 1), 16), SB=sb, num_warps=4,
+        BLOCK_E=32 if Te >= 32 else pow2(max(Te, 1), 16), SB=sb, num_warps=4,
     )
     return out
 
