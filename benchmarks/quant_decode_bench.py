@@ -9,8 +9,9 @@ Order: correctness (kernels vs their fp32 references on fresh random inputs, NaN
 exit 1 on failure), the copy and read bandwidths of this card, the timing table, the fused
 compression op, then the short table. Every time is the median of `triton.testing.do_bench` over
 one CUDA graph holding one call per input set (sets like layers, enough that the working set is
->= 3x the L2), divided by the sets. "kernel" times the op alone, "step" the whole decode step of
-`attention.quant_fused.quant_fused_decode`: since issue 13 both rotations are inside the op, so
+>= 3x the L2), divided by the sets. "kernel" times the op alone (``backend="auto"``: the Gluon path
+for the one-segment layouts on CUDA, `balanced` and `max-compression`; "<layout> tl" the same op with
+``backend="triton"``), "step" the whole decode step of `attention.quant_fused.quant_fused_decode`: since issue 13 both rotations are inside the op, so
 the step is its checks (host only) + the op, and the two rows should agree in graph timing.
 Bytes of a layout: its cold codes + scales/zeros (+ the SVD bases) + the exact tail, bf16.
 Longer than ~350 lines: correctness, bandwidths, the table and the sweep read as one script (the
@@ -173,21 +174,34 @@ def correctness(smoke, full=False):
     ok = True
     for name, lay in layouts(t).items():
         for Gg in (4, 1) if name == "balanced" or (full and not smoke) else (4,):
-            x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, nc, ne, seed=10 * len(name) + Gg)
-            ref = qd.quant_decode_reference(*x["op"])
-            errs = []
-            knobs = [{}] if smoke else [{}, dict(tiles_per_split=1)]
-            if not smoke and (full or (name == "balanced" and Gg == 4)):
-                knobs.append(dict(operands="fp32"))
-            extra = [dict(tiles_per_split=3, block_rows=16, num_warps=8), dict(block_rows=64, num_warps=8, num_stages=3)] \
-                if name == "balanced" and full and not smoke else []
-            for kn in knobs + extra:
-                out = qd.quant_decode(*x["op"], **kn)
-                errs.append(rel(out, ref) if torch.isfinite(out).all() else float("nan"))
-            good = all(e < TOL for e in errs)  # NaN compares False
-            ok &= good
-            log(f"  quant_decode {name:15s} G={Gg} B=4 H={Hh} NB={NB} T={t} Te={Te} bf16 knobs {len(knobs + extra)}: "
-                f"rel_err {' '.join('%.1e' % e for e in errs)} {'OK' if good else 'FAIL'}")
+            # ragged rows, then (where the Gluon path serves) every row full
+            for counts in ((nc, ne), ([NB] * 4, [Te] * 4)):
+                x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, *counts, seed=10 * len(name) + Gg + len(set(counts[0])))
+                path = backend_of(x["op"])
+                if not smoke and name in ("balanced", "max-compression") and path != "gluon":
+                    ok = False  # the Gluon path must serve these on the GPU: said, not silently timed on tl
+                    log(f"  FAIL: {name} G={Gg} not served by the Gluon path: {backend_why(x['op'])}")
+                if counts[0] != nc and path != "gluon":
+                    continue
+                ref = qd.quant_decode_reference(*x["op"])
+                errs = []
+                # auto (the Gluon path where it serves), its split knob, and the tl kernel forced
+                knobs = [{}] if smoke else [{}, dict(tiles_per_split=1)] + ([dict(backend="triton")] if path == "gluon" else [])
+                if not smoke and (full or (name == "balanced" and Gg == 4)):
+                    knobs.append(dict(operands="fp32"))
+                extra = [dict(tiles_per_split=3, block_rows=16, num_warps=8), dict(block_rows=64, num_warps=8, num_stages=3)] \
+                    if name == "balanced" and full and not smoke else []
+                for kn in knobs + extra:
+                    out = qd.quant_decode(*x["op"], **kn)
+                    errs.append(rel(out, ref) if torch.isfinite(out).all() else float("nan"))
+                if path == "gluon":  # auto did take the Gluon path: the same bits as forcing it
+                    same = torch.equal(qd.quant_decode(*x["op"]), qd.quant_decode(*x["op"], backend="gluon"))
+                    errs.append(0.0 if same else float("nan"))
+                good = all(e < TOL for e in errs)  # NaN compares False
+                ok &= good
+                log(f"  quant_decode {name:15s} G={Gg} B=4 H={Hh} NB={NB} T={t} Te={Te} bf16 "
+                    f"{'ragged' if counts[0] == nc else 'full'} auto={path} knobs {len(knobs + extra)}: "
+                    f"rel_err {' '.join('%.1e' % e for e in errs)} {'OK' if good else 'FAIL'}")
         # the glue (checks + the op, which rotates) against the reference, computed in fp32 (fp32 query)
         x = quant_inputs(lay, 4, Hh, 4, NB, t, Te, nc, ne, seed=11)
         want = qd.quant_decode_reference(x["op"][0].float(), *x["op"][1:10], x["op"][10].float(), x["op"][11].float(),
@@ -210,26 +224,45 @@ def correctness(smoke, full=False):
     return ok
 
 
+def backend_why(op_args):
+    """`quant_decode.gluon_serves` for these op arguments (default knobs): (bool, reason)."""
+    q, _, _, kc, ks, _, vc, vs, *_ = op_args
+    kl, vl = qd._layouts(kc, vs, op_args[14], op_args[15], op_args[16])
+    return qd.gluon_serves(q, kc, ks, vc, vs, kl, vl, op_args[16], interpreted=qd._interpreted())
+
+
+def backend_of(op_args):
+    """"gluon" or "triton": the path ``backend="auto"`` takes for these op arguments."""
+    return "gluon" if backend_why(op_args)[0] else "triton"
+
+
 def graph_and_opcheck():
-    lay = layouts(T)["balanced"]
-    x = quant_inputs(lay, 2, H, G, 3, T, TE, [3, 1], [TE, 5], poison=False, seed=3)
-    eager = qd.quant_decode(*x["op"])
-    gr = torch.cuda.CUDAGraph()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(gr):
-        captured = qd.quant_decode(*x["op"])
-    gr.replay()
-    torch.cuda.synchronize()
-    same = torch.equal(eager, captured)
-    log(f"  quant_decode in a CUDA graph == eager: {same}")
-    try:
-        res = torch.library.opcheck(torch.ops.spectral_kv.quant_decode.default, x["op"])
-        good = all(v == "SUCCESS" for v in res.values())
-        log(f"  opcheck spectral_kv::quant_decode (CUDA): {res}")
-    except Exception as exc:
-        good = False
-        log(f"  opcheck FAILED: {exc!r}"[:2000])
-    return same and good
+    good = True
+    for name, B, nc, ne in (("balanced", 2, [3, 1], [TE, 5]), ("balanced", 4, [3] * 4, [TE] * 4),
+                            ("max-compression", 4, [3, 0, 2, 1], [TE, 3, 0, 1])):
+        x = quant_inputs(layouts(T)[name], B, H, G, 3, T, TE, nc, ne, poison=False, seed=3 + B)
+        for backend in ("auto", "triton"):
+            eager = qd.quant_decode(*x["op"], backend=backend)
+            gr = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(gr):
+                captured = qd.quant_decode(*x["op"], backend=backend)
+            gr.replay()
+            torch.cuda.synchronize()
+            same = torch.equal(eager, captured)
+            good &= same
+            log(f"  quant_decode {name} B={B} backend={backend} ({backend_of(x['op']) if backend == 'auto' else 'triton'})"
+                f" in a CUDA graph == eager: {same}")
+    x = quant_inputs(layouts(T)["balanced"], 2, H, G, 3, T, TE, [3, 1], [TE, 5], poison=False, seed=3)
+    for backend in ("auto", "triton"):
+        try:
+            res = torch.library.opcheck(torch.ops.spectral_kv.quant_decode.default, x["op"], dict(backend=backend))
+            good &= all(v == "SUCCESS" for v in res.values())
+            log(f"  opcheck spectral_kv::quant_decode (CUDA, backend={backend}): {res}")
+        except Exception as exc:
+            good = False
+            log(f"  opcheck (backend={backend}) FAILED: {exc!r}"[:2000])
+    return good
 
 
 # ----------------------------------------------------------------------------- timing
@@ -307,9 +340,14 @@ def time_shape(B, ctx, timer, l2, t):
     for name, lay in layouts(t).items():
         nbytes = quant_bytes(lay, B, NB, t, Te)
         sets = [quant_inputs(lay, B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]
+        path = backend_of(sets[0]["op"])  # "kernel" / "step": backend="auto", the Gluon path where it serves
         out[f"{name} kernel"] = (timer([lambda x=x: qd.quant_decode(*x["op"]) for x in sets]), nbytes)
         out[f"{name} step"] = (timer([lambda x=x: quant_fused_decode(*x["glue"]) for x in sets]), nbytes)
-        log(f"  [{time.time() - T0:.0f} s] {name} ({len(sets)} sets): kernel {out[f'{name} kernel'][0]:.4f} ms, step {out[f'{name} step'][0]:.4f} ms")
+        log(f"  [{time.time() - T0:.0f} s] {name} ({len(sets)} sets, auto={path}): kernel {out[f'{name} kernel'][0]:.4f} ms, "
+            f"step {out[f'{name} step'][0]:.4f} ms")
+        if path == "gluon":  # the tl kernel on the same inputs, for the comparison
+            out[f"{name} tl"] = (timer([lambda x=x: qd.quant_decode(*x["op"], backend="triton") for x in sets]), nbytes)
+            log(f"    {name} tl (backend='triton'): {out[f'{name} tl'][0]:.4f} ms")
         del sets
     nbytes = svd_bytes(B, NB, t, Te)
     sets = [svd_inputs(B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]

@@ -129,3 +129,31 @@ def test_backend_auto_is_triton_on_cpu_and_forced_gluon_raises():
         quant_decode(*multi, backend="gluon")
     with pytest.raises(ValueError, match="backend='cuda'"):
         quant_decode(*args, backend="cuda")
+
+
+@needs_triton
+@pytest.mark.parametrize("basis", ["identity", "shared", "head", "row"])
+def test_gluon_path_host_code_with_the_twin_for_the_gluon_kernel(basis, monkeypatch):
+    # The whole path through the op (custom_op, gluon_serves said yes, query rotation, split plan,
+    # finish kernel) with only the Gluon launch replaced by its torch twin; cold_blocks plans for
+    # fewer blocks than the pools hold and the spare slots' splits must still come out empty.
+    calls = []
+
+    def twin(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, tps=0, max_registers=0):
+        calls.append((tuple(qk.shape), qk.dtype, tps))
+        return (*QG.cold_partials_reference(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, tps), tps)
+
+    monkeypatch.setattr(GP.QG, "cold_partials", twin)
+    monkeypatch.setattr(GP, "gluon_serves", lambda *a, **k: (True, ""))
+    args, _ = make(3, 2, 4, 64, 4, 128, ((64, 4),), ((64, 3),), 64, 6, [4, 1, 0], [6, 0, 3], seed=7, basis=basis)
+    want = quant_decode_reference(*args)
+    for knobs in (dict(), dict(cold_blocks=1), dict(tiles_per_split=3)):
+        out = quant_decode(*args, backend="gluon", **knobs)
+        assert calls[-1][:2] == ((3, 8, 64), torch.float32), calls[-1]
+        assert out.dtype == want.dtype and torch.allclose(out, want, atol=1e-4, rtol=1e-4), (knobs, (out - want).abs().max())
+    assert calls[-1][2] == 3 and len({c[2] for c in calls}) > 1  # the knob reached the Gluon launch; plans differ
+    noblocks, _ = make(2, 1, 4, 64, 0, 128, ((64, 4),), ((64, 3),), 64, 5, [0, 0], [5, 2], seed=8, basis=basis)
+    n = len(calls)
+    out = quant_decode(*noblocks, backend="gluon")
+    assert len(calls) == n  # NB = 0: no Gluon launch, the finish kernel alone
+    assert torch.allclose(out, quant_decode_reference(*noblocks), atol=1e-4, rtol=1e-4)

@@ -27,6 +27,8 @@ This module is longer than ~350 lines: the twin, the PTX and the kernel are one 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
@@ -328,7 +330,13 @@ if HAS_GLUON:
 def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int = 8) -> dict:
     """The Gluon kernel's constexprs for one layout pair (needs gluon: the load layout is one).
     ``key_width``: the key dot's k_width, consecutive channels per thread (8: 8-byte key loads; 4:
-    the probe's, 4-byte loads, 2290 -> 2389 instructions per unit)."""
+    the probe's, 4-byte loads, 2290 -> 2389 instructions per unit). A fresh dict of cached values:
+    the op asks for the same pair once per layer per decode step (PTX strings, a linear layout)."""
+    return dict(_kernel_constants(kl, vl, int(key_group), int(key_width)))
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int) -> dict:
     from .quant_decode import _segments  # read-only: the `tl` kernel's segment description
     from .quant_unpack import asm_of
 
