@@ -8,10 +8,12 @@ histogram of their unit loops (the loop with the most HMMA), per 256 tokens of o
 `tl` kernel's unit is 256 tokens over 4 warps; the Gluon kernel's 8 / p_min chunks of 16 tokens on
 one warp). The GPU mode checks first (exit 1 on failure): the Gluon partials against their torch
 twin at 1 x 4K, then partials + a torch combine against `quant_decode_reference` (n_exact = 0) at
-1 x 4K and 8 x 32K, for `balanced` (K4/V3) and `max-compression` (K3/V2); then times (median of
+1 x 4K and 8 x 32K, for `balanced` (K4/V3) and `max-compression` (K3/V2), and the op's own Gluon
+path (``backend="gluon"``: the finish kernel instead of the torch combine); then times (median of
 `triton.testing.do_bench` over one CUDA graph of one call per input set, sets >= 3x the L2) the
-Gluon partials, the `tl` op on the same cold blocks (n_exact = 0; its partials + combine) and
-SDPA (flash) over the dense bf16 K/V of the same context, at 1 x 4K, 8 x 32K and 16 x 32K.
+Gluon partials, the op on its Gluon path, the `tl` op (``backend="triton"``) on the same cold
+blocks (n_exact = 0; its partials + combine) and SDPA (flash) over the dense bf16 K/V of the same
+context, at 1 x 4K, 8 x 32K and 16 x 32K.
 """
 from __future__ import annotations
 
@@ -191,6 +193,10 @@ def gpu(timed=tuple(LAYOUTS)):
                 want = quant_decode_reference(*op)
                 err = qb.rel(to_model_basis(QG.combine_partials(m, l, acc), op), want)
                 line = f"  {name:16s} {B} x {ctx}: partials + torch combine vs quant_decode_reference {err:.2e}"
+                if key_width == 8:  # the op's Gluon path (its finish kernel instead of the torch combine)
+                    e_op = qb.rel(quant_decode(*op, backend="gluon"), want)
+                    line += f"; op backend='gluon' {e_op:.2e}"
+                    ok &= e_op < 1e-2
                 if B == 1:
                     cpu = [t.cpu() if torch.is_tensor(t) else t for t in ga]
                     rm, rl, racc = QG.cold_partials_reference(*cpu, tps)
@@ -230,11 +236,13 @@ def gpu(timed=tuple(LAYOUTS)):
         for name in timed:
             nbytes = qb.quant_bytes(lays[name], B, NB, T, 0)
             xs = [inputs(name, B, ctx, seed=s) for s in range(qb.n_sets(nbytes, l2))]
-            t_tl = qb.graph_ms([lambda o=o: quant_decode(*o) for o, _ in xs]) * 1e3
+            t_tl = qb.graph_ms([lambda o=o: quant_decode(*o, backend="triton") for o, _ in xs]) * 1e3
+            # the op's own Gluon path (backend="auto" on CUDA): query rotation + partials + finish kernel
+            t_op = qb.graph_ms([lambda o=o: quant_decode(*o, backend="gluon") for o, _ in xs]) * 1e3
             t_gp = qb.graph_ms([lambda a=a: QG.cold_partials(*a, key_width=kw) for _, a in xs]) * 1e3
             t_gc = qb.graph_ms([lambda a=a: QG.combine_partials(*QG.cold_partials(*a, key_width=kw)[:3]) for _, a in xs]) * 1e3
             rows = [(f"{name} tl op (partials+combine)", t_tl), (f"{name} gluon partials", t_gp),
-                    (f"{name} gluon + torch combine", t_gc)]
+                    (f"{name} gluon + torch combine", t_gc), (f"{name} gluon op (rotation+partials+finish)", t_op)]
             if name == "balanced" and B > 1:  # fewer registers, more warps per SM (some spills)
                 for cap in (224, 200):
                     t = qb.graph_ms([lambda a=a: QG.cold_partials(*a, max_registers=cap, key_width=kw) for _, a in xs]) * 1e3

@@ -157,3 +157,18 @@ def test_gluon_path_host_code_with_the_twin_for_the_gluon_kernel(basis, monkeypa
     out = quant_decode(*noblocks, backend="gluon")
     assert len(calls) == n  # NB = 0: no Gluon launch, the finish kernel alone
     assert torch.allclose(out, quant_decode_reference(*noblocks), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_query_in_key_basis_every_basis_form(dtype):
+    g = torch.Generator().manual_seed(1)
+    B, H, G, D, dk = 2, 3, 2, 16, 8
+    q = torch.randn(B, H * G, D, generator=g)
+    one, per_head, per_row = torch.randn(D, D, generator=g), torch.randn(H, D, D, generator=g), torch.randn(B, H, D, D, generator=g)
+    for rk in (one.expand(B, H, D, D), per_head.expand(B, H, D, D), per_row):
+        rk = rk.to(dtype)
+        want = torch.einsum("bhgd,bhkd->bhgk", q.view(B, H, G, D), rk[:, :, :dk].float().contiguous()).reshape(B, H * G, dk)
+        got = GP.query_in_key_basis(q, rk, dk)
+        assert got.dtype == torch.float32 and got.shape == (B, H * G, dk)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(GP.query_in_key_basis(q, None, dk), q[..., :dk])

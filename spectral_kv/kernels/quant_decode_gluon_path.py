@@ -81,13 +81,14 @@ def query_in_key_basis(q, rk, dk: int) -> torch.Tensor:
     if rk is None:
         return qf[..., :dk].contiguous()
     H = rk.shape[1]
-    r = rk[:, :, :dk].float()
+    # the strides are read before any dtype conversion: .float() of an expanded fp16 basis would
+    # materialize all B * H copies of it
     if rk.stride(0) == 0 and rk.stride(1) == 0:
-        return qf @ r[0, 0].transpose(0, 1)
+        return qf @ rk[0, 0, :dk].float().transpose(0, 1)
     qh = qf.view(B, H, Hq // H, D)
     if rk.stride(0) == 0:
-        return torch.einsum("bhgd,hkd->bhgk", qh, r[0]).reshape(B, Hq, dk)
-    return (qh @ r.transpose(-1, -2)).reshape(B, Hq, dk)
+        return torch.einsum("bhgd,hkd->bhgk", qh, rk[0, :, :dk].float()).reshape(B, Hq, dk)
+    return (qh @ rk[:, :, :dk].float().transpose(-1, -2)).reshape(B, Hq, dk)
 
 
 def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, launch=lambda kernel: kernel):
