@@ -1,6 +1,8 @@
 """Cold-block split-K partials of `quant_decode` in Gluon, codes loaded straight into mma.sync's
-operand registers (issue 13). Experimental, not wired into the op: `benchmarks/gluon_decode.py`
-compiles it offline (sm_90 SASS) and checks / times it on a GPU (`benchmarks/NOTES_kernels.md`).
+operand registers (issue 13). The op's cold kernel on CUDA where `quant_decode_gluon_path.gluon_serves`
+says so (``quant_decode(backend="auto")``; the finish kernel adds the exact tail and the rotation);
+`benchmarks/gluon_decode.py` compiles it offline (sm_90 SASS) and checks / times it on a GPU
+(`benchmarks/NOTES_kernels.md`).
 
 The `tl` kernel sends every chunk's fp16 codes registers -> shared -> ``ldmatrix`` (~50 barriers
 per 256-token unit). Here one warp is one program (it keeps its own running max / sum /
