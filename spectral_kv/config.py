@@ -102,8 +102,8 @@ class SpectralConfig:
         ``"byte"`` a uint8 scale code (5 exponent and 3 mantissa bits, 2**-16..57344, the
         needed scale rounded up) and an int8 zero point, ``x ~= (code - zp) * scale`` (2 bytes;
         `spectral_kv.quant.quantize_groups`). At head_dim 64 and 3-bit values that is 2 of
-        ~51 bytes a token costs at 5x. The fused CUDA decode kernel does not read it yet
-        (`attention='fused'` refuses it; use ``'spectral'`` or ``'reconstruct'``).
+        ~51 bytes a token costs at 5x. Every strategy reads both forms (the fused kernel
+        decodes the byte form in its value loads).
     compile : bool
         Run each layer's decode attention through ``torch.compile(fullgraph=True,
         dynamic=True)`` (`spectral_kv.attention.compiled.compile_attend`): two graphs per

@@ -1,6 +1,6 @@
 """Byte value statistics (``value_stats="byte"``) end to end: what the compressors store and
-decode, the torch strategies serving them, the fused quantized decode refusing them (no silent
-fallback), bytes reported == bytes held, and save/load. The math of the form is in test_quant.py,
+decode, the torch strategies and the fused quantized decode kernel serving them, bytes reported
+== bytes held (save/load: test_persist.py). The math of the form is in test_quant.py,
 the compress kernel in test_kernels_quant_compress.py."""
 
 import pytest
@@ -84,28 +84,71 @@ def test_spectral_equals_reconstruct_on_byte_statistics(values, batch, kv_heads,
     assert torch.allclose(out["spectral"], out["reconstruct"], atol=2e-5, rtol=1e-4)
 
 
-def test_fused_quantized_decode_refuses_byte_statistics_instead_of_falling_back():
-    """The kernel reads float16 value statistics only: asking for it (attention='fused', or
-    the glue directly) is a ValueError naming the form, never a counted fallback."""
-    from spectral_kv.attention.fused import layout_kernel
-    from spectral_kv.attention.quant_fused import quant_fused_decode, serves_quant_fused
+@given(values=st.sampled_from(sorted(VALUES)), batch=st.integers(1, 2), kv_heads=st.integers(1, 2),
+       group=st.integers(1, 3), sizes=st.lists(st.integers(1, 60), min_size=1, max_size=3), seed=st.integers(0, 10**6))
+@settings(max_examples=12)  # each example runs the Triton interpreter
+def test_fused_quantized_decode_reads_byte_statistics_as_spectral_does(values, batch, kv_heads, group, sizes, seed):
+    """The `fused` strategy's kernel path (TRITON_INTERPRET on CPU) against the torch math, on
+    byte value statistics: the kernel runs (no fallback) and agrees within its fp16 rounding."""
+    import os
 
-    cfg = _cfg("hadamard", "byte", attention="fused")  # the config alone does not launch anything
-    tm, g = _filled(cfg, 1, 2, 16, [40], 0.0, 0)
+    from spectral_kv.kernels.quant_decode import HAS_TRITON
+
+    if not HAS_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton's CPU interpreter")
+    d = 16
+    cfg = _cfg(values, "byte")
+    tm, g = _filled(cfg, batch, kv_heads, d, sizes, 0.0, seed)
+    q = torch.randn(batch, kv_heads * group, 1, d, generator=g)
+    nk, nv = torch.randn(batch, kv_heads, 1, d, generator=g), torch.randn(batch, kv_heads, 1, d, generator=g)
+    fused = ATTENTION_STRATEGIES["fused"](cfg, tm.key_compressor, tm.value_compressor)
+    assert fused.kernel == "quant"
+    out = fused.attend(q, tm.view(nk, nv), d**-0.5)
+    assert (fused.kernel_calls, fused.fallback_calls) == (1, 0)
+    ref = ATTENTION_STRATEGIES["spectral"](cfg, tm.key_compressor, tm.value_compressor).attend(q, tm.view(nk, nv), d**-0.5)
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 3e-3, rel
+
+
+def test_quant_decode_reference_reads_byte_statistics_as_their_float_values():
+    """The kernel's twin: byte statistics give the same attention as float32 statistics of
+    the same values (`group_stats`), and a NaN scale code reaches the output (not hidden)."""
+    from spectral_kv.attention.quant_fused import _flat
+    from spectral_kv.kernels.quant_decode import quant_decode_reference
+
+    cfg = _cfg("hadamard", "byte")
+    tm, g = _filled(cfg, 1, 2, 16, [60], 0.0, 3)
     kc, vc = tm.key_compressor, tm.value_compressor
-    with pytest.raises(ValueError, match=r"does not read value_stats='byte' \(HadamardCompressor values\)"):
-        serves_quant_fused(kc, vc)
-    with pytest.raises(ValueError, match="value_stats='byte'"):
-        layout_kernel(cfg, kc, vc)
-    with pytest.raises(ValueError, match="value_stats='byte'.*use attention='spectral' or 'reconstruct'"):
-        ATTENTION_STRATEGIES["fused"](cfg, kc, vc)
-    view = tm.view(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    view = tm.view(torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g))
     n_cold, n_exact = view.counts()
-    with pytest.raises(ValueError, match="value_stats='byte'"):
-        quant_fused_decode(torch.randn(1, 2, 1, 16), kc, vc, view.cold_k, view.cold_v, n_cold, view.exact_k,
-                           view.exact_v, n_exact, 0.25)
-    fp16 = _cfg("hadamard", "fp16")
-    assert serves_quant_fused(*(COMPRESSORS["hadamard"](fp16, r, 0) for r in ("keys", "values")))
+    ck, cv = view.cold_k, view.cold_v
+    qk = torch.randn(1, 4, 16, generator=g)
+    kl, vl = kc.code_layout(16), vc.code_layout(16)
+    args = lambda vs, vz: (qk, qk, ck["codes"], ck["scale"], ck["zero"], cv["codes"], vs, vz,  # noqa: E731
+                           n_cold.int(), view.exact_k, view.exact_v, n_exact.int(), 0.25, _flat(kl), _flat(vl),
+                           16 // ck["scale"].shape[3])
+    s, z = group_stats(cv["scale"], cv["zero"])
+    byte = quant_decode_reference(*args(cv["scale"], cv["zero"]))
+    # float32 statistics are outside the op's contract; float16 ones are exact here when they represent s and z
+    assert torch.equal(s.half().float(), s) and torch.equal(z.half().float(), z)
+    fp16 = quant_decode_reference(*args(s.half(), z.half()))
+    assert all(torch.equal(a, b) for a, b in zip(byte, fp16))
+    nan = cv["scale"].clone()
+    nan[0, 0, 0, 5, 0] = 255
+    out = quant_decode_reference(*args(nan, cv["zero"]))[0]  # [B, Hq, Dv]: KV head 0, segment 0 = channels 0..7
+    assert torch.isnan(out[0, :2, :8]).all() and torch.isfinite(out[0, :2, 8:]).all() and torch.isfinite(out[0, 2:]).all()
+    # ...and the kernel against its twin (the interpreter), NaN code included
+    import os
+
+    from spectral_kv.kernels.quant_decode import HAS_TRITON, quant_decode
+
+    if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1":
+        for vs in (cv["scale"], nan):
+            got = quant_decode(*args(vs, cv["zero"]), operands="fp32")
+            want = quant_decode_reference(*args(vs, cv["zero"]))
+            for a, b in zip(got, want):
+                assert torch.equal(torch.isnan(a), torch.isnan(b))
+                assert torch.allclose(a.nan_to_num(), b.nan_to_num(), atol=1e-5, rtol=1e-4)
 
 
 @given(values=st.sampled_from(sorted(VALUES)), sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6),
