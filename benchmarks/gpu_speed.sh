@@ -2,6 +2,7 @@
 # The GPU speed runs in one device call: `bash benchmarks/gpu_speed.sh OUTDIR PART...`, parts:
 #   sweep    benchmarks/quant_decode_sweep.py (knob variants of the quantized kernel, balanced)
 #   kernel   benchmarks/quant_decode_bench.py --quick (correctness first, then the kernel table)
+#   kernel-full  the same at every size (adds 4 x 128K and 64 x 32K)
 #   profile  benchmarks/step_profile.py (per-kernel time of graphed Mistral-7B-shape steps)
 #   e2e-smol benchmarks/e2e_decode.py --shapes smollm2 (1 x 4K and 8 x 4K)
 #   e2e-mistral  1/8/16 x 32K and the largest batch (benchmarks/e2e_decode.py)
@@ -19,6 +20,7 @@ for part in "$@"; do
   echo "+ part $part at $(date +%T)"
   case $part in
     kernel) timeout 300 python3 benchmarks/quant_decode_bench.py --quick --out "$out" ;;
+    kernel-full) timeout 400 python3 benchmarks/quant_decode_bench.py --out "$out" ;;
     sweep) timeout 330 python3 benchmarks/quant_decode_sweep.py --budget-s 280 --out "$out" ;;
     profile) timeout 240 python3 benchmarks/step_profile.py --out "$out" ;;
     e2e-smol) timeout 430 python3 benchmarks/e2e_decode.py --shapes smollm2 --out "$out/smol" ;;

@@ -9,14 +9,17 @@ import torch
 
 from .registry import ATTENTION_STRATEGIES, COMPRESSORS
 
-__all__ = ["SpectralConfig", "DTYPES", "LAYOUT_FIELDS"]
+__all__ = ["SpectralConfig", "DTYPES", "LAYOUT_FIELDS", "VALUE_STATS"]
 
 # Fields whose meaning depends on the compressor: each must be read by a role's compressor
 # (`Compressor.reads`) or keep its default.
 LAYOUT_FIELDS = (
     "k_rank_keys", "k_rank_values", "coeff_bits", "value_bits", "quant_group", "basis_dtype", "seed",
-    "rsvd_oversample", "rsvd_power_iters", "key_segments", "value_segments",
+    "rsvd_oversample", "rsvd_power_iters", "key_segments", "value_segments", "value_stats",
 )
+# Storage forms of the values' per-token statistics (`spectral_kv.quant.STATS_FORMS`; config
+# imports nothing of the package, a test keeps the two equal).
+VALUE_STATS = ("fp16", "byte")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -92,6 +95,15 @@ class SpectralConfig:
         decode step that fills it; ``n > 0`` compresses it in the background (a side CUDA
         stream on GPUs) and swaps it into the cold tier ``n`` steps later, its tokens served
         exactly meanwhile. Must be smaller than ``block_size``.
+    value_stats : str
+        Storage of the values' per-token statistics in the grouped layouts (``hadamard``,
+        ``kivi*``, ``spectral_quant``; any other values compressor refuses a non-default):
+        ``"fp16"`` (default) a float16 scale and zero per token and segment (4 bytes);
+        ``"byte"`` a uint8 scale code (5 exponent and 3 mantissa bits, 2**-16..57344, the
+        needed scale rounded up) and an int8 zero point, ``x ~= (code - zp) * scale`` (2 bytes;
+        `spectral_kv.quant.quantize_groups`). At head_dim 64 and 3-bit values that is 2 of
+        ~51 bytes a token costs at 5x. Every strategy reads both forms (the fused kernel
+        decodes the byte form in its value loads).
     compile : bool
         Run each layer's decode attention through ``torch.compile(fullgraph=True,
         dynamic=True)`` (`spectral_kv.attention.compiled.compile_attend`): two graphs per
@@ -119,6 +131,7 @@ class SpectralConfig:
     compress_lag: int = 0
     key_segments: tuple | None = None
     value_segments: tuple | None = None
+    value_stats: str = "fp16"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "k_rank_keys", "k_rank_values", "quant_group"):
@@ -139,6 +152,8 @@ class SpectralConfig:
             raise ValueError(f"compress_lag={self.compress_lag} must be smaller than block_size={self.block_size}")
         if isinstance(self.value_bits, str) and self.value_bits != "same":
             raise ValueError(f"value_bits must be an int, None or 'same', got {self.value_bits!r}")
+        if self.value_stats not in VALUE_STATS:
+            raise ValueError(f"value_stats must be one of {list(VALUE_STATS)}, got {self.value_stats!r}")
         if self.basis_dtype not in DTYPES:
             raise ValueError(f"basis_dtype must be one of {sorted(DTYPES)}, got {self.basis_dtype!r}")
         for name in ("use_spectral_attention", "verbose", "compile"):

@@ -1,10 +1,22 @@
-"""Symmetric per-component quantization of low-rank coefficients (int8, packed int4)."""
+"""Symmetric per-component quantization of low-rank coefficients (int8, packed int4), and the
+grouped asymmetric quantizer with its two storage forms of statistics (float16, or one byte each)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["quantize", "dequantize", "qmax", "pack_bits", "unpack_bits", "quantize_groups"]
+__all__ = ["quantize", "dequantize", "qmax", "pack_bits", "unpack_bits", "quantize_groups", "group_stats",
+           "STATS_FORMS", "BYTE_SCALE_OFFSET", "BYTE_SCALE_NAN", "ZP_MIN", "ZP_MAX", "byte_scale_code", "byte_scale"]
+
+STATS_FORMS = ("fp16", "byte")  # how a group's scale and zero are stored (`quantize_groups`)
+# The byte form's scale code ``e`` (uint8) is an unsigned float with 5 exponent and 3 mantissa
+# bits: the float32 whose bits are ``(e + BYTE_SCALE_OFFSET) << 20``, i.e. 2**-16 (e = 0) up to
+# 1.75 * 2**15 (e = 254); e = 255 means NaN. Integer-exact both ways (no log/exp2 whose rounding
+# differs between torch, the CPU interpreter and the GPU), and a scale code that is a float
+# makes ``(code - zp) * scale`` exact in float32.
+BYTE_SCALE_OFFSET = (127 - 16) << 3  # exponent field 111 (2**-16), mantissa 0
+BYTE_SCALE_NAN = 255
+ZP_MIN, ZP_MAX = -128, 127  # the int8 zero point
 
 
 def qmax(bits: int) -> int:
@@ -109,7 +121,39 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream * weights).sum(-1).to(torch.uint8)
 
 
-def quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def byte_scale_code(need: torch.Tensor) -> torch.Tensor:
+    """The smallest byte-form scale code whose scale is ``>= need`` (float32 ``>= 0``), uint8.
+
+    ``need`` below 2**-16 (zero included) gets code 0; above the largest scale (57344), inf or
+    NaN gets `BYTE_SCALE_NAN`. Integer ops on the float32 bits: bit ``20..30`` hold the exponent
+    and the top 3 mantissa bits, rounded up when any lower bit is set."""
+    bits = need.float().contiguous().view(torch.int32)
+    c = (bits >> 20) + ((bits & 0xFFFFF) != 0).to(torch.int32) - BYTE_SCALE_OFFSET
+    c = torch.where(need > 0, c, torch.zeros_like(c)).clamp_min(0)  # also maps -0.0 and tiny to 0
+    return torch.where((c >= BYTE_SCALE_NAN) | ~(need <= 3.0e38), BYTE_SCALE_NAN, c).to(torch.uint8)
+
+
+def byte_scale(code: torch.Tensor) -> torch.Tensor:
+    """Decode scale codes (uint8) to float32 (`BYTE_SCALE_NAN` -> NaN)."""
+    s = ((code.to(torch.int32) + BYTE_SCALE_OFFSET) << 20).view(torch.float32)
+    return torch.where(code == BYTE_SCALE_NAN, torch.full_like(s, float("nan")), s)
+
+
+def group_stats(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored statistics of either form -> float32 ``(scale, zero)`` with ``x ~= code * scale + zero``.
+
+    float16 ``scale``/``zero``: as stored. Byte form (uint8 scale code, int8 zero point ``zp``):
+    ``(byte_scale(scale), -zp * scale)``, exact in float32 (a 4-significant-bit scale times an
+    integer below 2**9), so ``code * scale + zero == (code - zp) * scale`` bit for bit."""
+    if scale.dtype == torch.uint8 and zero.dtype == torch.int8:
+        s = byte_scale(scale)
+        return s, -zero.float() * s
+    if scale.dtype == torch.float16 and zero.dtype == torch.float16:
+        return scale.float(), zero.float()
+    raise ValueError(f"group statistics must be float16/float16 or uint8/int8 (byte form), got {scale.dtype}/{zero.dtype}")
+
+
+def quantize_groups(x: torch.Tensor, bits: int, dim: int, stats: str = "fp16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min/max quantization with statistics reduced over ``dim``.
 
     Parameters
@@ -117,17 +161,43 @@ def quantize_groups(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor,
     x : Tensor float32 ``[..., G, ...]``
         ``dim`` is the axis of one group (its elements share scale and zero point).
     bits : int in 1..8
+    stats : ``"fp16"`` or ``"byte"`` (`STATS_FORMS`)
+        ``"fp16"``: float16 ``scale`` and ``zero`` (the group's minimum), ``x ~= code * scale + zero``.
+        ``"byte"``: a uint8 scale code (`byte_scale_code`, the needed scale rounded UP, so the
+        range still fits) and an int8 zero point ``zp``, ``x ~= (code - zp) * scale``: 2 bytes
+        instead of 4. The scale is widened until ``zp`` fits ``-128..127``: it is at least
+        ``(hi - lo) / levels``, ``hi / (levels + 128)`` and ``-lo / 127``, so a group whose
+        range lies far from 0 (``|lo|`` more than ~``128 / levels`` widths away) keeps the
+        half-step error bound but with a coarser step; nothing is clipped. A group with a
+        non-finite element, or whose scale would exceed 57344, stores the NaN scale code and
+        decodes to NaN (the float16 form decodes such a group to NaN/inf too).
 
     Returns
     -------
     codes : uint8, same shape as ``x``, in ``[0, 2**bits - 1]``
-    scale, zero : float16, ``x``'s shape with ``dim`` kept as size 1
-        ``x ~= codes * scale + zero``; the error is at most ``scale / 2`` (plus float16
-        rounding of the statistics).
+    scale, zero : ``x``'s shape with ``dim`` kept as size 1; float16 / float16, or uint8 / int8
+        (byte form; `group_stats` decodes either). The error is at most ``scale / 2`` (plus
+        float16 rounding of the statistics in the fp16 form).
     """
     levels = (1 << bits) - 1
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
+    if stats == "byte":
+        bad = (~torch.isfinite(x)).any(dim=dim, keepdim=True)
+        # Tensor denominators: a Python-scalar divisor may run as a reciprocal multiply (CUDA),
+        # one ulp off the IEEE division the compress kernel does (and `need` is rounded up next).
+        den = lambda v: torch.full_like(lo, v)  # noqa: E731
+        need = torch.maximum(torch.maximum((hi - lo) / den(levels), hi / den(levels - ZP_MIN)), -lo / den(ZP_MAX))
+        code = byte_scale_code(torch.where(bad, torch.full_like(need, float("nan")), need))
+        s = byte_scale(code)
+        ok = code != BYTE_SCALE_NAN
+        s1 = torch.where(ok, s, torch.ones_like(s))  # keeps the NaN group's codes defined (0)
+        zp = torch.where(ok, torch.round(-lo / s1), torch.zeros_like(s1)).clamp_(ZP_MIN, ZP_MAX)
+        q = torch.round(x / s1) + zp
+        codes = torch.where(ok, q, torch.zeros_like(q)).clamp_(0, levels).to(torch.uint8)
+        return codes, code, zp.to(torch.int8)
+    if stats != "fp16":
+        raise ValueError(f"stats must be one of {STATS_FORMS}, got {stats!r}")
     zero = lo.to(torch.float16)
     scale = ((hi - zero.float()) / levels).to(torch.float16)
     # A constant group gets scale 1 so the division stays finite (codes are then 0).

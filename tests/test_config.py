@@ -26,6 +26,8 @@ from spectral_kv import SpectralConfig, SpectralCache
         ("attention", "no_such_attention"),
         ("basis_dtype", "int8"),
         ("use_spectral_attention", "yes"),
+        ("value_stats", "fp8"),
+        ("value_stats", None),
     ],
 )
 def test_invalid_value_raises_naming_it(field, value):
@@ -83,3 +85,29 @@ def test_replace_rejects_unknown_field():
 def test_frozen():
     with pytest.raises(Exception):
         SpectralConfig().block_size = 3
+
+
+@pytest.mark.parametrize("layout,name", [
+    (dict(compressor="exact_svd", k_rank_keys=16, k_rank_values=16, value_bits="same"), "keys='exact_svd', values='exact_svd'"),
+    (dict(value_compressor="randomized_svd", k_rank_values=16, value_bits=8), "keys='hadamard', values='randomized_svd'"),
+])
+def test_value_stats_on_a_layout_without_per_token_value_statistics_is_refused(layout, name):
+    """Nothing silently ignored: byte statistics need a values compressor that keeps per-token
+    statistics (grouped or spectral_quant values); the error names the field and the layout."""
+    SpectralConfig(**layout)
+    with pytest.raises(ValueError, match=rf"value_stats='byte' has no effect under the layout {name}"):
+        SpectralConfig(**layout, value_stats="byte")
+    with pytest.raises(ValueError, match=r"value_stats='byte' has no effect: the values compressor 'hadamard' stores "
+                                         r"them unquantized \(value_bits=None\)"):
+        SpectralConfig(value_bits=None, value_stats="byte")
+
+
+def test_value_stats_default_keeps_every_preset_and_names_itself_in_the_summary():
+    from spectral_kv.presets import PRESETS
+
+    for name in PRESETS:
+        assert SpectralConfig.preset(name).value_stats == "fp16"
+    for layout in (dict(), dict(value_compressor="kivi2"), dict(value_compressor="spectral_quant")):
+        cfg = SpectralConfig(**layout, value_stats="byte", verbose=False)
+        assert "byte stats" in cfg.summary().split("values ")[1]
+        assert "byte stats" not in SpectralConfig(**layout, verbose=False).summary()

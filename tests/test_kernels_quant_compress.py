@@ -158,3 +158,90 @@ def test_opcheck():
         utils = utils + ("test_aot_dispatch_dynamic",)
     res = torch.library.opcheck(torch.ops.spectral_kv.quant_compress.default, args, test_utils=utils)
     assert all(v == "SUCCESS" for v in res.values()), res
+
+
+# ---------------------------------------------------------------------------- byte value statistics
+def hostile(n, t, d, dtype, seed):
+    """`blocks` plus the byte form's edge cases: a zero token, a token whose range lies far from
+    0 (the zero point would leave int8: the scale widens), one with a NaN, one with an inf."""
+    x = blocks(n, t, d, dtype, seed).float()
+    x[0, 3] = 0.0
+    x[-1, 4] = 100.0 + 0.05 * x[-1, 4]
+    x[-1, 5, 7] = float("nan")
+    x[0, 6, 2] = float("-inf")
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_reference_byte_value_stats_is_quantize_groups_per_segment(rotate, bits):
+    x = hostile(3, 32, 64, torch.bfloat16, seed=bits)
+    r = rotation_matrix(64, 0).to(DEV) if rotate else None
+    lay = group_layout("values", 32, 64, bits, 16)
+    codes, scale, zero = quant_compress_reference(x, r, flat(lay), "values", 1, "byte")
+    c = (x.float() if r is None else x.float() @ r.T).reshape(3, 32, 4, 16)
+    q, s, z = quantize_groups(c, bits, dim=3, stats="byte")
+    assert scale.dtype == torch.uint8 and zero.dtype == torch.int8 and scale.shape == (3, 32, 4)
+    assert torch.equal(codes, lay.pack(q.reshape(3, 32, 64)))
+    assert torch.equal(scale, s.squeeze(3)) and torch.equal(zero, z.squeeze(3))
+
+
+BYTE_CASES = {k: v for k, v in CASES.items() if v[0] == "values"}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", sorted(BYTE_CASES))
+def test_kernel_byte_value_stats_are_bit_identical_without_rotation(case):
+    _, bits, t, d, group, dtype = BYTE_CASES[case]
+    x = hostile(3, t, d, dtype, seed=len(case))
+    lay = group_layout("values", t, d, bits, group)
+    got = quant_compress(x, None, flat(lay), "values", 1, "byte")
+    want = quant_compress_reference(x, None, flat(lay), "values", 1, "byte")
+    for a, b, name in zip(got, want, ("codes", "scale", "zero")):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert torch.equal(a, b), name
+    assert (want[1] == 255).sum() >= 2  # the NaN and the inf tokens took the NaN scale code
+
+
+@needs_triton
+def test_kernel_byte_value_stats_with_rotation_differ_only_by_the_dot_rounding():
+    from spectral_kv.quant import group_stats
+
+    t, d, bits = 32, 64, 3
+    x = blocks(4, t, d, seed=7)
+    r = rotation_matrix(d, 0).to(DEV)
+    lay = group_layout("values", t, d, bits, 32)
+    (kc, ks, kz), (rc, rs, rz) = (f(x, r, flat(lay), "values", 1, "byte") for f in (quant_compress, quant_compress_reference))
+    # a coefficient a few ulps off moves the needed scale across a code boundary only rarely
+    for a, b in ((ks, rs), (kz, rz)):
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 2e-2
+    codes = lay.unpack(kc).float()
+    s, z = (v.repeat_interleave(32, 2) for v in group_stats(ks, kz))
+    c = x.float() @ r.T
+    assert ((codes * s + z - c).abs() <= s * 0.5 + 1e-3 * c.abs().amax()).all()
+
+
+@needs_triton
+def test_byte_value_stats_refused_for_keys_and_bad_names():
+    lay = group_layout("keys", 16, 64, 4, 16)
+    x = blocks(1, 16, 64)
+    for fn in (quant_compress, quant_compress_reference):
+        with pytest.raises(ValueError, match="value_stats='byte' applies to values"):
+            fn(x, None, flat(lay), "keys", 16, "byte")
+        with pytest.raises(ValueError, match="'e4m3'"):
+            fn(x, None, flat(group_layout("values", 16, 64, 4, 16)), "values", 16, "e4m3")
+    empty = quant_compress(torch.zeros(0, 16, 64, device=DEV), None, flat(group_layout("values", 16, 64, 4, 16)),
+                           "values", 1, "byte")
+    assert empty[1].dtype == torch.uint8 and empty[2].dtype == torch.int8 and empty[1].shape == (0, 16, 4)
+
+
+@needs_triton
+def test_opcheck_byte_value_stats():
+    lay = group_layout("values", 16, 64, 3, 32)
+    args = (blocks(2, 16, 64), rotation_matrix(64, 0).to(DEV), flat(lay), "values", 16, "byte")
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEV == "cuda":
+        utils = utils + ("test_aot_dispatch_dynamic",)
+    res = torch.library.opcheck(torch.ops.spectral_kv.quant_compress.default, args, test_utils=utils)
+    assert all(v == "SUCCESS" for v in res.values()), res

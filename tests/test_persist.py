@@ -194,3 +194,51 @@ def test_other_storage_formats_are_refused(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(persist, "STORAGE_FORMAT", 3)
     with pytest.raises(ValueError, match="saved with storage format 2, this version reads 3"):
         sk.SpectralCache.load(path, model)
+
+
+def test_byte_value_statistics_round_trip_and_files_without_the_field_load_as_fp16(tmp_path):
+    """value_stats is recorded in the saved config: a byte-statistics cache reloads bit for bit
+    (uint8/int8 statistics), a config of the other form is refused naming the field, and a file
+    written before the field existed (no value_stats in its header) loads with the default."""
+    import json
+
+    import spectral_kv.integrations.transformers.persist as persist
+
+    model = tiny("llama")
+    model.set_attn_implementation("spectral_kv")
+    ids = torch.randint(1, 96, (2, 75), generator=torch.Generator().manual_seed(11))
+    cfg = sk.SpectralConfig(block_size=16, hot_buffer_size=4, sink_tokens=2, verbose=False, value_stats="byte")
+    cache = sk.SpectralCache(cfg, model.config)
+    out = greedy(model, ids, n=20, past_key_values=cache)
+    cache.save(tmp_path / "b.safetensors")
+    loaded = sk.SpectralCache.load(tmp_path / "b.safetensors", model)
+    parts = loaded.spectral_layers[0].tiers.cold_v.parts
+    assert (parts["scale"].dtype, parts["zero"].dtype) == (torch.uint8, torch.int8) and loaded.config.value_stats == "byte"
+    for a, b in zip(_tier_tensors(cache), _tier_tensors(loaded), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(greedy(model, out, n=8, past_key_values=cache), greedy(model, out, n=8, past_key_values=loaded))
+    with pytest.raises(ValueError, match=r"SpectralConfig mismatch \(value_stats: saved 'byte', given 'fp16'\)"):
+        sk.SpectralCache.load(tmp_path / "b.safetensors", model, config=cfg.replace(value_stats="fp16"))
+    # an older file: the default form, no value_stats in the header (checksum recomputed as it was written)
+    old_cfg = cfg.replace(value_stats="fp16")
+    old = sk.SpectralCache(old_cfg, model.config)
+    greedy(model, ids, n=5, past_key_values=old)
+    old.save(tmp_path / "o.safetensors")
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        header = json.loads(f.metadata()[persist.META_KEY])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del header["config"]["value_stats"], header["sha256"]
+    header["sha256"] = persist._checksum(header, tensors)
+    save_file(tensors, str(tmp_path / "o.safetensors"), metadata={persist.META_KEY: json.dumps(header)})
+    assert sk.SpectralCache.load(tmp_path / "o.safetensors", model).config.value_stats == "fp16"
+    sk.SpectralCache.load(tmp_path / "o.safetensors", model, config=old_cfg)
+    with pytest.raises(ValueError, match=r"value_stats: saved 'fp16', given 'byte'"):
+        sk.SpectralCache.load(tmp_path / "o.safetensors", model, config=cfg)
+    # and a version that does not know the field refuses a file that has it, naming it
+    header["config"]["value_stats"] = "byte"
+    header["config"]["no_such_field"] = 1
+    del header["sha256"]
+    header["sha256"] = persist._checksum(header, tensors)
+    save_file(tensors, str(tmp_path / "n.safetensors"), metadata={persist.META_KEY: json.dumps(header)})
+    with pytest.raises(ValueError, match=r"fields this version does not know: \['no_such_field'\]"):
+        sk.SpectralCache.load(tmp_path / "n.safetensors", model)

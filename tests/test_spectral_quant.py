@@ -180,7 +180,8 @@ def test_segments_wider_than_the_head_are_refused_against_the_model():
 
 
 SAMPLES = dict(k_rank_keys=16, k_rank_values=16, coeff_bits=8, value_bits=8, quant_group=64, basis_dtype="float32",
-               seed=3, rsvd_oversample=4, rsvd_power_iters=1, key_segments=((16, 4),), value_segments=((16, 4),))
+               seed=3, rsvd_oversample=4, rsvd_power_iters=1, key_segments=((16, 4),), value_segments=((16, 4),),
+               value_stats="byte")
 
 
 @pytest.mark.parametrize("name", COMPRESSORS.names())

@@ -43,9 +43,11 @@ def test_tokens_conserved_in_order(sizes, batch, sinks, hot, seed, pad_p):
         assert tm.n_exact[b] - min(sinks, tm.n_exact[b]) - hot < cfg.block_size
 
 
-@given(sizes=chunks, batch=st.integers(1, 3), bits=st.sampled_from([None, 8, 4]), pad_p=st.floats(0, 0.4), seed=st.integers(0, 1000))
-def test_reported_bytes_equal_bytes_held(sizes, batch, bits, pad_p, seed):
-    cfg = SpectralConfig(block_size=8, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits)
+@given(sizes=chunks, batch=st.integers(1, 3), bits=st.sampled_from([None, 8, 4]), pad_p=st.floats(0, 0.4), seed=st.integers(0, 1000),
+       stats=st.sampled_from(["fp16", "byte"]))
+def test_reported_bytes_equal_bytes_held(sizes, batch, bits, pad_p, seed, stats):
+    # value_stats: float16 or uint8/int8 value statistics (3-bit values: they are quantized either way)
+    cfg = SpectralConfig(block_size=8, hot_buffer_size=2, sink_tokens=1, coeff_bits=bits, value_stats=stats)
     tm = TierManager(cfg)
     g = torch.Generator().manual_seed(seed)
     for t in sizes:

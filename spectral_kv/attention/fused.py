@@ -6,7 +6,7 @@ Two kernels, chosen by the layout the compressors declare:
   ``original``): `spectral_kv.kernels.fused_decode` over `LowRankCompressor.kernel_operands`;
 * ``quant``: codes in one shared orthonormal basis with per-segment widths (``hadamard``,
   ``kivi*``, the learned ``spectral_quant``): `spectral_kv.attention.quant_fused.quant_fused_decode`
-  (q rotated once, `spectral_kv.kernels.quant_decode`, the value basis applied once).
+  (`spectral_kv.kernels.quant_decode`, which rotates the query and maps the output back itself).
 
 `layout_kernel` says which (or None). A decode step the kernel cannot take (several queries,
 padded rows whose exact tokens are not a prefix, a CPU tensor without Triton's interpreter, a

@@ -22,7 +22,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def serves_quant_fused(key_compressor, value_compressor) -> bool:
     """True when both compressors store quantized codes in a `CodeLayout` with a shared basis
-    (``code_layout`` and ``rotation_on``; ``hadamard``, ``kivi*`` with bits set)."""
+    (``code_layout`` and ``rotation_on``; ``hadamard``, ``kivi*`` with bits set); either form
+    of value statistics (float16, or ``value_stats="byte"``)."""
     return all(
         callable(getattr(c, "code_layout", None)) and callable(getattr(c, "rotation_on", None)) and c.bits is not None
         for c in (key_compressor, value_compressor)
@@ -58,7 +59,8 @@ def quant_fused_decode(q, key_compressor, value_compressor, cold_k, cold_v, n_co
     q : [B, Hq, 1, D] fp16/bf16/fp32 (Hq = H * G).
     key_compressor, value_compressor : compressors with ``code_layout`` (see `serves_quant_fused`).
     cold_k, cold_v : dict of parts [B, H, NB, ...]: ``codes`` uint8 [B, H, NB, nbytes], keys'
-        ``scale``/``zero`` fp16 [B, H, NB, T/key_group, D], values' [B, H, NB, T, n_segments].
+        ``scale``/``zero`` fp16 [B, H, NB, T/key_group, D], values' [B, H, NB, T, n_segments]
+        (fp16, or uint8 scale code / int8 zero point with ``value_stats="byte"``).
     n_cold, n_exact : int [B] valid blocks / exact tokens per row (device tensors).
     exact_k, exact_v : [B, H, Te, D] in q's dtype, right-padded.
     scaling : softmax scale.

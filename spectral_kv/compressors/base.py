@@ -11,12 +11,20 @@ from ..config import DTYPES, LAYOUT_FIELDS, SpectralConfig
 from ..quant import dequantize, quantize
 from ..registry import COMPRESSORS
 
-__all__ = ["Compressor", "FactoredCompressor", "LowRankCompressor", "COMPRESSORS", "register_compressor"]
+__all__ = ["Compressor", "FactoredCompressor", "LowRankCompressor", "COMPRESSORS", "register_compressor", "check_value_stats"]
 
 
 def register_compressor(name: str):
     """Class decorator: make a `Compressor` selectable as ``SpectralConfig(compressor=name)``."""
     return COMPRESSORS.register(name)
+
+
+def check_value_stats(config: SpectralConfig, role: str, bits: int | None) -> None:
+    """Raise ``ValueError`` if ``value_stats`` is set for values stored without statistics
+    (``bits`` None: unquantized coefficients), naming the field and the compressor."""
+    if role == "values" and config.value_stats != "fp16" and bits is None:
+        raise ValueError(f"value_stats={config.value_stats!r} has no effect: the values compressor "
+                         f"{config.compressor_name('values')!r} stores them unquantized (value_bits=None)")
 
 
 class Compressor(ABC):
@@ -58,7 +66,7 @@ class Compressor(ABC):
     supported_bits: ClassVar[tuple] = ()
     # The role-dependent `SpectralConfig` fields this compressor reads, by generic name:
     # "rank" (k_rank_keys / k_rank_values), "bits" (coeff_bits / value_bits), "segments"
-    # (key_segments / value_segments), or a field's own name. A field no role's compressor
+    # (key_segments / value_segments), "value_stats" (values only), or a field's own name. A field no role's compressor
     # reads must keep its default (SpectralConfig raises otherwise: nothing is silently ignored).
     # ``None`` (a compressor that declares nothing, e.g. an older plug-in): treated as reading all.
     config_fields: ClassVar[tuple | None] = None
@@ -116,6 +124,9 @@ class Compressor(ABC):
                 out.add("k_rank_keys" if role == "keys" else "k_rank_values")
             elif f == "segments":
                 out.add("key_segments" if role == "keys" else "value_segments")
+            elif f == "value_stats":  # the values' statistics: read by the values' compressor only
+                if role == "values":
+                    out.add(f)
             elif f == "bits":
                 if role == "keys" or config.value_bits == "same":
                     out.add("coeff_bits")

@@ -6,7 +6,9 @@ float16 scale and zero point) in groups:
 
 * keys: one scale and zero per channel over ``group`` consecutive tokens (keys have
   outlier *channels*, KIVI's observation);
-* values: one scale and zero per token over ``group`` consecutive channels.
+* values: one scale and zero per token over ``group`` consecutive channels; with
+  ``value_stats="byte"`` a uint8 scale code and an int8 zero point instead (2 bytes, not 4:
+  `spectral_kv.quant.quantize_groups`).
 
 Codes of any width 1..8 are bit-packed on the token axis in the bit planes of
 `spectral_kv.codes` (3-bit codes cost 3 bits; the layout the fused decode kernel reads), one
@@ -27,7 +29,8 @@ from ..codes import CodeLayout, check_tokens
 from ..config import SpectralConfig
 from ..kernels.quant_compress import HAS_TRITON as QC_TRITON
 from ..kernels.quant_compress import group_layout, quant_compress, quant_compress_reference
-from .base import Compressor, FactoredCompressor, register_compressor
+from ..quant import group_stats
+from .base import Compressor, FactoredCompressor, check_value_stats, register_compressor
 
 __all__ = ["GroupQuantCompressor", "HadamardCompressor", "rotation_matrix", "hadamard_matrix"]
 
@@ -57,16 +60,19 @@ class GroupQuantCompressor(Compressor):
     Stored parts: ``codes`` uint8 ``[N, nbytes]`` in the `code_layout` of the block (keys: one
     segment of ``D`` channels; values: segments of ``g = min(group, D)`` channels, the value
     quant groups); keys: ``scale`` / ``zero`` float16 ``[N, T/g, D]`` (per channel over
-    ``g = min(group, T)`` tokens); values: ``[N, T, D/g]`` (per token per segment). With
-    unquantized bits (``None``) the rotated coefficients are stored as float32 ``coeffs``.
+    ``g = min(group, T)`` tokens); values: ``[N, T, D/g]`` (per token per segment), float16,
+    or with ``value_stats="byte"`` ``scale`` uint8 (scale code) and ``zero`` int8 (zero point).
+    With unquantized bits (``None``) the rotated coefficients are stored as float32 ``coeffs``.
     """
 
     fixed_bits: ClassVar[int | None] = None  # KIVI: the width is part of the name
-    config_fields: ClassVar[tuple] = ("bits", "quant_group")
+    config_fields: ClassVar[tuple] = ("bits", "quant_group", "value_stats")
 
     def __init__(self, config: SpectralConfig, role: str, rank: int) -> None:
         super().__init__(config, role, rank)
         self.group = config.quant_group
+        # the storage form of this role's statistics (keys: always float16)
+        self.stats = config.value_stats if role == "values" else "fp16"
         self._rot: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -79,6 +85,12 @@ class GroupQuantCompressor(Compressor):
         bits = cls.effective_bits(config, role)
         if bits is not None:  # codes are packed on the token axis: a block must fill whole bytes
             check_tokens(config.block_size, bits, "block_size")
+        check_value_stats(config, role, bits)
+
+    @classmethod
+    def describe(cls, config: SpectralConfig, role: str) -> str:
+        label = super().describe(config, role)
+        return label + " byte stats" if role == "values" and config.value_stats != "fp16" else label
 
     @classmethod
     def check_head_dim(cls, config: SpectralConfig, role: str, head_dim: int) -> None:
@@ -129,14 +141,14 @@ class GroupQuantCompressor(Compressor):
                 raise ValueError(f"{type(self).__name__} values: head_dim {d} is not a multiple of quant_group={g}")
         layout = [v for seg in self.code_layout(d, t).segments for v in seg]
         fn = quant_compress if x.is_cuda and QC_TRITON else quant_compress_reference
-        codes, scale, zero = fn(x, r, layout, self.role, g)
+        codes, scale, zero = fn(x, r, layout, self.role, g, self.stats)
         return {"codes": codes, "scale": scale, "zero": zero}
 
     def coefficients(self, parts: dict[str, torch.Tensor], shared: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Dequantized rotated coefficients, float32 ``[..., T, D]``."""
         if self.bits is None:
             return parts["coeffs"].float()
-        scale, zero = parts["scale"].float(), parts["zero"].float()
+        scale, zero = group_stats(parts["scale"], parts["zero"])  # float16, or the byte form
         t, d = self._block_shape(parts)
         codes = self.code_layout(d, t).unpack(parts["codes"]).float()  # [..., T, D]
         lead = codes.shape[:-2]
@@ -208,7 +220,7 @@ class HadamardCompressor(GroupQuantCompressor, FactoredCompressor):
     """
 
     supported_bits: ClassVar[tuple] = (2, 3, 4, 8, None)
-    config_fields: ClassVar[tuple] = ("bits", "quant_group", "seed")  # seed: rotation of non-power-of-two dims
+    config_fields: ClassVar[tuple] = ("bits", "quant_group", "seed", "value_stats")  # seed: rotation of non-power-of-two dims
 
     def rotation(self, d: int) -> torch.Tensor:
         return rotation_matrix(d, self.config.seed)

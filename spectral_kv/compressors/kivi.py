@@ -4,7 +4,8 @@ spectral blocks (sinks, warm staging and the hot window stay exact).
 
 Keys are quantized per channel (each channel's values over a group of 32 tokens share
 a scale and zero point), values per token (each token's channels in groups of 32 share
-them), asymmetric min/max, codes packed into token-axis bit planes, scale and zero point in float16.
+them), asymmetric min/max, codes packed into token-axis bit planes, scale and zero point in float16
+(values: one byte each with ``value_stats="byte"``, as ``hadamard``).
 Its blocks are codes in the identity basis, so it is factored (full rank, nothing stored
 per block beyond the codes): the ``spectral`` strategy and the fused quantized kernel read it
 like ``hadamard``. Registered names: ``kivi4`` and ``kivi2``.
@@ -30,7 +31,7 @@ class KiviCompressor(GroupQuantCompressor, FactoredCompressor):
     ``[N, T, D/32]``.
     """
 
-    config_fields = ()  # width in the name, groups of 32: no config field applies
+    config_fields = ("value_stats",)  # width in the name, groups of 32: only the values' statistics' form applies
 
     def __init__(self, config, role, rank):
         super().__init__(config, role, rank)

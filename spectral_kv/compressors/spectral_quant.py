@@ -14,7 +14,8 @@ Stored parts of a block (the grouped layouts' shapes, so the fused kernel reads 
 * ``codes`` uint8 ``[N, layout.nbytes]`` (`CodeLayout.pack` of the kept components' codes);
 * keys: ``scale`` / ``zero`` float16 ``[N, T/gk, Dk]``: per kept component over ``gk =
   min(quant_group, T)`` tokens (asymmetric min/max);
-* values: ``scale`` / ``zero`` float16 ``[N, T, S]``: per token per kept segment;
+* values: ``scale`` / ``zero`` float16 ``[N, T, S]``: per token per kept segment (with
+  ``value_stats="byte"``: uint8 scale code / int8 zero point, `spectral_kv.quant.quantize_groups`);
 * unquantized (``bits=None``, no segments): ``coeffs`` float32 ``[N, T, r]``.
 
 Shared per-row state (`shared_specs` / `fit`): ``basis`` ``[D, D]`` in ``basis_dtype``
@@ -39,8 +40,8 @@ import torch
 
 from ..codes import CodeLayout
 from ..config import DTYPES, SpectralConfig
-from ..quant import quantize_groups
-from .base import FactoredCompressor, register_compressor
+from ..quant import group_stats, quantize_groups
+from .base import FactoredCompressor, check_value_stats, register_compressor
 
 __all__ = ["SpectralQuantCompressor", "pca_basis", "check_segments"]
 
@@ -111,11 +112,12 @@ class SpectralQuantCompressor(FactoredCompressor):
     """Codes in a per-row learned PCA basis, one width per segment (see the module docstring)."""
 
     supported_bits: ClassVar[tuple] = (1, 2, 3, 4, 5, 6, 7, 8, None)
-    config_fields: ClassVar[tuple] = ("rank", "bits", "segments", "quant_group", "basis_dtype")
+    config_fields: ClassVar[tuple] = ("rank", "bits", "segments", "quant_group", "basis_dtype", "value_stats")
 
     def __init__(self, config: SpectralConfig, role: str, rank: int | None) -> None:
         super().__init__(config, role, rank)
         self.group = config.quant_group
+        self.stats = config.value_stats if role == "values" else "fp16"  # keys: always float16
         self._layouts: dict[int, CodeLayout | None] = {}
 
     # ------------------------------------------------------------------ config
@@ -142,6 +144,7 @@ class SpectralQuantCompressor(FactoredCompressor):
             for _, b in segs:  # block_size must fill whole bytes in every plane
                 if b:
                     CodeLayout(config.block_size, ((1, b),))
+        check_value_stats(config, role, config.bits(role) if segs is None else 0)
         if role == "keys":
             g = min(config.quant_group, config.block_size)
             if config.block_size % g:
@@ -164,10 +167,11 @@ class SpectralQuantCompressor(FactoredCompressor):
         segs = config.segments(role)
         rank = config.rank(role)
         cap = "" if rank is None else f" r{rank}"
+        stats = " byte stats" if role == "values" and config.value_stats != "fp16" else ""
         if segs is not None:
-            return f"spectral_quant{cap} " + "+".join(f"{c}x{b}b" for c, b in segs)
+            return f"spectral_quant{cap} " + "+".join(f"{c}x{b}b" for c, b in segs) + stats
         bits = config.bits(role)
-        return f"spectral_quant{cap} {'fp' if bits is None else f'int{bits}'}"
+        return f"spectral_quant{cap} {'fp' if bits is None else f'int{bits}'}{stats}"
 
     # ------------------------------------------------------------------ layout
     def layout(self, head_dim: int) -> CodeLayout | None:
@@ -252,7 +256,9 @@ class SpectralQuantCompressor(FactoredCompressor):
         if layout is None:
             return {"coeffs": ((t, self.kept(head_dim)), torch.float32)}
         stats = (t // min(self.group, t), layout.kept) if self.role == "keys" else (t, len(layout.kept_segments))
-        return {"codes": ((layout.nbytes,), torch.uint8), "scale": (stats, torch.float16), "zero": (stats, torch.float16)}
+        byte = self.stats == "byte"
+        return {"codes": ((layout.nbytes,), torch.uint8), "scale": (stats, torch.uint8 if byte else torch.float16),
+                "zero": (stats, torch.int8 if byte else torch.float16)}
 
     @staticmethod
     def _basis_rows(shared, lead: tuple[int, ...], kept: int) -> torch.Tensor:
@@ -288,7 +294,7 @@ class SpectralQuantCompressor(FactoredCompressor):
                 scales.append(s.squeeze(2))
                 zeros.append(z.squeeze(2))
             else:
-                q, s, z = quantize_groups(seg, bits, dim=-1)  # one scale per token per segment
+                q, s, z = quantize_groups(seg, bits, dim=-1, stats=self.stats)  # one scale per token per segment
                 codes.append(q)
                 scales.append(s)
                 zeros.append(z)
@@ -306,7 +312,7 @@ class SpectralQuantCompressor(FactoredCompressor):
             return parts["coeffs"].float()
         layout = self.layout(self._head_dim(shared))
         codes = layout.unpack(parts["codes"]).float()  # [..., T, kept]
-        scale, zero = parts["scale"].float(), parts["zero"].float()
+        scale, zero = group_stats(parts["scale"], parts["zero"])  # float16, or the byte form
         *lead, t, kept = codes.shape
         if self.role == "keys":
             g = t // scale.shape[-2]
@@ -363,8 +369,9 @@ class SpectralQuantCompressor(FactoredCompressor):
                     q, s, z = quantize_groups(grouped, bits, dim=2)
                     err = (q.float() * s.float() + z.float() - grouped).double()
                 else:
-                    q, s, z = quantize_groups(seg, bits, dim=-1)
-                    err = (q.float() * s.float() + z.float() - seg).double()
+                    q, s, z = quantize_groups(seg, bits, dim=-1, stats=self.stats)
+                    s, z = group_stats(s, z)
+                    err = (q.float() * s + z - seg).double()
                 row.append(float((err**2).sum()))
             out.append(row)
         return out

@@ -5,7 +5,8 @@ The grouped layouts (``hadamard``, ``kivi*``) store a block ``x [T, D]`` as ``c 
 (``R`` orthonormal, identity for KIVI) quantized asymmetrically with min/max statistics:
 
 * keys: per channel over ``key_group`` consecutive tokens (``scale``/``zero`` ``[T/key_group, kept]``);
-* values: per token over each segment of the layout (``[T, n_segments]``).
+* values: per token over each segment of the layout (``[T, n_segments]``), float16 or, with
+  ``value_stats="byte"``, a uint8 scale code and an int8 zero point (`quant.quantize_groups`).
 
 Public entry points
 -------------------
@@ -15,7 +16,7 @@ quant_compress_reference(...)  Pure torch, the math of ``GroupQuantCompressor.co
 torch.ops.spectral_kv.quant_compress  The kernel as a ``torch.library.triton_op``.
 
 Where the two can differ: without a rotation nothing (same fp32 ops, same rounding: codes,
-scales and zeros are bit-identical). With one, the kernel's ``x @ Rᵀ`` is a tf32x3 dot on the
+scales and zeros are bit-identical; the byte form's scale code is integer ops on float32 bits). With one, the kernel's ``x @ Rᵀ`` is a tf32x3 dot on the
 GPU (~fp32 accuracy; fp32 under the interpreter) in another summation order than torch's matmul,
 so a coefficient can differ by a few ulps; a
 group's min/max then moves by as much (its fp16 scale/zero by at most one fp16 ulp, and only
@@ -33,7 +34,7 @@ import functools
 
 import torch
 
-from ..quant import quantize_groups
+from ..quant import STATS_FORMS, quantize_groups
 from .launch import pow2 as _pow2, is_fake as _is_fake
 
 from ..codes import CodeLayout, planes, plane_rows
@@ -71,7 +72,11 @@ def _pairs(flat) -> tuple[tuple[int, int], ...]:
     return tuple(zip(flat[0::2], flat[1::2]))
 
 
-def _check(x, rotation, layout, role, key_group) -> CodeLayout:
+def _check(x, rotation, layout, role, key_group, value_stats="fp16") -> CodeLayout:
+    if value_stats not in STATS_FORMS:
+        raise ValueError(f"quant_compress: value_stats must be one of {STATS_FORMS}, got {value_stats!r}")
+    if role == "keys" and value_stats != "fp16":
+        raise ValueError(f"quant_compress: value_stats={value_stats!r} applies to values; keys keep float16 statistics")
     if x.dim() != 3:
         raise ValueError(f"quant_compress: x must be [N, T, D], got shape {tuple(x.shape)}")
     n, t, d = x.shape
@@ -92,7 +97,7 @@ def _check(x, rotation, layout, role, key_group) -> CodeLayout:
 
 
 # --------------------------------------------------------------------------- reference
-def quant_compress_reference(x, rotation, layout, role, key_group):
+def quant_compress_reference(x, rotation, layout, role, key_group, value_stats="fp16"):
     """Rotate, quantize in groups and pack blocks, in torch.
 
     Parameters
@@ -103,13 +108,17 @@ def quant_compress_reference(x, rotation, layout, role, key_group):
         segments are not stored).
     role : ``"keys"`` (per-channel statistics over ``key_group`` tokens) or ``"values"`` (per
         token per segment; ``key_group`` unused).
+    value_stats : ``"fp16"`` or ``"byte"`` (values only): the storage form of the values'
+        statistics (`spectral_kv.quant.quantize_groups`).
 
     Returns
     -------
     codes : uint8 [N, nbytes]; scale, zero : float16 keys [N, T/key_group, kept],
-        values [N, T, n_kept_segments]; ``c ~= code * scale + zero``.
+        values [N, T, n_kept_segments]; ``c ~= code * scale + zero``. Byte value statistics:
+        scale uint8 (scale code), zero int8 (zero point ``zp``), ``c ~= (code - zp) * scale``
+        (`spectral_kv.quant.group_stats` turns either form into float32 scale and zero).
     """
-    lay = _check(x, rotation, layout, role, key_group)
+    lay = _check(x, rotation, layout, role, key_group, value_stats)
     n, t, d = x.shape
     x = x.float()
     c = (x if rotation is None else x @ rotation.T)[..., : lay.kept]
@@ -121,7 +130,7 @@ def quant_compress_reference(x, rotation, layout, role, key_group):
         codes = torch.cat([p[0] for p in parts], -1).reshape(n, t, lay.kept)
         scale, zero = (torch.cat([p[i].squeeze(2) for p in parts], -1) for i in (1, 2))
     else:  # per token over each segment
-        parts = [quantize_groups(seg, b, dim=2) for seg, (_, b) in zip(segs, lay.kept_segments)]
+        parts = [quantize_groups(seg, b, dim=2, stats=value_stats) for seg, (_, b) in zip(segs, lay.kept_segments)]
         codes = torch.cat([p[0] for p in parts], -1)
         scale, zero = (torch.cat([p[i] for p in parts], -1) for i in (1, 2))
     return lay.pack(codes), scale, zero
@@ -148,8 +157,9 @@ def _interpreted() -> bool:
     return type(qc_pack_kernel).__name__ == "InterpretedFunction"
 
 
-def _impl(x, rotation, layout, role, key_group, block_rows, num_warps, launch):
-    lay = _check(x, rotation, layout, role, key_group)
+def _impl(x, rotation, layout, role, key_group, value_stats, block_rows, num_warps, launch):
+    lay = _check(x, rotation, layout, role, key_group, value_stats)
+    byte = value_stats == "byte"
     n, t, d = x.shape
     keys = role == "keys"
     kg = int(key_group) if keys else 1
@@ -157,8 +167,8 @@ def _impl(x, rotation, layout, role, key_group, block_rows, num_warps, launch):
     r_min, nsub = plane_rows(t, p_min), 8 // p_min
     codes = torch.empty((n, lay.nbytes), dtype=torch.uint8, device=x.device)
     shape = (n, t // kg, lay.kept) if keys else (n, t, len(lay.kept_segments))
-    scale = torch.empty(shape, dtype=torch.float16, device=x.device)
-    zero = torch.empty(shape, dtype=torch.float16, device=x.device)
+    scale = torch.empty(shape, dtype=torch.uint8 if byte else torch.float16, device=x.device)
+    zero = torch.empty(shape, dtype=torch.int8 if byte else torch.float16, device=x.device)
     if n == 0 or (_interpreted() and _is_fake(x)):
         # Empty pools launch nothing; under TRITON_INTERPRET=1 wrap_triton hands back the bare
         # interpreter, which would read fake storage: shapes are all a fake kernel produces.
@@ -178,7 +188,7 @@ def _impl(x, rotation, layout, role, key_group, block_rows, num_warps, launch):
     launch(qc_pack_kernel)[(n, triton.cdiv(r_min, br))](
         x, r, scale, zero, codes, *x.stride(), *scale.stride(), codes.stride(0), d,
         KG=kg, R_MIN=r_min, P_MIN=p_min, BR=br, NSUB=nsub, SEGS=segs, HAS_R=rotation is not None, KEYS=keys,
-        D_PAD=d_pad, num_warps=nw,
+        BYTE=byte, D_PAD=d_pad, num_warps=nw,
     )
     return codes, scale, zero
 
@@ -191,12 +201,13 @@ if HAS_TRITON:
     @triton_op("spectral_kv::quant_compress", mutates_args=())
     def _quant_compress_op(
         x: torch.Tensor, rotation: Optional[torch.Tensor], layout: list[int], role: str, key_group: int,
-        block_rows: int = 0, num_warps: int = 0,
+        value_stats: str = "fp16", block_rows: int = 0, num_warps: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return _impl(x, rotation, layout, role, key_group, block_rows, num_warps, wrap_triton)
+        return _impl(x, rotation, layout, role, key_group, value_stats, block_rows, num_warps, wrap_triton)
 
 
-def quant_compress(x, rotation, layout, role, key_group, *, block_rows: int = 0, num_warps: int = 0):
+def quant_compress(x, rotation, layout, role, key_group, value_stats: str = "fp16", *, block_rows: int = 0,
+                   num_warps: int = 0):
     """Triton fused compression; same contract as :func:`quant_compress_reference` (shapes there).
 
     ``block_rows`` (rows of the smallest plane per program, a power of two; 0 = heuristic) and
@@ -206,10 +217,10 @@ def quant_compress(x, rotation, layout, role, key_group, *, block_rows: int = 0,
     if not HAS_TRITON:
         raise RuntimeError(f"spectral_kv.kernels.quant_compress needs triton; import failed with {_TRITON_IMPORT_ERROR!r}. "
                            "Use quant_compress_reference for a pure-torch path.")
-    _check(x, rotation, layout, role, key_group)
+    _check(x, rotation, layout, role, key_group, value_stats)
     if block_rows and (block_rows < 1 or block_rows & (block_rows - 1)):
         raise ValueError(f"quant_compress: block_rows={block_rows} must be a power of two")
-    args = (x, rotation, [int(v) for v in layout], role, int(key_group), int(block_rows), int(num_warps))
+    args = (x, rotation, [int(v) for v in layout], role, int(key_group), value_stats, int(block_rows), int(num_warps))
     if x.is_cuda and x.get_device() != torch.cuda.current_device():
         with torch.cuda.device(x.device):  # Triton launches on the current device
             return torch.ops.spectral_kv.quant_compress(*args)

@@ -12,7 +12,8 @@ bit_2)``: ``C`` channels from channel ``c0``, padded to ``C_PAD``; codes in ``0.
 Rounding is the torch path's, op for op: ``min``/``max`` are exact, the float16 casts round to
 nearest even, divisions are ``div_rn`` (IEEE, as torch's ``/``), and ``round`` is half-to-even
 by the magic number ``1.5 * 2**23`` (exact for ``|v| < 2**22``; codes are clamped to
-``0..LEVELS`` anyway). The one difference is the rotation's dot product (tf32x3 on the GPU, in
+``0..LEVELS`` anyway); the byte value statistics (``BYTE``) round the scale up on its float32
+bits with integer ops, as ``quant.byte_scale_code``. The one difference is the rotation's dot product (tf32x3 on the GPU, in
 another summation order than the matmul of the torch path), see ``quant_compress.py``.
 `benchmarks/quant_compress_compile.py` prints registers and spills for sm_90 without a GPU (8 warps,
 the default: 218-255 registers, no spills).
@@ -49,6 +50,23 @@ def _stats(lo, hi, LEVELS: tl.constexpr):
     s16 = tl.math.div_rn(hi - z16.to(tl.float32), tl.zeros_like(hi) + LEVELS).to(tl.float16)
     s16 = tl.where(s16 > 0, s16, tl.full(s16.shape, 1.0, tl.float16))
     return s16, z16
+
+
+@triton.jit
+def _byte_stats(lo, hi, bad, LEVELS: tl.constexpr):
+    # quant.quantize_groups(stats="byte"), op for op: the needed scale (widened so the int8 zero
+    # point fits), rounded up to the uint8 scale code on its float32 bits, then the zero point.
+    need = tl.maximum(tl.maximum(tl.math.div_rn(hi - lo, tl.zeros_like(hi) + LEVELS),
+                                 tl.math.div_rn(hi, tl.zeros_like(hi) + (LEVELS + 128))),
+                      tl.math.div_rn(-lo, tl.zeros_like(lo) + 127.0))
+    bits = need.to(tl.int32, bitcast=True)
+    e = (bits >> 20) + ((bits & 0xFFFFF) != 0).to(tl.int32) - 888  # quant.BYTE_SCALE_OFFSET
+    e = tl.maximum(tl.where(need > 0, e, 0), 0)
+    e = tl.where((e >= 255) | bad | ~(need <= 3.0e38), 255, e)  # 255: NaN (quant.BYTE_SCALE_NAN)
+    ok = e != 255
+    s = tl.where(ok, ((e + 888) << 20).to(tl.float32, bitcast=True), 1.0)
+    zp = tl.where(ok, (tl.math.div_rn(-lo, s) + 12582912.0) - 12582912.0, 0.0)
+    return e, tl.minimum(tl.maximum(zp, -128.0), 127.0), s, ok
 
 
 @triton.jit
@@ -102,7 +120,7 @@ def qc_pack_kernel(
     sx_n, sx_t, sx_d, ss_n, ss_a, ss_b, sco_n,
     D,
     KG: tl.constexpr, R_MIN: tl.constexpr, P_MIN: tl.constexpr, BR: tl.constexpr, NSUB: tl.constexpr,
-    SEGS: tl.constexpr, HAS_R: tl.constexpr, KEYS: tl.constexpr, D_PAD: tl.constexpr,
+    SEGS: tl.constexpr, HAS_R: tl.constexpr, KEYS: tl.constexpr, BYTE: tl.constexpr, D_PAD: tl.constexpr,
 ):
     # One program per (block, tile of BR rows of the smallest plane): its NSUB * BR tokens
     # (sub-index i: tokens R_MIN * i + rows, codes.py) are every token those rows hold in every
@@ -125,15 +143,29 @@ def qc_pack_kernel(
             scale = tl.load(sc_ptr + st, mask=msk, other=1.0).to(tl.float32)
             zero = tl.load(zr_ptr + st, mask=msk, other=0.0).to(tl.float32)
         else:  # per token over the segment: every token of the block is in exactly one tile
-            s16, z16 = _stats(tl.min(tl.where(c_ok[None, :], c, float("inf")), axis=1),
-                              tl.max(tl.where(c_ok[None, :], c, float("-inf")), axis=1), tl.constexpr(SEGS[si][3]))
+            lo = tl.min(tl.where(c_ok[None, :], c, float("inf")), axis=1)
+            hi = tl.max(tl.where(c_ok[None, :], c, float("-inf")), axis=1)
             st = n * ss_n + tok.to(tl.int64) * ss_a + si * ss_b
-            tl.store(sc_ptr + st, s16, mask=row_ok)
-            tl.store(zr_ptr + st, z16, mask=row_ok)
-            scale = s16.to(tl.float32)[:, None]
-            zero = z16.to(tl.float32)[:, None]
+            if BYTE:
+                # a flag, not min/max: the GPU's min/max drop NaN operands
+                bad = tl.max(tl.where(c_ok[None, :] & ~((c == c) & (tl.abs(c) < float("inf"))), 1, 0), axis=1) > 0
+                e, zp, s, ok = _byte_stats(lo, hi, bad, tl.constexpr(SEGS[si][3]))
+                tl.store(sc_ptr + st, e.to(tl.uint8), mask=row_ok)
+                tl.store(zr_ptr + st, zp.to(tl.int8), mask=row_ok)
+                scale = s[:, None]
+                zero = tl.zeros_like(scale)
+            else:
+                s16, z16 = _stats(lo, hi, tl.constexpr(SEGS[si][3]))
+                tl.store(sc_ptr + st, s16, mask=row_ok)
+                tl.store(zr_ptr + st, z16, mask=row_ok)
+                scale = s16.to(tl.float32)[:, None]
+                zero = z16.to(tl.float32)[:, None]
         v = tl.math.div_rn(c - zero, scale)
-        code = tl.minimum(tl.maximum((v + 12582912.0) - 12582912.0, 0.0), SEGS[si][3]).to(tl.int32)
+        if BYTE and not KEYS:  # x ~= (code - zp) * scale; a NaN group's codes are 0
+            v = tl.where(ok[:, None], (v + 12582912.0) - 12582912.0 + zp[:, None], 0.0)
+        else:
+            v = (v + 12582912.0) - 12582912.0
+        code = tl.minimum(tl.maximum(v, 0.0), SEGS[si][3]).to(tl.int32)
         for j in tl.static_range(tl.constexpr(SEGS[si][4])):
             _pack_plane(code, codes_ptr + n * sco_n, r0, offs_c, R_MIN, P_MIN, BR, tl.constexpr(SEGS[si][1]),
                         tl.constexpr(SEGS[si][0]), tl.constexpr(SEGS[si][5 + 3 * j]), tl.constexpr(SEGS[si][6 + 3 * j]),

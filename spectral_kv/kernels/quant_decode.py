@@ -67,6 +67,7 @@ from typing import Optional
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
+from ..quant import group_stats
 from .quant_unpack import FORMS as _FORMS, asm_of as _asm_of, form_constants as _form_constants
 from . import quant_decode_gluon_path as _gluon
 from .launch import is_fake as _is_fake, nonempty as _nonempty, num_sms as _num_sms, pow2 as _pow2, strides as _strides
@@ -90,6 +91,7 @@ gluon_serves = _gluon.gluon_serves
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of q and the exact tail, and of the bases
 _LOG2E = 1.4426950408889634
+_VSTATS = ((torch.float16, torch.float16), (torch.uint8, torch.int8))  # value scale/zero: fp16 or the byte form
 
 
 def layout_pairs(flat) -> tuple[tuple[int, int], ...]:
@@ -129,7 +131,8 @@ def quant_decode_reference(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale
         have stride 0), the basis rows ``R`` of keys / values (coefficients = ``x @ Rᵀ``, the
         first kept ones stored; read as fp32), or None for the identity (KIVI).
     k_codes : uint8 [B, H, NB, nbytes_k]; k_scale, k_zero : float16 [B, H, NB, T/key_group, Dk].
-    v_codes : uint8 [B, H, NB, nbytes_v]; v_scale, v_zero : float16 [B, H, NB, T, n_value_segments].
+    v_codes : uint8 [B, H, NB, nbytes_v]; v_scale, v_zero : float16 [B, H, NB, T, n_value_segments]
+        (or byte value statistics: uint8 scale code / int8 zero point, `spectral_kv.quant.group_stats`).
     n_cold, n_exact : int32 [B]: valid blocks / exact tokens per row (the rest may be garbage).
     exact_k, exact_v : [B, H, Te, D] in q's dtype, right-padded.
     scaling : softmax scale of ``q . k``.
@@ -156,7 +159,8 @@ def quant_decode_reference(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale
     k = torch.where(ok, k, 0.0)  # [B, H, NB, T, Dk]
     seg = torch.repeat_interleave(torch.arange(len(vl.kept_segments), device=dev),
                                   torch.tensor([c for c, _ in vl.kept_segments], device=dev))
-    v = vl.unpack(v_codes).float() * v_scale.float()[..., seg] + v_zero.float()[..., seg]
+    vs, vz = group_stats(v_scale, v_zero)  # float16, or byte value statistics (uint8 scale code, int8 zero point)
+    v = vl.unpack(v_codes).float() * vs[..., seg] + vz[..., seg]
     v = torch.where(ok, v, 0.0)  # [B, H, NB, T, Dv]
     s_cold = torch.einsum("bhgc,bhntc->bhgnt", qk, k) * scaling
     s_cold = s_cold.masked_fill(~blk_ok[:, None, None, :, None], float("-inf")).flatten(-2)
@@ -312,7 +316,7 @@ def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
         *q.stride(), *(rk.stride() if rk is not None else (0,) * 4), *(rv.stride() if rv is not None else (0,) * 4),
         *_strides(k_codes, 4)[:3], *_strides(k_scale, 5), *_strides(v_codes, 4)[:3], *_strides(v_scale, 5),
         *_strides(exact_k, 4), *_strides(exact_v, 4),
-        **const, **opts,
+        **const, **opts, VBYTE=v_scale.dtype == torch.uint8,
         **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
     ch = min(32, D_PAD)  # output columns per combine program (D_PAD: a power of two >= 16)
@@ -337,7 +341,9 @@ def _check_inputs(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
         (q.dtype in _DTYPES, lambda: f"q dtype {q.dtype} is not fp16/bf16/fp32"),
         (exact_k.dtype == exact_v.dtype == q.dtype, lambda: f"exact_k/exact_v dtype {exact_k.dtype}/{exact_v.dtype} != q's {q.dtype}"),
         (k_codes.dtype == v_codes.dtype == torch.uint8, lambda: f"codes must be uint8, got {k_codes.dtype}/{v_codes.dtype}"),
-        (all(t.dtype == torch.float16 for t in (k_scale, k_zero, v_scale, v_zero)), lambda: "scales/zeros must be float16"),
+        (k_scale.dtype == k_zero.dtype == torch.float16 and (v_scale.dtype, v_zero.dtype) in _VSTATS,
+         lambda: f"scales/zeros must be float16 (values: or uint8/int8), got {k_scale.dtype}/{k_zero.dtype}, "
+         f"{v_scale.dtype}/{v_zero.dtype}"),
         (n_cold.dtype == n_exact.dtype == torch.int32, lambda: f"n_cold/n_exact must be int32, got {n_cold.dtype}/{n_exact.dtype}"),
         (H > 0 and Hq % H == 0 and Hq // H <= 16, lambda: f"Hq={Hq} must be a multiple of H={H} with at most 16 heads per group"),
         (exact_k.shape[3] == D, lambda: f"exact_k has head_dim {exact_k.shape[3]}, q has {D}"),

@@ -139,6 +139,7 @@ def qd_partial_kernel(
     KEY_BCAST: tl.constexpr, KSTEP: tl.constexpr, F16: tl.constexpr,
     G_PAD: tl.constexpr, D_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
     ROT_K: tl.constexpr, ROT_V: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr,
+    VBYTE: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -284,8 +285,14 @@ def qd_partial_kernel(
                                VSEGS[si][9], VSEGS[si][11], VSEGS[si][12], VSEGS[si][13], VSEGS[si][15], VSEGS[si][16],
                                P_BASE, FORM, EMU, tl.constexpr(VASM[si * (8 // P_BASE) + i] if FORM > 0 else ""), tl.float16 if F16 else tl.float32)
                     st = (R_BASE * i + rr).to(tl.int64) * svs_t + VSEGS[si][3] * svs_s
-                    vs = tl.load(vs_base + st, mask=r_ok, other=0.0).to(tl.float32)
-                    vz = tl.load(vz_base + st, mask=r_ok, other=0.0).to(tl.float32)
+                    if VBYTE:  # quant.group_stats: scale (e + 888) << 20 as float32 bits (255: NaN), zero -zp * scale
+                        e = tl.load(vs_base + st, mask=r_ok, other=0).to(tl.int32)
+                        vs = tl.where(e == 255, float("nan"), ((e + 888) << 20).to(tl.float32, bitcast=True))
+                        vs = tl.where(r_ok, vs, 0.0)
+                        vz = -tl.load(vz_base + st, mask=r_ok, other=0).to(tl.float32) * vs
+                    else:
+                        vs = tl.load(vs_base + st, mask=r_ok, other=0.0).to(tl.float32)
+                        vz = tl.load(vz_base + st, mask=r_ok, other=0.0).to(tl.float32)
                     pv = (ps[i] * vs[None, :]).to(tl.float16 if F16 else tl.float32)
                     acc = tl.dot(pv, f, acc)
                     if MAGIC != 0.0:

@@ -8,7 +8,7 @@ A spec is ``name`` or ``name:key=value,key=value``; for example ``exact``,
 * ``exact`` (`exact.py`) - transformers ``DynamicCache``.
 * ``spectral`` (`spectral.py`) - this library: ``preset=`` (``original``, ``fast``, ``balanced``,
   ``max-compression``; default: the library default `SpectralConfig()`) then options ``k``,
-  ``v``, ``sink``, ``bits``, ``vbits``, ``group``, ``block``, ``hot``, ``compressor``.
+  ``v``, ``sink``, ``bits``, ``vbits``, ``group``, ``block``, ``hot``, ``compressor``, ``vstats`` (``value_stats``).
 * ``kivi4`` / ``kivi2`` (`spectral.py`) - the KIVI reference quantizer of
   ``spectral_kv.compressors.kivi`` on the same tiers (options ``sink``, ``block``, ``hot``).
 * ``quanto`` / ``hqq`` (`quantized.py`) - transformers ``QuantizedCache`` (options ``bits``,

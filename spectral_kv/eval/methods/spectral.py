@@ -16,12 +16,12 @@ __all__ = ["SpectralMethod", "build_spectral", "build_kivi", "spectral_settings"
 SPECTRAL_OPTIONS = {
     "k": "k_rank_keys", "v": "k_rank_values", "sink": "sink_tokens", "bits": "coeff_bits",
     "vbits": "value_bits", "group": "quant_group", "block": "block_size", "hot": "hot_buffer_size",
-    "compressor": "compressor",
+    "compressor": "compressor", "vstats": "value_stats",
 }
 
 
 def _option_value(field: str, text: str):
-    if field == "compressor":
+    if field in ("compressor", "value_stats"):
         return text
     if text.lower() == "none":
         return None

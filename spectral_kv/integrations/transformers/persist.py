@@ -5,6 +5,11 @@ File layout: every tier tensor of every layer (``layers.{i}.exact_k``, ``layers.
 (key ``"spectral_kv"``) holding the `SpectralConfig`, the model identity, per-layer host counts and
 a sha256 over the header and every tensor's name, dtype, shape and bytes.
 
+Files record the config, so a storage choice that changes the cold tensors' dtypes
+(``value_stats="byte"``: uint8/int8 value statistics) is read back from it; a file from before
+such a field existed loads with the field's default (its tensors are that form), and an older
+version refuses a file with a field it does not know, naming it.
+
 On load, in this order: the file is readable (else truncated/corrupted), it is a spectral_kv
 cache of this format, the checksum matches, the config matches (when one is given), the model
 identity matches the target model, and every tensor has the shape and dtype the config and model
@@ -164,10 +169,12 @@ def _check_config(saved: dict[str, Any], given: SpectralConfig | None, path) -> 
     saved_config = SpectralConfig(**saved)
     if given is None:
         return saved_config
+    # Compared as configs: a field an older file lacks is its default there (e.g. value_stats,
+    # "fp16" before byte statistics existed), and JSON lists are tuples again.
     diff = [
-        f"{name}: saved {saved[name]!r}, given {getattr(given, name)!r}"
+        f"{name}: saved {getattr(saved_config, name)!r}, given {getattr(given, name)!r}"
         for name in sorted(known)
-        if name != "verbose" and name in saved and saved[name] != getattr(given, name)
+        if name != "verbose" and getattr(saved_config, name) != getattr(given, name)
     ]
     if diff:
         raise ValueError(f"{str(path)!r}: SpectralConfig mismatch ({'; '.join(diff)})")
