@@ -85,10 +85,10 @@ def _cuda_query(B, Hq, D):
     return types.SimpleNamespace(is_cuda=True, shape=(B, Hq, D), device=torch.device("cuda"))
 
 
-def _serves(kseg, vseg, G=4, kg=128, T=512, **kw):
+def _serves(kseg, vseg, G=4, kg=128, T=512, vstats=torch.float16, **kw):
     kl, vl = CodeLayout(T, kseg), CodeLayout(T, vseg)
     ks = torch.zeros(1, 2, 1, T // kg, kl.kept, dtype=torch.float16)
-    vs = torch.zeros(1, 2, 1, T, len(vl.kept_segments), dtype=torch.float16)
+    vs = torch.zeros(1, 2, 1, T, len(vl.kept_segments), dtype=vstats)
     kc, vc = torch.zeros(1, 2, 1, kl.nbytes, dtype=torch.uint8), torch.zeros(1, 2, 1, vl.nbytes, dtype=torch.uint8)
     return GP.gluon_serves(_cuda_query(1, 2 * G, 128), kc, ks, vc, vs, kl, vl, kg, **kw)
 
@@ -107,7 +107,8 @@ def test_gluon_serves_names_what_it_does_not_take():
                     (dict(kseg=bal[0], vseg=bal[1], operands="fp32"), "operands='fp32'"),
                     (dict(kseg=bal[0], vseg=bal[1], unpack="triton"), "unpack='triton'"),
                     (dict(kseg=bal[0], vseg=bal[1], block_rows=32), "block_rows=32"),
-                    (dict(kseg=bal[0], vseg=bal[1], interpreted=True), "TRITON_INTERPRET")]:
+                    (dict(kseg=bal[0], vseg=bal[1], interpreted=True), "TRITON_INTERPRET"),
+                    (dict(kseg=bal[0], vseg=bal[1], vstats=torch.uint8), "value_stats='byte'")]:
         ok, reason = _serves(**kw)
         assert not ok and why in reason, (kw, reason)
 
