@@ -62,6 +62,7 @@ def main(argv=None) -> int:
                                for s in range(qb.n_sets(nbytes, l2, cap=16))], nbytes)
         base = {}
         for kn in variants:
+            kn = {"backend": "triton", **kn}  # a sweep of the tl kernel's knobs (the op's auto picks Gluon on CUDA)
             if time.time() - t0 > a.budget_s:
                 qb.log(f"  [budget] {kn} not run")
                 continue
