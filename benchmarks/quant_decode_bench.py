@@ -233,7 +233,8 @@ def backend_why(op_args):
 
 def backend_of(op_args):
     """"gluon" or "triton": the path ``backend="auto"`` takes for these op arguments."""
-    return "gluon" if backend_why(op_args)[0] else "triton"
+    q, ek = op_args[0], op_args[10]
+    return "gluon" if backend_why(op_args)[0] and qd.auto_picks_gluon(q.shape[0], ek.shape[1]) else "triton"
 
 
 def graph_and_opcheck():

@@ -173,3 +173,11 @@ def test_query_in_key_basis_every_basis_form(dtype):
         assert got.dtype == torch.float32 and got.shape == (B, H * G, dk)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(GP.query_in_key_basis(q, None, dk), q[..., :dk])
+
+
+def test_auto_takes_the_gluon_path_only_from_enough_row_heads():
+    # measured crossover (quant_decode.GLUON_MIN_ROW_HEADS): below it the tl kernel is faster
+    from spectral_kv.kernels.quant_decode import GLUON_MIN_ROW_HEADS, auto_picks_gluon
+
+    assert not auto_picks_gluon(1, 8) and not auto_picks_gluon(3, 8) and not auto_picks_gluon(8, 3)
+    assert auto_picks_gluon(4, 8) and auto_picks_gluon(16, 8) and auto_picks_gluon(GLUON_MIN_ROW_HEADS, 1)

@@ -271,6 +271,20 @@ def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, k
     return const, dict(num_warps=nw, num_stages=num_stages if num_stages > 0 else (2 if multi else 3))
 
 
+# `backend="auto"` runs the Gluon path only from this many (row, KV head) pairs: below it the Gluon
+# path's finish kernel (each program merges every split's full value accumulator, serially) costs
+# more than the Gluon cold kernel saves. H200 (`benchmarks/results/quant_decode_H200.txt`, Mistral
+# layer, 8 KV heads): 1 x 4K Gluon path 39.0 us vs tl 28.9, 1 x 32K 87 vs 61; 16 x 32K 240 vs 530,
+# 4 x 128K 239 vs 523.
+GLUON_MIN_ROW_HEADS = 32
+
+
+def auto_picks_gluon(batch: int, kv_heads: int) -> bool:
+    """Whether ``backend="auto"`` takes the Gluon path (where it serves) for ``batch`` rows of
+    ``kv_heads`` KV heads (`GLUON_MIN_ROW_HEADS`)."""
+    return batch * kv_heads >= GLUON_MIN_ROW_HEADS
+
+
 def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
           launch, max_registers=0, unpack="auto", cold_blocks=0, backend="auto"):
@@ -278,7 +292,7 @@ def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
     if backend != "triton":
         ok, why = _gluon.gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl, vl, key_group, operands, unpack,
                                       block_rows, num_warps, num_stages, _interpreted())
-        if ok:
+        if ok and (backend == "gluon" or auto_picks_gluon(q.shape[0], exact_k.shape[1])):
             return _gluon.gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k,
                                        exact_v, n_exact, scaling, kl, vl, key_group, tiles_per_split, max_registers,
                                        cold_blocks, launch)
@@ -417,8 +431,8 @@ def quant_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                  unpack: str = "auto", cold_blocks: int = 0, backend: str = "auto"):
     """Fused decode on the GPU; same contract as :func:`quant_decode_reference` (shapes there).
 
-    ``backend``: ``"auto"`` (default) runs the Gluon path (`quant_decode_gluon_path`) where
-    `gluon_serves` says it can (CUDA, gluon importable, one segment per role of width 2/3/4/8
+    ``backend``: ``"auto"`` (default) runs the Gluon path (`quant_decode_gluon_path`) from
+    `GLUON_MIN_ROW_HEADS` (row, KV head) pairs on, where `gluon_serves` says it can (CUDA, gluon importable, one segment per role of width 2/3/4/8
     keeping 64 or 128 channels, G <= 8, fp16 operands, ``unpack="auto"``, none of the `tl` kernel's
     knobs ``block_rows`` / ``num_warps`` / ``num_stages`` set), else the `tl` kernel: choosing it
     there is by design, not a fallback from an error. ``"gluon"`` forces the Gluon path and raises
