@@ -199,6 +199,7 @@ def correctness(device, presets, log_fn) -> bool:
     torch `spectral` strategy (the kernel's twin) and the kernel served every layer; the graphed
     `StaticDecoder` gives the tokens of eager `generate`."""
     ok = True
+    torch.manual_seed(0)  # the same random tiny model in every run
     model = build_model(model_config("", tiny=True), device, torch.float32)
     ids = torch.randint(1, 128, (2, 300), generator=torch.Generator().manual_seed(0)).to(device)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False)
@@ -223,17 +224,27 @@ def correctness(device, presets, log_fn) -> bool:
             rel = ((fast - twin).norm() / twin.norm()).item()
             kernel = [getattr(layer.strategy, "kernel_calls", 0) for layer in cache.spectral_layers]
             served = device.type != "cuda" or all(n > 0 for n in kernel)
-            eager = model.generate(ids, past_key_values=SpectralCache(small, model.config), **kw)
+            gen = model.generate(ids, past_key_values=SpectralCache(small, model.config), output_scores=True,
+                                 return_dict_in_generate=True, **kw)
+            eager = gen.sequences
             static = StaticDecoder(model, SpectralCache(small, model.config)).generate(ids, max_new_tokens=40)
             # Tokens, not logits: the graphed (static, device counts) and eager (dynamic, masks) steps
             # split the kernel's work differently, so a random tiny model's greedy tokens can flip at
-            # near-ties (seen on the H200 with fp16 operands); the logits check above bounds the math.
+            # near-ties (seen on the H200: every preset, the SVD one included, flipped at the same step
+            # of one random model); the logits check above bounds the math. A row passes when its tokens
+            # agree up to the end or up to a step where eager's top-2 logits are within 1e-3 (a tie).
             agree = (static[:, ids.shape[1]:] == eager[:, ids.shape[1]:]).float().mean().item()
-            good = rel < 1e-2 and served and agree >= 0.9
+            tie_ok = True
+            for r in range(ids.shape[0]):
+                diff = (static[r, ids.shape[1]:] != eager[r, ids.shape[1]:]).nonzero()
+                if len(diff):
+                    top2 = gen.scores[int(diff[0])][r].float().topk(2).values
+                    tie_ok &= bool(top2[0] - top2[1] < 1e-3 * max(1.0, float(top2[0].abs())))
+            good = rel < 1e-2 and served and (agree >= 0.9 or tie_ok)
             ok &= good
             log_fn(f"  {name:16s} {type(cache.spectral_layers[0].strategy).__name__}: decode logits vs the torch twin rel. diff "
                    f"{rel:.1e} (< 1e-2), kernel on every layer {served}, StaticDecoder tokens agree with generate "
-                   f"{agree:.3f} (>= 0.9): {'OK' if good else 'FAIL'}")
+                   f"{agree:.3f} (>= 0.9, or diverging at a top-2 tie: {tie_ok}): {'OK' if good else 'FAIL'}")
     return ok
 
 
