@@ -45,7 +45,7 @@ def log(*a) -> None:
     LOG.append(s)
 
 
-ATTN = ("qd_partial", "qd_combine", "fused_decode", "_fd_", "quant_decode")
+ATTN = ("qd_partial", "qd_combine", "qd_cold_gluon", "qd_finish", "fused_decode", "_fd_", "quant_decode")
 GEMM = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_", "splitk")
 
 
