@@ -339,7 +339,7 @@ def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: 
 
 @functools.lru_cache(maxsize=64)
 def _kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int) -> dict:
-    from .quant_decode import _segments  # read-only: the `tl` kernel's segment description
+    from .quant_plan import _segments  # read-only: the `tl` kernel's segment description
     from .quant_unpack import asm_of
 
     p_base, r_base, nr = unit_plan(kl, vl)
@@ -365,7 +365,7 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
         raise RuntimeError(f"the Gluon kernel needs triton >= 3.6 (triton.experimental.gluon); import failed with "
                            f"{GLUON_IMPORT_ERROR!r}. Gluon has no interpreter: on CPU use cold_partials_reference.")
     from .launch import num_sms
-    from .quant_decode import choose_tiles_per_split
+    from .quant_plan import choose_tiles_per_split
 
     check_layouts(kl, vl, qk.shape[1] // k_codes.shape[1], key_group)
     B, Hq, dk = qk.shape

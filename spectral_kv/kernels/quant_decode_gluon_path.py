@@ -162,7 +162,7 @@ def gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     """`quant_decode` on the Gluon path (arguments as there; `gluon_serves` must have said yes):
     out [B, Hq, D] in q's dtype. ``tiles_per_split``: Gluon units (16 rows of the smallest plane
     of a block) per program, 0 = `choose_tiles_per_split` for 8 one-warp programs per SM."""
-    from .quant_decode import choose_tiles_per_split
+    from .quant_plan import choose_tiles_per_split
 
     B, Hq, D = q.shape
     H, NB = k_codes.shape[1], k_codes.shape[2]

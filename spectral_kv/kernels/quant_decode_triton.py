@@ -1,5 +1,9 @@
 """Triton kernels of `spectral_kv.kernels.quant_decode` (split-K partials + combine).
 
+This module is longer than ~350 lines: the partial kernel (unit loop, the two rotations, the
+exact tail, the byte value statistics) and its combine are one launch pair read together; the
+exact-tail loop shared with the Gluon path's finish kernel is the next thing to move out.
+
 Kept apart from the op so each file reads in one sitting; the math, the layout constants and
 the launch live in ``quant_decode.py``. Importing this module needs triton.
 
