@@ -34,6 +34,8 @@ try:  # triton is optional: the reference must work without it.
     import triton
     import triton.language as tl
 
+    from .exact_tail_triton import exact_tail
+
     _TRITON_IMPORT_ERROR: Exception | None = None
 except Exception as exc:  # pragma: no cover - depends on the environment
     triton = None
@@ -217,21 +219,8 @@ if HAS_TRITON:
             n_e = tl.load(nexact_ptr + b)
             ek_base = ek_ptr + b * sek_b + h * sek_h
             ev_base = ev_ptr + b * sev_b + h * sev_h
-            for t0 in range(0, n_e, BLOCK_E):
-                offs_t = t0 + tl.arange(0, BLOCK_E)
-                t_ok = offs_t < n_e
-                k = tl.load(ek_base + offs_t[:, None].to(tl.int64) * sek_t + offs_d[None, :] * sek_d,
-                            mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                s = tl.dot(q, tl.trans(k))  # [G_PAD, BLOCK_E]
-                s = tl.where(t_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(ev_base + offs_t[:, None].to(tl.int64) * sev_t + offs_d[None, :] * sev_d,
-                            mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p, v)
-                m_i = m_new
+            m_i, l_i, acc = exact_tail(q, ek_base, ev_base, n_e, sek_t, sek_d, sev_t, sev_d, offs_d, d_ok, offs_d, d_ok,
+                                       m_i, l_i, acc, BLOCK_E)
 
         ws = pid_bh.to(tl.int64) * S_TOT + split
         tl.store(m_ptr + ws * G_PAD + offs_g, m_i)

@@ -2,7 +2,7 @@
 
 This module is longer than ~350 lines: the partial kernel (unit loop, the two rotations, the
 exact tail, the byte value statistics) and its combine are one launch pair read together; the
-exact-tail loop shared with the Gluon path's finish kernel is the next thing to move out.
+exact-tail loop is shared with the finish and SVD kernels (`exact_tail_triton`).
 
 Kept apart from the op so each file reads in one sitting; the math, the layout constants and
 the launch live in ``quant_decode.py``. Importing this module needs triton.
@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .exact_tail_triton import exact_tail
 
 __all__ = ["qd_partial_kernel", "qd_combine_kernel"]
 
@@ -346,21 +348,8 @@ def qd_partial_kernel(
         n_e = tl.load(nexact_ptr + b)
         ek_base = ek_ptr + b * sek_b + h * sek_h
         ev_base = ev_ptr + b * sev_b + h * sev_h
-        for t0 in range(0, n_e, BLOCK_E):
-            offs_t = t0 + tl.arange(0, BLOCK_E)
-            t_ok = offs_t < n_e
-            k = tl.load(ek_base + offs_t[:, None].to(tl.int64) * sek_t + offs_d[None, :] * sek_d,
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k))
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(ev_base + offs_t[:, None].to(tl.int64) * sev_t + offs_d[None, :] * sev_d,
-                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p, v)
-            m_i = m_new
+        m_i, l_i, acc = exact_tail(q, ek_base, ev_base, n_e, sek_t, sek_d, sev_t, sev_d, offs_d, d_ok, offs_d, d_ok,
+                                   m_i, l_i, acc, BLOCK_E)
         tl.store(acc_ptr + ws * (G_PAD * D_PAD) + offs_g[:, None] * D_PAD + offs_d[None, :], acc, mask=g_ok[:, None])
     tl.store(m_ptr + ws * G_PAD + offs_g, m_i)
     tl.store(l_ptr + ws * G_PAD + offs_g, l_i)

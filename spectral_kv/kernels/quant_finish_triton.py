@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .exact_tail_triton import exact_tail
+
 __all__ = ["qd_finish_kernel"]
 
 
@@ -78,21 +80,8 @@ def qd_finish_kernel(
     n_e = tl.load(nexact_ptr + b)
     ek_base = ek_ptr + b * sek_b + h * sek_h
     ev_base = ev_ptr + b * sev_b + h * sev_h
-    for t0 in range(0, n_e, BLOCK_E):
-        offs_t = t0 + tl.arange(0, BLOCK_E)
-        t_ok = offs_t < n_e
-        k = tl.load(ek_base + offs_t[:, None].to(tl.int64) * sek_t + offs_d[None, :] * sek_d,
-                    mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k))
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_e, tl.max(s, axis=1))
-        alpha = tl.exp2(m_e - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_e = l_e * alpha + tl.sum(p, axis=1)
-        v = tl.load(ev_base + offs_t[:, None].to(tl.int64) * sev_t + offs_c[None, :] * sev_d,
-                    mask=t_ok[:, None] & (offs_c < D)[None, :], other=0.0).to(tl.float32)
-        acc_e = acc_e * alpha[:, None] + tl.dot(p, v)
-        m_e = m_new
+    m_e, l_e, acc_e = exact_tail(q, ek_base, ev_base, n_e, sek_t, sek_d, sev_t, sev_d, offs_d, d_ok, offs_c, offs_c < D,
+                                 m_e, l_e, acc_e, BLOCK_E)
 
     m_g = tl.maximum(m_c, m_e)
     m_g = tl.where(m_g == float("-inf"), 0.0, m_g)  # rows with no valid token: every weight 0
