@@ -41,12 +41,13 @@ exact tail's in the last slot, and the combine writes the normalized output in q
 identity basis (KIVI) is a constexpr: no dot, channels map to columns, columns past the kept
 ones get no cold contribution.
 
-Measured (H200, `benchmarks/results/quant_decode_H200.txt`): ~1.0x SDPA (flash) at 8 x 32K and
-16 x 32K, 1.2x at 1 x 4K, at 23% of the read bandwidth. The unpacking now costs ~1 instruction
-per code (sm_90 SASS of the unit loop at 2 stages: 2819 -> 1975 instructions per 256-token unit), but that did
-not move the time: with 255 registers a thread only 2 programs (8 warps) share an SM, and each
-chunk's fp16 codes reach the tensor cores through a shared-memory round trip (store, barrier,
-``ldmatrix``; ~50 barriers a unit), so the warps wait on latency, not on issue slots.
+Measured (H200, `benchmarks/results/quant_decode_H200.txt`): this `tl` kernel runs at ~1.0x SDPA (flash) at
+8-16 x 32K, ~23% of the read bandwidth: with 255 registers only 2 programs share an SM and each chunk's fp16
+codes reach the tensor cores through a shared-memory round trip (~50 barriers a unit), so the warps wait on
+latency. On CUDA the op therefore runs the Gluon path (`quant_decode_gluon_path`: codes loaded straight into
+the mma operand registers, no shared memory) from `GLUON_MIN_ROW_HEADS` (row, KV head) pairs on: 1.9-2.1x
+SDPA at 8-16 x 32K, 3.7x at 64 x 32K. This kernel stays the path below that, for multi-width layouts, fp32
+models and byte value statistics, and the CPU twin under the interpreter.
 `benchmarks/NOTES_kernels.md` has the numbers and what would move it.
 
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
