@@ -237,11 +237,9 @@ def test_bad_inputs_are_named():
 @needs_triton
 def test_opcheck():
     args, _ = make(1, 1, 3, 64, 2, 16, ((64, 4),), ((64, 3),), 8, 5, [2], [5], poison=False)
-    # test_aot_dispatch_dynamic cannot pass under TRITON_INTERPRET=1 (wrap_triton returns the
-    # bare interpreter, so AOT tracing records no kernel); the GPU bench runs the full opcheck.
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEV == "cuda":
-        utils = utils + ("test_aot_dispatch_dynamic",)
+    # every opcheck utility, under the interpreter too (a custom_op with a fake impl: AOT dispatch
+    # traces the fake, then runs the real kernel)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     ident, _ = make(1, 1, 3, 64, 2, 16, ((64, 4),), ((32, 3), (32, 0)), 8, 5, [2], [5], poison=False, basis="identity")
     for a in (args, ident):  # expanded (stride-0) bases, and None for the identity
         res = torch.library.opcheck(torch.ops.spectral_kv.quant_decode.default, a, test_utils=utils)

@@ -72,7 +72,7 @@ from ..quant import group_stats
 from .quant_unpack import FORMS as _FORMS, asm_of as _asm_of, form_constants as _form_constants
 from . import quant_decode_gluon_path as _gluon
 from .quant_plan import _segments, _words_per_row, choose_block_rows, choose_tiles_per_split
-from .launch import is_fake as _is_fake, nonempty as _nonempty, num_sms as _num_sms, pow2 as _pow2, strides as _strides
+from .launch import nonempty as _nonempty, num_sms as _num_sms, pow2 as _pow2, strides as _strides
 
 try:  # triton is optional: the reference must work without it.
     import triton
@@ -240,15 +240,16 @@ def auto_picks_gluon(batch: int, kv_heads: int) -> bool:
 
 def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
           scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages, operands,
-          launch, max_registers=0, unpack="auto", cold_blocks=0, backend="auto"):
+          max_registers=0, unpack="auto", cold_blocks=0, backend="auto"):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
-    if backend != "triton":
+    # the Gluon path's checks only where it would be taken (they run once per layer and step)
+    if backend == "gluon" or (backend == "auto" and auto_picks_gluon(q.shape[0], exact_k.shape[1])):
         ok, why = _gluon.gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl, vl, key_group, operands, unpack,
                                       block_rows, num_warps, num_stages, _interpreted())
-        if ok and (backend == "gluon" or auto_picks_gluon(q.shape[0], exact_k.shape[1])):
+        if ok:
             return _gluon.gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k,
                                        exact_v, n_exact, scaling, kl, vl, key_group, tiles_per_split, max_registers,
-                                       cold_blocks, launch)
+                                       cold_blocks)
         if backend == "gluon":  # forced: never a silent fallback
             raise (RuntimeError if not _gluon.QG.HAS_GLUON else ValueError)(f"quant_decode: backend='gluon' cannot serve "
                                                                            f"this call: {why}")
@@ -268,12 +269,8 @@ def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
     # every split's partial output in the model's basis, the exact tail's in the last slot
     acc_ws = torch.empty((B * H * S_TOT, G_PAD, D_PAD), dtype=torch.float32, device=dev)
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
-    if _interpreted() and _is_fake(q):
-        # Under TRITON_INTERPRET=1 wrap_triton hands back the bare interpreter, which would
-        # try to read fake storage; shapes are all the fake kernel has to produce.
-        return out
     # identity (None): the kernel never reads the pointer (ROT_K/ROT_V false), q stands in
-    launch(qd_partial_kernel)[(B * H, S_TOT)](
+    qd_partial_kernel[(B * H, S_TOT)](
         q, q if rk is None else rk, q if rv is None else rv, _nonempty(k_codes), _nonempty(k_scale), _nonempty(k_zero),
         _nonempty(v_codes), _nonempty(v_scale), _nonempty(v_zero), n_cold,
         _nonempty(exact_k), _nonempty(exact_v), n_exact,
@@ -287,7 +284,7 @@ def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
         **({"maxnreg": max_registers} if max_registers > 0 and not _interpreted() else {}),
     )
     ch = min(32, D_PAD)  # output columns per combine program (D_PAD: a power of two >= 16)
-    launch(qd_combine_kernel)[(B * H, D_PAD // ch)](
+    qd_combine_kernel[(B * H, D_PAD // ch)](
         m_ws, l_ws, acc_ws, out, H, G, D, S_TOT, *out.stride(),
         S_PAD=_pow2(S_TOT, 2), G_PAD=G_PAD, D_PAD=D_PAD, CH=ch, SB=16, num_warps=4,
     )
@@ -368,7 +365,7 @@ if HAS_TRITON:
     ) -> torch.Tensor:
         return _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                      scaling, key_layout, value_layout, key_group, tiles_per_split, block_rows, num_warps, num_stages,
-                     operands, lambda kernel: kernel, max_registers, unpack, cold_blocks, backend)
+                     operands, max_registers, unpack, cold_blocks, backend)
 
     @_quant_decode_op.register_fake
     def _quant_decode_fake(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v,

@@ -34,6 +34,9 @@ import functools
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
+from .launch import num_sms
+from .quant_plan import _segments, choose_tiles_per_split  # the `tl` kernel's segment description and split sizes
+from .quant_unpack import asm_of
 
 try:  # Gluon ships with triton >= 3.6 (the H200 image); the module imports without it.
     from triton.experimental import gluon
@@ -339,9 +342,6 @@ def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: 
 
 @functools.lru_cache(maxsize=64)
 def _kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int) -> dict:
-    from .quant_plan import _segments  # read-only: the `tl` kernel's segment description
-    from .quant_unpack import asm_of
-
     p_base, r_base, nr = unit_plan(kl, vl)
     dv, kg = vl.kept, int(key_group)
     # value words [8 pairs, 8 lane groups, DV / 32 words]: the pair index k = tig + 4 * (register bit),
@@ -364,9 +364,6 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
     if not HAS_GLUON:
         raise RuntimeError(f"the Gluon kernel needs triton >= 3.6 (triton.experimental.gluon); import failed with "
                            f"{GLUON_IMPORT_ERROR!r}. Gluon has no interpreter: on CPU use cold_partials_reference.")
-    from .launch import num_sms
-    from .quant_plan import choose_tiles_per_split
-
     check_layouts(kl, vl, qk.shape[1] // k_codes.shape[1], key_group)
     B, Hq, dk = qk.shape
     H, NB = k_codes.shape[1], k_codes.shape[2]

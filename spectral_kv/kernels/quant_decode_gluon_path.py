@@ -22,6 +22,7 @@ import torch
 from ..codes import CodeLayout
 from . import quant_decode_gluon as QG
 from .launch import nonempty, num_sms, pow2
+from .quant_plan import choose_tiles_per_split
 
 try:  # triton is optional (the module's checks and the twin work without it)
     from .quant_finish_triton import qd_finish_kernel
@@ -94,7 +95,7 @@ def query_in_key_basis(q, rk, dk: int) -> torch.Tensor:
     return (qh @ rk[:, :, :dk].float().transpose(-1, -2)).reshape(B, Hq, dk)
 
 
-def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, launch=lambda kernel: kernel):
+def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling):
     """The finish kernel: exact tail + cold partials -> out [B, Hq, D] in q's dtype.
 
     q [B, Hq, D] and exact_k / exact_v [B, H, Te, D] in q's dtype; rv [B, H, R >= Dv, D] or None
@@ -120,7 +121,7 @@ def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, launch=lambda k
     if empty:
         m = l = acc = torch.zeros(1, dtype=torch.float32, device=q.device)
     ms, accs = ((0,) * 4, (0,) * 5) if empty else (m.stride(), acc.stride())
-    launch(qd_finish_kernel)[(B * H, d_pad // ch)](
+    qd_finish_kernel[(B * H, d_pad // ch)](
         q, q if rv is None else rv, nonempty(exact_k), nonempty(exact_v), n_exact,
         m, l, acc, out,
         float(scaling) * _LOG2E, H, G, D, S,
@@ -158,12 +159,10 @@ def finish_reference(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling):
 
 def gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
                  scaling, kl: CodeLayout, vl: CodeLayout, key_group: int, tiles_per_split: int = 0,
-                 max_registers: int = 0, cold_blocks: int = 0, launch=lambda kernel: kernel):
+                 max_registers: int = 0, cold_blocks: int = 0):
     """`quant_decode` on the Gluon path (arguments as there; `gluon_serves` must have said yes):
     out [B, Hq, D] in q's dtype. ``tiles_per_split``: Gluon units (16 rows of the smallest plane
     of a block) per program, 0 = `choose_tiles_per_split` for 8 one-warp programs per SM."""
-    from .quant_plan import choose_tiles_per_split
-
     B, Hq, D = q.shape
     H, NB = k_codes.shape[1], k_codes.shape[2]
     G = Hq // H
@@ -178,4 +177,4 @@ def gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     else:  # no cold block: the finish kernel alone (its split loops run zero times)
         m = torch.empty((B, H, 0, G), dtype=torch.float32, device=q.device)
         l, acc = torch.empty_like(m), torch.empty((B, H, 0, G, vl.kept), dtype=torch.float32, device=q.device)
-    return finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, launch)
+    return finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling)
