@@ -33,6 +33,7 @@ import triton  # noqa: E402
 
 from spectral_kv.codes import CodeLayout  # noqa: E402
 from spectral_kv.kernels import quant_decode_gluon as QG  # noqa: E402
+from spectral_kv.kernels import quant_decode_gluon_path as GP  # noqa: E402
 
 LAYOUTS = {"balanced": (((128, 4),), ((128, 3),)), "max-compression": (((128, 3),), ((128, 2),))}
 T, KG, H, G, D = 512, 128, 8, 4, 128
@@ -101,9 +102,10 @@ def compile_tl(kseg, vseg):
     return dict(_sass_stats(got[0]), tokens=256, warps=4)
 
 
-def compile_finish(d=D, dv=D, rot=True, g=G, te=68, dt="bf16"):
-    """Compile the Gluon path's finish kernel (`quant_finish_triton`) for sm_90 with the constexprs
-    `quant_decode_gluon_path.finish` launches it with: ptxas's registers and spill bytes."""
+def compile_finish(d=D, dv=D, rot=True, g=G, te=68, dt="bf16", kernel="finish"):
+    """Compile the Gluon path's finish kernel (``kernel="query"``: its query kernel;
+    `quant_finish_triton`) for sm_90 with the constexprs `quant_decode_gluon_path` launches it
+    with: ptxas's registers and spill bytes."""
     import inspect
 
     from triton.backends.compiler import GPUTarget
@@ -111,16 +113,24 @@ def compile_finish(d=D, dv=D, rot=True, g=G, te=68, dt="bf16"):
 
     from spectral_kv.kernels.quant_finish_triton import qd_finish_kernel
 
+    from spectral_kv.kernels.quant_finish_triton import qd_query_kernel
+
     g_pad, ch = 16 if g <= 16 else 32, min(32, d)
-    const = dict(ROT_V=rot, DV=dv, DV_PAD=dv, G_PAD=g_pad, D_PAD=d, CH=ch, BLOCK_E=32 if te >= 32 else 16,
-                 SB=max(1, 2048 // (g_pad * (dv if rot else ch))))
-    ptrs = dict(q_ptr=f"*{dt}", rv_ptr="*fp32" if rot else f"*{dt}", ek_ptr=f"*{dt}", ev_ptr=f"*{dt}", nexact_ptr="*i32",
-                m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dt}")
-    names = list(inspect.signature(qd_finish_kernel.fn).parameters)
-    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i32" if n in "HGDS" else "i64")
-           for n in names}
-    out = triton.compile(ASTSource(fn=qd_finish_kernel, signature=sig, constexprs=const),
-                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    if kernel == "query":  # rotate_query's launch
+        const = dict(G=g, G_PAD=g_pad, D_PAD=d, CH=ch)
+        ptrs = dict(q_ptr=f"*{dt}", rk_ptr="*fp32", qk_ptr="*fp32")
+        fn = qd_query_kernel
+    else:
+        const = dict(G=g, ROT_V=rot, DV=dv, DV_PAD=dv, G_PAD=g_pad, D_PAD=d, CH=ch,
+                     BLOCK_E=32 if te >= 32 else 16, RB=max(16, min(128, 4096 // (dv if rot else ch))))
+        ptrs = dict(q_ptr=f"*{dt}", rv_ptr="*fp32" if rot else f"*{dt}", ek_ptr=f"*{dt}", ev_ptr=f"*{dt}",
+                    nexact_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr=f"*{dt}")
+        fn = qd_finish_kernel
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i32" if n in ("H", "D", "DK", "S")
+                                                     else "i64") for n in names}
+    out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4 if kernel == "query" else GP.FINISH_WARPS))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(out.asm["ptx"])
     err = subprocess.run([_tool("ptxas"), "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"], capture_output=True, text=True).stderr
@@ -146,6 +156,9 @@ def offline():
     for d, rot in ((128, True), (128, False), (64, True)):
         r = compile_finish(d, d, rot)
         print(f"finish kernel head_dim {d} {'basis' if rot else 'identity'}: regs {r['regs']} spills {r['spill_bytes']} B")
+    for d in (128, 64):
+        r = compile_finish(d, kernel="query")
+        print(f"query kernel head_dim {d}: regs {r['regs']} spills {r['spill_bytes']} B")
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -172,6 +185,9 @@ def gpu(timed=tuple(LAYOUTS)):
         qk = (qf if rk is None else qf @ rk.float().transpose(-1, -2))[..., : kl.kept].reshape(B, H * G, kl.kept)
         gl_args = (qk.contiguous(), op[3], op[4], op[5], op[6], op[7], op[8], op[9], op[13], kl, vl, op[16])
         return op, gl_args
+
+    def _kept(op):
+        return CodeLayout(T, layout_pairs(op[14])).kept
 
     def to_model_basis(out_cold, op):
         """[B, Hq, Dv] value-basis output -> [B, Hq, D] (what quant_decode_reference returns)."""
@@ -241,8 +257,37 @@ def gpu(timed=tuple(LAYOUTS)):
             t_op = qb.graph_ms([lambda o=o: quant_decode(*o, backend="gluon") for o, _ in xs]) * 1e3
             t_gp = qb.graph_ms([lambda a=a: QG.cold_partials(*a, key_width=kw) for _, a in xs]) * 1e3
             t_gc = qb.graph_ms([lambda a=a: QG.combine_partials(*QG.cold_partials(*a, key_width=kw)[:3]) for _, a in xs]) * 1e3
+            # the path's other two launches alone: the query kernel, and the finish kernel on fixed partials
+            t_q = qb.graph_ms([lambda o=o: GP.rotate_query(o[0], o[1], _kept(o)) for o, _ in xs]) * 1e3
+            parts = [QG.cold_partials(*a, key_width=kw)[:3] for _, a in xs]
+            # the finish with the bench's exact tail (4 sinks + 64 hot) as in the op's real calls
+            ex = [(torch.randn(B, H, 68, D, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(B, H, 68, D, device="cuda", dtype=torch.bfloat16)) for _ in xs]
+            ne = torch.full((B,), 68, dtype=torch.int32, device="cuda")
+            t_f = qb.graph_ms([lambda o=o, p=p, e=e: GP.finish(o[0], o[2], *p, *e, ne, o[13])
+                               for (o, _), p, e in zip(xs, parts, ex)]) * 1e3
+            if name == "balanced":  # the query kernel's knobs (key channels per program, warps)
+                for qch, qw in ((16, 1), (16, 2), (32, 2), (64, 4), (128, 4), (32, 1)):
+                    t = qb.graph_ms([lambda o=o: GP.rotate_query(o[0], o[1], _kept(o), ch=qch, num_warps=qw)
+                                     for o, _ in xs]) * 1e3
+                    print(f"  {B} x {ctx // 1024}K   query sweep ch {qch} warps {qw}: {t:.1f} us (default {t_q:.1f})",
+                          flush=True)
+            if name == "balanced":  # the finish kernel's tile knobs (rows per merge step, exact block, warps)
+                for rb, be, warps in ((32, 32, 4), (64, 32, 8), (64, 64, 8), (32, 64, 8), (128, 64, 8), (64, 128, 8)):
+                    GP.FINISH_WARPS, keep = warps, GP.FINISH_WARPS
+                    try:
+                        t = qb.graph_ms([lambda o=o, p=p, e=e: GP.finish(o[0], o[2], *p, *e, ne, o[13], rb=rb, block_e=be)
+                                         for (o, _), p, e in zip(xs, parts, ex)]) * 1e3
+                        print(f"  {B} x {ctx // 1024}K   finish sweep rb {rb} block_e {be} warps {warps}: {t:.1f} us "
+                              f"(default {t_f:.1f})", flush=True)
+                    except Exception as exc:  # a knob that does not compile is a result too
+                        print(f"  finish sweep rb {rb} block_e {be} warps {warps}: {type(exc).__name__} {exc}"[:300])
+                    finally:
+                        GP.FINISH_WARPS = keep
+            del parts, ex
             rows = [(f"{name} tl op (partials+combine)", t_tl), (f"{name} gluon partials", t_gp),
-                    (f"{name} gluon + torch combine", t_gc), (f"{name} gluon op (rotation+partials+finish)", t_op)]
+                    (f"{name} gluon + torch combine", t_gc), (f"{name} query kernel alone", t_q),
+                    (f"{name} finish kernel alone (68 exact)", t_f), (f"{name} gluon op (rotation+partials+finish)", t_op)]
             if name == "balanced" and B > 1:  # fewer registers, more warps per SM (some spills)
                 for cap in (224, 200):
                     t = qb.graph_ms([lambda a=a: QG.cold_partials(*a, max_registers=cap, key_width=kw) for _, a in xs]) * 1e3

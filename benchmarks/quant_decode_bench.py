@@ -10,8 +10,9 @@ exit 1 on failure), the copy and read bandwidths of this card, the timing table,
 compression op, then the short table. Every time is the median of `triton.testing.do_bench` over
 one CUDA graph holding one call per input set (sets like layers, enough that the working set is
 >= 3x the L2), divided by the sets. "kernel" times the op alone (``backend="auto"``: the Gluon path
-for the one-segment layouts on CUDA, `balanced` and `max-compression`; "<layout> tl" the same op with
-``backend="triton"``), "step" the whole decode step of `attention.quant_fused.quant_fused_decode`: since issue 13 both rotations are inside the op, so
+for the one-segment layouts on CUDA where `quant_decode.auto_picks_gluon` says so, `balanced` and
+`max-compression`; where the Gluon path serves, the path auto did not take as well: "<layout> tl"
+the same op with ``backend="triton"``, "<layout> gluon" with ``backend="gluon"``), "step" the whole decode step of `attention.quant_fused.quant_fused_decode`: since issue 13 both rotations are inside the op, so
 the step is its checks (host only) + the op, and the two rows should agree in graph timing.
 Bytes of a layout: its cold codes + scales/zeros (+ the SVD bases) + the exact tail, bf16.
 Longer than ~350 lines: correctness, bandwidths, the table and the sweep read as one script (the
@@ -234,7 +235,7 @@ def backend_why(op_args):
 def backend_of(op_args):
     """"gluon" or "triton": the path ``backend="auto"`` takes for these op arguments."""
     q, ek = op_args[0], op_args[10]
-    return "gluon" if backend_why(op_args)[0] and qd.auto_picks_gluon(q.shape[0], ek.shape[1]) else "triton"
+    return "gluon" if backend_why(op_args)[0] and qd.auto_picks_gluon(q.shape[2], q.shape[0], ek.shape[1]) else "triton"
 
 
 def graph_and_opcheck():
@@ -346,9 +347,10 @@ def time_shape(B, ctx, timer, l2, t):
         out[f"{name} step"] = (timer([lambda x=x: quant_fused_decode(*x["glue"]) for x in sets]), nbytes)
         log(f"  [{time.time() - T0:.0f} s] {name} ({len(sets)} sets, auto={path}): kernel {out[f'{name} kernel'][0]:.4f} ms, "
             f"step {out[f'{name} step'][0]:.4f} ms")
-        if path == "gluon":  # the tl kernel on the same inputs, for the comparison
-            out[f"{name} tl"] = (timer([lambda x=x: qd.quant_decode(*x["op"], backend="triton") for x in sets]), nbytes)
-            log(f"    {name} tl (backend='triton'): {out[f'{name} tl'][0]:.4f} ms")
+        if backend_why(sets[0]["op"])[0]:  # the path auto did not take on the same inputs, for the comparison
+            other, label = ("triton", "tl") if path == "gluon" else ("gluon", "gluon")
+            out[f"{name} {label}"] = (timer([lambda x=x: qd.quant_decode(*x["op"], backend=other) for x in sets]), nbytes)
+            log(f"    {name} {label} (backend={other!r}): {out[f'{name} {label}'][0]:.4f} ms")
         del sets
     nbytes = svd_bytes(B, NB, t, Te)
     sets = [svd_inputs(B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]

@@ -42,6 +42,10 @@ CASES = {  # B, H, G, D, NB, T, key layout, value layout, key group, Te, n_cold,
     "no-token-row": (2, 1, 4, 64, 1, 128, ((64, 4),), ((64, 3),), 64, 4, [1, 0], [4, 0], "identity", 1),
     "kept<D-identity": (1, 2, 4, 128, 1, 128, ((64, 4), (64, 0)), ((64, 3), (64, 0)), 64, 5, [1], [5], "identity", 1),
     "kept<D-shared": (1, 2, 4, 128, 1, 128, ((64, 4), (64, 0)), ((64, 3), (64, 0)), 64, 5, [1], [5], "shared", 1),
+    # more (split, head) rows than one merge step reads (RB = 64 with a 64-wide basis, 128 for the
+    # identity): the online max carries across steps, and a step boundary cuts through a split's G rows
+    "many-splits-g3-shared": (2, 2, 3, 64, 24, 128, ((64, 4),), ((64, 2),), 64, 5, [24, 13], [5, 2], "shared", 1),
+    "many-splits-g3-identity": (2, 2, 3, 64, 24, 128, ((64, 4),), ((64, 2),), 64, 5, [24, 7], [5, 0], "identity", 1),
 }
 
 
@@ -175,9 +179,47 @@ def test_query_in_key_basis_every_basis_form(dtype):
     assert torch.equal(GP.query_in_key_basis(q, None, dk), q[..., :dk])
 
 
-def test_auto_takes_the_gluon_path_only_from_enough_row_heads():
-    # measured crossover (quant_decode.GLUON_MIN_ROW_HEADS): below it the tl kernel is faster
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_kernel_matches_its_twin_for_every_basis_form(dtype):
+    # rotate_query's tl kernel (one launch) == query_in_key_basis (torch); G = 3 pads to 16 rows,
+    # dk = 48 < D is a partial last chunk of 32 key channels; the identity is a view, no launch
+    g = torch.Generator().manual_seed(2)
+    B, H, G, D, dk = 2, 3, 3, 64, 48
+    q = torch.randn(B, H * G, D, generator=g).to(dtype)
+    one, per_head, per_row = torch.randn(D, D, generator=g), torch.randn(H, D, D, generator=g), torch.randn(B, H, D, D, generator=g)
+    for rk in (one.expand(B, H, D, D), per_head.expand(B, H, D, D), per_row):
+        for rdt in (torch.float32, torch.float16):
+            rk_ = rk.to(rdt)
+            got, want = GP.rotate_query(q, rk_, dk), GP.query_in_key_basis(q, rk_, dk)
+            assert got.dtype == torch.float32 and got.shape == (B, H * G, dk)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    view = GP.rotate_query(q, None, dk)
+    assert view.data_ptr() == q.data_ptr() and torch.equal(view, q[..., :dk])
+
+
+@needs_triton
+def test_auto_takes_the_gluon_path_by_head_dim_and_row_heads(monkeypatch):
+    # measured (quant_decode.auto_picks_gluon): head_dim 128 at any batch; head_dim 64 from
+    # GLUON_MIN_ROW_HEADS (row, KV head) pairs, below which the tl kernel was faster end to end
     from spectral_kv.kernels.quant_decode import GLUON_MIN_ROW_HEADS, auto_picks_gluon
 
-    assert not auto_picks_gluon(1, 8) and not auto_picks_gluon(3, 8) and not auto_picks_gluon(8, 3)
-    assert auto_picks_gluon(4, 8) and auto_picks_gluon(16, 8) and auto_picks_gluon(GLUON_MIN_ROW_HEADS, 1)
+    assert auto_picks_gluon(128, 1, 1) and auto_picks_gluon(128, 1, 8)
+    assert not auto_picks_gluon(64, 1, 3) and not auto_picks_gluon(64, 8, 3) and auto_picks_gluon(64, 16, 8)
+    assert auto_picks_gluon(64, GLUON_MIN_ROW_HEADS, 1) and not auto_picks_gluon(64, GLUON_MIN_ROW_HEADS - 1, 1)
+    calls = []
+
+    def twin(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, tps=0, max_registers=0):
+        calls.append(tuple(qk.shape))
+        return (*QG.cold_partials_reference(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, max(tps, 1)), tps)
+
+    monkeypatch.setattr(GP.QG, "cold_partials", twin)
+    monkeypatch.setattr(GP, "gluon_serves", lambda *a, **k: (True, ""))
+    big, _ = make(1, 1, 4, 128, 1, 128, ((128, 4),), ((128, 3),), 64, 3, [1], [3], seed=9)
+    out = quant_decode(*big)  # head_dim 128, B * H = 1: the Gluon path
+    assert calls == [(1, 4, 128)]
+    assert torch.allclose(out, quant_decode_reference(*big), atol=1e-4, rtol=1e-4)
+    small, _ = make(1, 1, 4, 64, 1, 128, ((64, 4),), ((64, 3),), 64, 3, [1], [3], seed=9)
+    quant_decode(*small)  # head_dim 64, B * H = 1: the tl kernel
+    quant_decode(*big, backend="triton")
+    assert len(calls) == 1

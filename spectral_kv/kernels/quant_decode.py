@@ -45,9 +45,11 @@ Measured (H200, `benchmarks/results/quant_decode_H200.txt`): this `tl` kernel ru
 8-16 x 32K, ~23% of the read bandwidth: with 255 registers only 2 programs share an SM and each chunk's fp16
 codes reach the tensor cores through a shared-memory round trip (~50 barriers a unit), so the warps wait on
 latency. On CUDA the op therefore runs the Gluon path (`quant_decode_gluon_path`: codes loaded straight into
-the mma operand registers, no shared memory) from `GLUON_MIN_ROW_HEADS` (row, KV head) pairs on: 1.9-2.1x
-SDPA at 8-16 x 32K, 3.7x at 64 x 32K. This kernel stays the path below that, for multi-width layouts, fp32
-models and byte value statistics, and the CPU twin under the interpreter.
+the mma operand registers, no shared memory) where it serves and `auto_picks_gluon` says so: at head_dim
+128 always (2.1-2.3x SDPA at 16 x 32K and 4 x 128K, 3.8x at 64 x 32K, and faster than this kernel at every
+measured size since its finish kernel merges the splits in one pass: 1 x 4K 22.6 vs 29.9 us), at head_dim
+64 from 32 (row, KV head) pairs. This kernel stays the path below that, for multi-width layouts, G > 8 and
+fp32 models, and the CPU twin under the interpreter.
 `benchmarks/NOTES_kernels.md` has the numbers and what would move it.
 
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
@@ -224,18 +226,21 @@ def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, k
     return const, dict(num_warps=nw, num_stages=num_stages if num_stages > 0 else (2 if multi else 3))
 
 
-# `backend="auto"` runs the Gluon path only from this many (row, KV head) pairs: below it the Gluon
-# path's finish kernel (each program merges every split's full value accumulator, serially) costs
-# more than the Gluon cold kernel saves. H200 (`benchmarks/results/quant_decode_H200.txt`, Mistral
-# layer, 8 KV heads): 1 x 4K Gluon path 39.0 us vs tl 28.9, 1 x 32K 87 vs 61; 16 x 32K 240 vs 530,
-# 4 x 128K 239 vs 523.
+# Where ``backend="auto"`` takes the Gluon path (where it serves). The path is three launches (query
+# kernel, Gluon partials, finish kernel: ~14 us fixed at batch 1) that read the codes ~2.5x faster
+# than the `tl` kernel's two. H200: at head_dim 128 it wins from the smallest measured call (Mistral
+# layer, 8 KV heads, `benchmarks/results/quant_decode_H200.txt`: 1 x 4K 22.6 vs 29.9 us, 1 x 32K 46.9
+# vs 61.4); at head_dim 64 (SmolLM2 shape, 3 KV heads, `e2e_decode_H200_smollm2_gluon_all.txt`) the
+# `tl` kernel was faster end to end at 1 and 8 rows (3.25 vs 3.49 and 3.59 vs 3.78 ms a step), so
+# there the Gluon path starts at GLUON_MIN_ROW_HEADS (row, KV head) pairs, the crossover of the
+# previous finish kernel at head_dim 128 (not measured at head_dim 64).
 GLUON_MIN_ROW_HEADS = 32
 
 
-def auto_picks_gluon(batch: int, kv_heads: int) -> bool:
+def auto_picks_gluon(head_dim: int, batch: int, kv_heads: int) -> bool:
     """Whether ``backend="auto"`` takes the Gluon path (where it serves) for ``batch`` rows of
-    ``kv_heads`` KV heads (`GLUON_MIN_ROW_HEADS`)."""
-    return batch * kv_heads >= GLUON_MIN_ROW_HEADS
+    ``kv_heads`` KV heads of ``head_dim`` (the comment above)."""
+    return head_dim >= 128 or batch * kv_heads >= GLUON_MIN_ROW_HEADS
 
 
 def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold, exact_k, exact_v, n_exact,
@@ -243,7 +248,7 @@ def _impl(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold,
           max_registers=0, unpack="auto", cold_blocks=0, backend="auto"):
     kl, vl = _layouts(k_codes, v_scale, key_layout, value_layout, key_group)
     # the Gluon path's checks only where it would be taken (they run once per layer and step)
-    if backend == "gluon" or (backend == "auto" and auto_picks_gluon(q.shape[0], exact_k.shape[1])):
+    if backend == "gluon" or (backend == "auto" and auto_picks_gluon(q.shape[2], q.shape[0], exact_k.shape[1])):
         ok, why = _gluon.gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl, vl, key_group, operands, unpack,
                                       block_rows, num_warps, num_stages, _interpreted())
         if ok:
@@ -381,8 +386,9 @@ def quant_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
                  unpack: str = "auto", cold_blocks: int = 0, backend: str = "auto"):
     """Fused decode on the GPU; same contract as :func:`quant_decode_reference` (shapes there).
 
-    ``backend``: ``"auto"`` (default) runs the Gluon path (`quant_decode_gluon_path`) from
-    `GLUON_MIN_ROW_HEADS` (row, KV head) pairs on, where `gluon_serves` says it can (CUDA, gluon importable, one segment per role of width 2/3/4/8
+    ``backend``: ``"auto"`` (default) runs the Gluon path (`quant_decode_gluon_path`) where
+    `auto_picks_gluon` (head_dim 128, or from `GLUON_MIN_ROW_HEADS` (row, KV head) pairs) and
+    `gluon_serves` say it can (CUDA, gluon importable, one segment per role of width 2/3/4/8
     keeping 64 or 128 channels, G <= 8, fp16 operands, ``unpack="auto"``, none of the `tl` kernel's
     knobs ``block_rows`` / ``num_warps`` / ``num_stages`` set), else the `tl` kernel: choosing it
     there is by design, not a fallback from an error. ``"gluon"`` forces the Gluon path and raises

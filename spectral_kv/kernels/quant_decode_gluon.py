@@ -222,8 +222,9 @@ if HAS_GLUON:
         VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr, KW: gl.constexpr,
     ):
         """Program (row * H + head, split): units [split * TPS, ...) of the row's cold blocks. Reads qk
-        fp32 [B, H*G, C], codes uint8 (keys) / int32 words (values) [B, H, NB, ...], scales fp16; writes
-        m, l fp32 [B*H*S_COLD, 16] and acc fp32 [B*H*S_COLD, 16, DV] rows < G (`cold_partials`)."""
+        [B, H*G, >= C] (any float dtype: with an identity key basis q itself), codes uint8 (keys) / int32 words (values) [B, H, NB, ...], scales fp16; writes
+        m, l fp32 [B*H*S_COLD, G] and acc fp32 [B*H*S_COLD, G, DV] (`cold_partials`): each (row, head)'s
+        splits contiguous, as the finish kernel reads them."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
         QA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=KW)
         KB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=KW)
@@ -241,7 +242,7 @@ if HAS_GLUON:
         c_a = gl.arange(0, C, layout=gl.SliceLayout(0, QA))
         # fp16 once: the key scale is then one fp16 multiply per pair of channels (HMUL2)
         q16 = (gl.load(qk_ptr + b * sqk_b + (h * G + g_a)[:, None] * sqk_h + c_a[None, :],
-                       mask=(g_a < G)[:, None], other=0.0) * qk_scale).to(gl.float16)
+                       mask=(g_a < G)[:, None], other=0.0).to(gl.float32) * qk_scale).to(gl.float16)
         c_k = gl.arange(0, C, layout=gl.SliceLayout(1, KB))
         n_k = gl.arange(0, 16, layout=gl.SliceLayout(0, KB))
         n_m = gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
@@ -323,13 +324,13 @@ if HAS_GLUON:
             z_i = z_i * alpha + gl.sum(z_t, axis=1)
         g_m = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
         ws = pid_bh.to(gl.int64) * S_COLD + split
-        gl.store(m_ptr + ws * 16 + g_m, m_i, mask=g_m < G)
-        gl.store(l_ptr + ws * 16 + g_m, l_i, mask=g_m < G)
+        gl.store(m_ptr + ws * G + g_m, m_i, mask=g_m < G)
+        gl.store(l_ptr + ws * G + g_m, l_i, mask=g_m < G)
         row = gl.arange(0, DV, layout=gl.SliceLayout(1, MMA))
         ch = (row % 8) * (DV // 8) + row // 8  # value_column_channel
         g_v = gl.arange(0, NQ, layout=gl.SliceLayout(0, MMA))
         out = acc * INV + _heads(z_i, NQ, MMA)[None, :]
-        gl.store(acc_ptr + (ws * 16 + g_v[None, :]) * DV + ch[:, None], out, mask=(g_v < G)[None, :])
+        gl.store(acc_ptr + (ws * G + g_v[None, :]) * DV + ch[:, None], out, mask=(g_v < G)[None, :])
 
 
 def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int = 8) -> dict:
@@ -359,7 +360,8 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
                   vl: CodeLayout, key_group: int, tps: int = 0, max_registers: int = 0, key_width: int = 8):
     """The Gluon kernel on CUDA: same contract and returns as `cold_partials_reference` (``tps`` 0:
     `quant_decode.choose_tiles_per_split` with 8 one-warp programs per SM; ``max_registers``: ptxas's
-    cap, 0 none: 248 registers are 8 warps per SM, 224 9, 200 10). Returns (m, l, acc, tps).
+    cap, 0 none: 248 registers are 8 warps per SM, 224 9, 200 10). Returns (m, l, acc, tps), each
+    contiguous. ``qk`` may be any float dtype (the kernel computes in fp32 and rounds to fp16 once).
     Raises ``RuntimeError`` without gluon, ``ValueError`` for a layout or input it does not take."""
     if not HAS_GLUON:
         raise RuntimeError(f"the Gluon kernel needs triton >= 3.6 (triton.experimental.gluon); import failed with "
@@ -379,13 +381,13 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
     nr = const["NR"]
     tps = tps if tps > 0 else choose_tiles_per_split(B * H, NB * nr, num_sms(qk.device), per_sm=8)
     S = -(-(NB * nr) // tps)
-    m = torch.empty((B * H * S, 16), dtype=torch.float32, device=qk.device)
+    m = torch.empty((B, H, S, G), dtype=torch.float32, device=qk.device)
     l = torch.empty_like(m)
-    acc = torch.empty((B * H * S, 16, vl.kept), dtype=torch.float32, device=qk.device)
+    acc = torch.empty((B, H, S, G, vl.kept), dtype=torch.float32, device=qk.device)
     vw = v_codes.view(torch.int32)
     qd_cold_gluon_kernel[(B * H, S)](
         qk, k_codes, k_scale, k_zero, vw, v_scale, v_zero, n_cold, m, l, acc,
         float(scaling) * 1.4426950408889634, H, tps, S,
         qk.stride(0), qk.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:4], *vw.stride()[:3], *v_scale.stride()[:3],
         G=G, **const, num_warps=1, **({"maxnreg": max_registers} if max_registers else {}))
-    return (m.view(B, H, S, 16)[..., :G], l.view(B, H, S, 16)[..., :G], acc.view(B, H, S, 16, vl.kept)[:, :, :, :G], tps)
+    return m, l, acc, tps

@@ -2,7 +2,8 @@
 
 On CUDA the op runs, where it can (`gluon_serves`):
 
-1. ``qk = q @ R_k[:Dk]ᵀ`` in fp32 torch (identity: the first Dk columns), [B, Hq, Dk];
+1. ``qk = q @ R_k[:Dk]ᵀ`` in fp32 (`rotate_query`: the `tl` query kernel; identity: q's first Dk
+   columns as a view, no launch), [B, Hq, Dk];
 2. the Gluon cold kernel (`quant_decode_gluon.cold_partials`): split-K partials of the cold blocks,
    planned for the blocks in use (``cold_blocks``; a static pool's spare slots get splits whose
    unit range is empty: they store an empty partial, ``-inf / 0 / 0``, and read no codes);
@@ -11,8 +12,8 @@ On CUDA the op runs, where it can (`gluon_serves`):
 
 Everything else (multi-segment layouts, G > 8, fp32 operands, the interpreter / CPU, the `tl`
 kernel's knobs) is the `tl` kernel's (`quant_decode_triton`): ``backend="auto"`` picks it by design;
-``backend="gluon"`` raises naming the reason instead. `finish_reference` is the finish kernel's
-torch twin.
+``backend="gluon"`` raises naming the reason instead. `query_in_key_basis` and `finish_reference`
+are the two `tl` kernels' torch twins.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from .launch import nonempty, num_sms, pow2
 from .quant_plan import choose_tiles_per_split
 
 try:  # triton is optional (the module's checks and the twin work without it)
-    from .quant_finish_triton import qd_finish_kernel
+    from .quant_finish_triton import qd_finish_kernel, qd_query_kernel
 except Exception:  # pragma: no cover - depends on the environment
-    qd_finish_kernel = None
+    qd_finish_kernel = qd_query_kernel = None
 
-__all__ = ["gluon_serves", "gluon_decode", "finish", "finish_reference", "query_in_key_basis", "MAX_G"]
+__all__ = ["gluon_serves", "gluon_decode", "finish", "finish_reference", "rotate_query", "query_in_key_basis", "MAX_G"]
 
 MAX_G = 8  # the Gluon kernel's value dot takes the query heads as its N = 8 (G <= 8: the measured path)
+FINISH_WARPS = 4  # the finish kernel's tiles (`finish`) are sized for 4 warps
 _LOG2E = 1.4426950408889634
 
 
@@ -76,10 +78,27 @@ def gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl: CodeLayout, vl: Code
     return True, ""
 
 
+def rotate_query(q, rk, dk: int, ch: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """The Gluon kernel's query: ``q @ R_k[:Dk]ᵀ`` fp32 [B, Hq, Dk] by `qd_query_kernel` (one launch;
+    rk [B, H, R, D] in any float dtype, stride-0 dims read in place), or with rk None (identity)
+    q's first Dk columns as a view in q's dtype (the kernel casts). `query_in_key_basis` is the twin.
+    ``ch`` / ``num_warps``: key channels per program and warps (0: 32 and 4)."""
+    if rk is None:
+        return q[..., :dk]
+    B, Hq, D = q.shape
+    H = rk.shape[1]
+    qk = torch.empty((B, Hq, dk), dtype=torch.float32, device=q.device)
+    ch = ch or min(32, pow2(dk, 16))
+    qd_query_kernel[(B * H, -(-dk // ch))](
+        q, rk, qk, H, D, dk, *q.stride(), *rk.stride(), qk.stride(0), qk.stride(1),
+        G=Hq // H, G_PAD=pow2(Hq // H, 16), D_PAD=pow2(D, 16), CH=ch, num_warps=num_warps or 4)
+    return qk
+
+
 def query_in_key_basis(q, rk, dk: int) -> torch.Tensor:
     """fp32 [B, Hq, Dk]: ``q @ R_k[:Dk]ᵀ`` per (row, KV head), q [B, Hq, D], rk [B, H, R, D] or None
-    (identity: q's first Dk columns). A shared or per-head basis (stride-0 dims) is multiplied as
-    the one matrix it is, not materialized per row."""
+    (identity: q's first Dk columns), in torch: `rotate_query`'s twin. A shared or per-head basis
+    (stride-0 dims) is multiplied as the one matrix it is, not materialized per row."""
     B, Hq, D = q.shape
     qf = q.float()
     if rk is None:
@@ -95,13 +114,14 @@ def query_in_key_basis(q, rk, dk: int) -> torch.Tensor:
     return (qh @ rk[:, :, :dk].float().transpose(-1, -2)).reshape(B, Hq, dk)
 
 
-def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling):
+def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling, rb: int = 0, block_e: int = 0):
     """The finish kernel: exact tail + cold partials -> out [B, Hq, D] in q's dtype.
 
     q [B, Hq, D] and exact_k / exact_v [B, H, Te, D] in q's dtype; rv [B, H, R >= Dv, D] or None
-    (identity); m, l fp32 [B, H, S, G] (equal strides; -inf / 0 for an empty split) and acc fp32
-    [B, H, S, G, Dv] (value basis), as `QG.cold_partials` or its twin return them (S may be 0);
-    n_exact int32 [B]. Same result as `finish_reference`."""
+    (identity); m, l fp32 [B, H, S, G] and acc fp32 [B, H, S, G, Dv] (value basis; -inf / 0 / 0
+    for an empty split), each contiguous within a (row, head) and m, l with equal strides, as
+    `QG.cold_partials` or its twin return them (S may be 0); n_exact int32 [B]. Same result as
+    `finish_reference`. ``rb`` / ``block_e``: the kernel's tile knobs (0: the defaults below)."""
     B, Hq, D = q.shape
     H, Te = exact_k.shape[1], exact_k.shape[2]
     G, S, dv = Hq // H, m.shape[2], acc.shape[-1]
@@ -110,26 +130,33 @@ def finish(q, rv, m, l, acc, exact_k, exact_v, n_exact, scaling):
                          f"strides), expected [B={B}, H={H}, S, G={G}] and [.., Dv]")
     if m.dtype != torch.float32 or acc.dtype != torch.float32:
         raise ValueError(f"finish: m/acc must be float32, got {m.dtype}/{acc.dtype}")
+    empty = m.numel() == 0  # no split (S = 0): never dereferenced, an fp32 stand-in (one compiled variant)
+    if not empty and (m.stride()[2:] != (G, 1) or acc.stride()[2:] != (G * dv, dv, 1)):
+        raise ValueError(f"finish: m strides {tuple(m.stride())} / acc strides {tuple(acc.stride())}: each (row, head)'s "
+                         f"splits must be contiguous ([S, G] and [S, G, Dv] row-major)")
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=q.device)
     g_pad, d_pad, dv_pad = pow2(G, 16), pow2(D, 16), pow2(dv, 16)
     ch = min(32, d_pad)
-    # Tiles of ~2048 elements (the merge's [SB, G_PAD, columns], the tail's [BLOCK_E, D_PAD]): sm_90 at
-    # head_dim 128, 4 warps, 200 registers and no spills (`benchmarks/gluon_decode.py --offline`); the
-    # tl kernel's 64 exact tokens a step and 8192-element merge tiles spilled ~500 bytes a thread
-    sb = max(1, 2048 // (g_pad * (dv_pad if rv is not None else ch)))
-    empty = m.numel() == 0  # no split (S = 0): never dereferenced, an fp32 stand-in (one compiled variant)
+    # The merge reads RB cold rows (split, head) a step, [RB, Dv] of acc with a basis, [RB, CH] for the
+    # identity (4096 elements, 32 registers a thread at 4 warps), the tail 32 tokens. H200 sweep
+    # (`benchmarks/results/gluon_decode_H200.txt`, 68 exact tokens): 12.2 / 16.5 / 23.5 us at 1 x 4K /
+    # 8 x 32K / 16 x 32K; twice the rows or tokens at 8 warps 11.5-12.3 / 22-28 / 36-50 us (one
+    # program per SM at 255 registers). sm_90: no spills at head_dim 64 / 128 (`--offline`).
+    rb = rb or max(16, min(128, 4096 // (dv_pad if rv is not None else ch)))
+    block_e = block_e or (32 if Te >= 32 else pow2(max(Te, 1), 16))
     if empty:
         m = l = acc = torch.zeros(1, dtype=torch.float32, device=q.device)
-    ms, accs = ((0,) * 4, (0,) * 5) if empty else (m.stride(), acc.stride())
+    ms = (0, 0) if empty else (m.stride(0), m.stride(1))
+    accs = (0, 0) if empty else (acc.stride(0), acc.stride(1))
     qd_finish_kernel[(B * H, d_pad // ch)](
         q, q if rv is None else rv, nonempty(exact_k), nonempty(exact_v), n_exact,
         m, l, acc, out,
-        float(scaling) * _LOG2E, H, G, D, S,
+        float(scaling) * _LOG2E, H, D, S,
         *q.stride(), *(rv.stride() if rv is not None else (0,) * 4),
         *(exact_k.stride() if exact_k.numel() else (0,) * 4), *(exact_v.stride() if exact_v.numel() else (0,) * 4),
         *ms, *accs, *out.stride(),
-        ROT_V=rv is not None, DV=dv, DV_PAD=dv_pad, G_PAD=g_pad, D_PAD=d_pad, CH=ch,
-        BLOCK_E=32 if Te >= 32 else pow2(max(Te, 1), 16), SB=sb, num_warps=4,
+        G=G, ROT_V=rv is not None, DV=dv, DV_PAD=dv_pad, G_PAD=g_pad, D_PAD=d_pad, CH=ch,
+        BLOCK_E=block_e, RB=rb, num_warps=FINISH_WARPS,
     )
     return out
 
@@ -167,7 +194,7 @@ def gluon_decode(q, rk, rv, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
     H, NB = k_codes.shape[1], k_codes.shape[2]
     G = Hq // H
     if NB > 0:
-        qk = query_in_key_basis(q, rk, kl.kept)
+        qk = rotate_query(q, rk, kl.kept)
         nr = QG.unit_plan(kl, vl)[2]
         in_use = min(cold_blocks, NB) if cold_blocks > 0 else NB
         tps = tiles_per_split if tiles_per_split > 0 else choose_tiles_per_split(B * H, in_use * nr, num_sms(q.device),
