@@ -46,8 +46,8 @@ Measured (H200, `benchmarks/results/quant_decode_H200.txt`): this `tl` kernel ru
 codes reach the tensor cores through a shared-memory round trip (~50 barriers a unit), so the warps wait on
 latency. On CUDA the op therefore runs the Gluon path (`quant_decode_gluon_path`: codes loaded straight into
 the mma operand registers, no shared memory) from `GLUON_MIN_ROW_HEADS` (row, KV head) pairs on: 1.9-2.1x
-SDPA at 8-16 x 32K, 3.7x at 64 x 32K. This kernel stays the path below that, for multi-width layouts, fp32
-models and byte value statistics, and the CPU twin under the interpreter.
+SDPA at 8-16 x 32K, 3.7x at 64 x 32K (byte value statistics too, since its VBYTE variant). This kernel stays the
+path below that, for multi-width layouts and fp32 models, and the CPU twin under the interpreter.
 `benchmarks/NOTES_kernels.md` has the numbers and what would move it.
 
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):
