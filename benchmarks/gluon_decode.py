@@ -3,13 +3,16 @@
     PYTHONPATH=/path/to/triton-3.6:. python benchmarks/gluon_decode.py --offline   # no GPU: sm_90 SASS
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/gluon_decode.py [--quick]    # on the GPU (Triton 3.6)
 
-``--offline`` compiles both kernels for sm_90 and prints registers, spills and the SASS opcode
+``--offline`` compiles both kernels for sm_90 (and the Gluon kernel's byte-statistics variant of
+`balanced`, against its float16 one) and prints registers, spills and the SASS opcode
 histogram of their unit loops (the loop with the most HMMA), per 256 tokens of one KV head (the
 `tl` kernel's unit is 256 tokens over 4 warps; the Gluon kernel's 8 / p_min chunks of 16 tokens on
 one warp). The GPU mode checks first (exit 1 on failure): the Gluon partials against their torch
 twin at 1 x 4K, then partials + a torch combine against `quant_decode_reference` (n_exact = 0) at
-1 x 4K and 8 x 32K, for `balanced` (K4/V3) and `max-compression` (K3/V2), and the op's own Gluon
-path (``backend="gluon"``: the finish kernel instead of the torch combine); then times (median of
+1 x 4K and 8 x 32K, for `balanced` (K4/V3), `max-compression` (K3/V2) and `balanced+byte` (balanced
+with byte value statistics, ``value_stats="byte"``: the kernel's VBYTE variant; at 1 x 4K also a NaN
+scale code against the twin), and the op's own Gluon path (``backend="gluon"``: the finish kernel
+instead of the torch combine); then times (median of
 `triton.testing.do_bench` over one CUDA graph of one call per input set, sets >= 3x the L2) the
 Gluon partials, the op on its Gluon path, the `tl` op (``backend="triton"``) on the same cold
 blocks (n_exact = 0; its partials + combine) and SDPA (flash) over the dense bf16 K/V of the same
@@ -36,6 +39,8 @@ from spectral_kv.kernels import quant_decode_gluon as QG  # noqa: E402
 from spectral_kv.kernels import quant_decode_gluon_path as GP  # noqa: E402
 
 LAYOUTS = {"balanced": (((128, 4),), ((128, 3),)), "max-compression": (((128, 3),), ((128, 2),))}
+# the GPU mode also checks and times balanced with byte value statistics (quant_decode_bench.layouts)
+CHECKED = tuple(LAYOUTS) + ("balanced+byte",)
 T, KG, H, G, D = 512, 128, 8, 4, 128
 CHECK = ((1, 4096), (8, 32768))  # (batch, context) of the correctness pass
 TIME = ((1, 4096), (8, 32768), (16, 32768))
@@ -68,18 +73,20 @@ def _sass_stats(compiled):
     return dict(regs=regs, spill_bytes=spill, loop=collections.Counter(ins[lo: hi + 1]), shared=compiled.metadata.shared)
 
 
-def compile_gluon(kseg, vseg, d=D, g=G, maxnreg=None):
-    """Compile the Gluon kernel for sm_90 (needs triton 3.6's gluon): `_sass_stats` + per-unit tokens."""
+def compile_gluon(kseg, vseg, d=D, g=G, maxnreg=None, value_stats="fp16"):
+    """Compile the Gluon kernel for sm_90 (needs triton 3.6's gluon): `_sass_stats` + per-unit tokens.
+    ``value_stats``: "fp16", or "byte" (uint8 scale code / int8 zero point, the ``VBYTE`` variant)."""
     import inspect
 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     kl, vl = CodeLayout(T, tuple((d if c == 128 else c, b) for c, b in kseg)), CodeLayout(T, tuple((d, b) for _, b in vseg))
-    const = dict(QG.kernel_constants(kl, vl, KG), G=g)
+    const = dict(QG.kernel_constants(kl, vl, KG, value_stats=value_stats), G=g)
     names = list(inspect.signature(QG.qd_cold_gluon_kernel.fn).parameters)
-    ptrs = dict(qk_ptr="*fp32", kc_ptr="*u8", ks_ptr="*fp16", kz_ptr="*fp16", vw_ptr="*i32", vs_ptr="*fp16",
-                vz_ptr="*fp16", ncold_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32")
+    vs_t, vz_t = ("*u8", "*i8") if value_stats == "byte" else ("*fp16", "*fp16")
+    ptrs = dict(qk_ptr="*fp32", kc_ptr="*u8", ks_ptr="*fp16", kz_ptr="*fp16", vw_ptr="*i32", vs_ptr=vs_t,
+                vz_ptr=vz_t, ncold_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32")
     sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n == "qk_scale" else "i64" if n[0] == "s" else "i32")
            for n in names}
     # what a launch specializes: pointers and the strides of real pools are multiples of 16
@@ -142,17 +149,27 @@ def offline():
     keys = ("HMMA", "PRMT", "LOP3", "SHF", "IMAD", "LDG", "BAR", "STS", "LDS", "LDSM", "SHFL", "HMUL2", "FFMA", "FMUL", "MUFU")
     print(f"triton {triton.__version__}, sm_90; per 256 tokens of one KV head = warp-instructions of the unit loop "
           f"x warps x 256 / unit tokens")
+    res = {}
     for name, (kseg, vseg) in LAYOUTS.items():
         for kind, fn in (("tl", compile_tl), ("gluon", compile_gluon)):
-            r = fn(kseg, vseg)
+            r = res[name, kind] = fn(kseg, vseg)
             n = sum(r["loop"].values())
             per256 = n * r["warps"] * 256 // r["tokens"]
             print(f"{name:16s} {kind:6s} regs {r['regs']:3d} spill st+ld {r['spill_bytes']:4d} B shared {r['shared']:6d} B "
                   f"loop {n:5d} instr/thread/unit ({r['tokens']} tokens, {r['warps']} warps) = {per256} warp-instr per 256 tokens")
             print("    " + " ".join(f"{k} {r['loop'].get(k, 0)}" for k in keys))
             print("    all: " + str(dict(r["loop"].most_common())))
-    r = compile_gluon(((64, 4),), ((64, 3),), d=64)
-    print(f"head_dim 64 balanced gluon: regs {r['regs']} spills {r['spill_bytes']} loop {sum(r['loop'].values())}")
+    # value_stats="byte" (uint8 scale code / int8 zero point per value token): the kernel's VBYTE variant
+    fp, by = res["balanced", "gluon"], compile_gluon(*LAYOUTS["balanced"], value_stats="byte")
+    n_fp, n_by = sum(fp["loop"].values()), sum(by["loop"].values())
+    print(f"balanced+byte    gluon  regs {by['regs']:3d} spill st+ld {by['spill_bytes']:4d} B shared {by['shared']:6d} B "
+          f"loop {n_by:5d} instr/thread/unit vs float16 statistics: regs {fp['regs']}, spills {fp['spill_bytes']} B, "
+          f"loop {n_fp} ({100 * (n_by / n_fp - 1):+.1f}% instructions)")
+    print("    all: " + str(dict(by["loop"].most_common())))
+    for stats in ("fp16", "byte"):
+        r = compile_gluon(((64, 4),), ((64, 3),), d=64, value_stats=stats)
+        print(f"head_dim 64 balanced gluon ({stats} value statistics): regs {r['regs']} spills {r['spill_bytes']} "
+              f"loop {sum(r['loop'].values())}")
     for d, rot in ((128, True), (128, False), (64, True)):
         r = compile_finish(d, d, rot)
         print(f"finish kernel head_dim {d} {'basis' if rot else 'identity'}: regs {r['regs']} spills {r['spill_bytes']} B")
@@ -169,7 +186,7 @@ def gpu(timed=tuple(LAYOUTS)):
 
     from spectral_kv.kernels.quant_decode import layout_pairs, quant_decode, quant_decode_reference
 
-    lays = {n: lay for n, lay in qb.layouts(T).items() if n in LAYOUTS}
+    lays = {n: lay for n, lay in qb.layouts(T).items() if n in CHECKED}
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"triton {triton.__version__}, {torch.cuda.get_device_name()}")
 
@@ -201,7 +218,7 @@ def gpu(timed=tuple(LAYOUTS)):
     def check(key_width):
         ok = True
         print(f"== correctness, key k_width {key_width} (rel. Frobenius error; tolerance 1e-2: fp16 operands, bf16 query)")
-        for name in LAYOUTS:
+        for name in CHECKED:
             for B, ctx in CHECK:
                 NB = ctx // T
                 op, ga = inputs(name, B, ctx, n_cold=[NB] * (B - 1) + [NB - 3] if B > 1 else None)
@@ -221,6 +238,16 @@ def gpu(timed=tuple(LAYOUTS)):
                     same_empty = torch.equal(torch.isinf(m.cpu()), ~fin)
                     line += f"; partials vs torch twin {e2:.2e}{'' if same_empty else ' EMPTY SPLITS DIFFER'}"
                     ok &= e2 < 1e-2 and same_empty
+                if B == 1 and ga[5].dtype == torch.uint8:  # a NaN scale code (255) in use: NaN where the twin has it
+                    vs = ga[5].clone()
+                    vs[0, 1, 0, 77, 0] = 255
+                    gn = ga[:5] + (vs,) + ga[6:]
+                    nm, nl, nacc, _ = QG.cold_partials(*gn, tps=tps, key_width=key_width)
+                    rn = QG.cold_partials_reference(*[t.cpu() if torch.is_tensor(t) else t for t in gn], tps)
+                    same_nan = bool(torch.isnan(rn[2]).any()) and all(
+                        torch.equal(torch.isnan(a.cpu()), torch.isnan(r)) for a, r in zip((nm, nl, nacc), rn))
+                    line += f"; NaN scale code: {'NaN partials as the twin' if same_nan else 'NaN PARTIALS DIFFER'}"
+                    ok &= same_nan
                 ok &= err < 1e-2
                 print(line, flush=True)
         return ok
@@ -302,6 +329,6 @@ def gpu(timed=tuple(LAYOUTS)):
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--offline", action="store_true", help="compile for sm_90 and count SASS (no GPU)")
-    ap.add_argument("--quick", action="store_true", help="time balanced only (checks both; one tl compile less)")
+    ap.add_argument("--quick", action="store_true", help="time balanced and balanced+byte only (checks all three)")
     args = ap.parse_args()
-    offline() if args.offline else gpu(("balanced",) if args.quick else tuple(LAYOUTS))
+    offline() if args.offline else gpu(("balanced", "balanced+byte") if args.quick else CHECKED)

@@ -1,5 +1,6 @@
-"""GPU benchmark: the fused quantized decode kernel (`balanced`, `max-compression`, a mixed
-learned-style layout) and the SVD `fast` kernel vs SDPA (flash) over dense bf16 K/V; one layer,
+"""GPU benchmark: the fused quantized decode kernel (`balanced`, `max-compression`, `balanced+byte`:
+balanced with byte value statistics, its kernel row only; a mixed learned-style layout) and the SVD
+`fast` kernel vs SDPA (flash) over dense bf16 K/V; one layer,
 32 query / 8 KV heads, head_dim 128, 512-token blocks + 68 exact tokens (4 sinks + 64 hot).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python benchmarks/quant_decode_bench.py [--out DIR] [--quick] [--sweep]
@@ -42,6 +43,7 @@ from spectral_kv.config import SpectralConfig  # noqa: E402
 from spectral_kv.kernels import fused_decode as fd  # noqa: E402
 from spectral_kv.kernels import quant_decode as qd  # noqa: E402
 from spectral_kv.kernels.inputs import svd_decode_inputs  # noqa: E402
+from spectral_kv.quant import BYTE_SCALE_NAN, byte_scale, byte_scale_code  # noqa: E402
 
 import quant_compress_bench as parts  # noqa: E402  (benchmarks/: the fused compression op)
 from graph_capture import capture  # noqa: E402
@@ -83,11 +85,15 @@ class Learned:
         return self._on[key]
 
 
+ONE_ROW = ("balanced+byte",)  # layouts timed as the op alone (backend="auto"): one table row per size
+
+
 def layouts(t):
-    """name -> (key compressor, value compressor, key_group) for blocks of ``t`` tokens."""
+    """name -> (key compressor, value compressor, key_group) for blocks of ``t`` tokens; "balanced+byte"
+    is `balanced` with ``value_stats="byte"`` (uint8 scale code / int8 zero point per value token)."""
     out = {}
-    for name in ("balanced", "max-compression"):
-        cfg = SpectralConfig.preset(name, block_size=t, hot_buffer_size=min(64, t // 2))
+    for name, extra in (("balanced", {}), ("max-compression", {}), ("balanced+byte", dict(value_stats="byte"))):
+        cfg = SpectralConfig.preset(name.split("+")[0], block_size=t, hot_buffer_size=min(64, t // 2), **extra)
         kc = COMPRESSORS[cfg.compressor_name("keys")](cfg, "keys", cfg.k_rank_keys)
         vc = COMPRESSORS[cfg.compressor_name("values")](cfg, "values", cfg.k_rank_values)
         out[name] = (kc, vc, min(cfg.quant_group, t))
@@ -103,9 +109,15 @@ def flat(layout):
     return [x for seg in layout.segments for x in seg]
 
 
+def _byte_stats(lay):
+    """Whether the layout's value statistics are the byte form (``value_stats="byte"``)."""
+    return getattr(lay[1], "stats", "fp16") == "byte"
+
+
 def quant_inputs(lay, B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=True, seed=0, dtype=torch.bfloat16):
     """Random codes (any byte is a valid code), scales ~ 2 / levels, and an exact tail: a dict
-    with the op's arguments (``op``) and the glue's (``glue``)."""
+    with the op's arguments (``op``) and the glue's (``glue``). Byte value statistics (`_byte_stats`):
+    the same scales as codes (rounded up), zero points of the same zeros; the NaN code past the counts."""
     kc, vc, kg = lay
     kl, vl = kc.code_layout(D, t), vc.code_layout(D, t)
     g = torch.Generator(device=DEV).manual_seed(seed)
@@ -123,10 +135,17 @@ def quant_inputs(lay, B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=Tr
     ek, ev = r(B, Hh, Te, D).to(dtype), r(B, Hh, Te, D).to(dtype)
     n_cold = [NB] * B if n_cold is None else n_cold
     n_exact = [Te] * B if n_exact is None else n_exact
+    if _byte_stats(lay):
+        code = byte_scale_code(vs.float())
+        vz = torch.round(-vz.float() / byte_scale(code)).clamp_(-128, 127).to(torch.int8)
+        vs = code
     if poison:  # garbage past the counts must never reach the output
         for b in range(B):
             ks[b, :, n_cold[b]:] = float("nan")
-            vz[b, :, n_cold[b]:] = float("nan")
+            if vs.dtype == torch.uint8:
+                vs[b, :, n_cold[b]:] = BYTE_SCALE_NAN
+            else:
+                vz[b, :, n_cold[b]:] = float("nan")
             ek[b, :, n_exact[b]:] = float("nan")
             ev[b, :, n_exact[b]:] = float("inf")
     nc = torch.tensor(n_cold, dtype=torch.int32, device=DEV)
@@ -141,7 +160,9 @@ def quant_inputs(lay, B, Hh, Gg, NB, t, Te, n_cold=None, n_exact=None, poison=Tr
 def quant_bytes(lay, B, NB, t, Te):
     kc, vc, kg = lay
     kl, vl = kc.code_layout(D, t), vc.code_layout(D, t)
-    per_block = kl.nbytes + vl.nbytes + 2 * 2 * (t // kg * kl.kept + t * len(vl.kept_segments))
+    # scale + zero: 2 + 2 bytes (float16), or 1 + 1 (byte value statistics)
+    v_stats = (2 if _byte_stats(lay) else 4) * t * len(vl.kept_segments)
+    per_block = kl.nbytes + vl.nbytes + 4 * (t // kg) * kl.kept + v_stats
     return B * H * (NB * per_block + Te * D * 2 * 2)
 
 
@@ -179,7 +200,7 @@ def correctness(smoke, full=False):
             for counts in ((nc, ne), ([NB] * 4, [Te] * 4)):
                 x = quant_inputs(lay, 4, Hh, Gg, NB, t, Te, *counts, seed=10 * len(name) + Gg + len(set(counts[0])))
                 path = backend_of(x["op"])
-                if not smoke and name in ("balanced", "max-compression") and path != "gluon":
+                if not smoke and name in ("balanced", "max-compression", "balanced+byte") and path != "gluon":
                     ok = False  # the Gluon path must serve these on the GPU: said, not silently timed on tl
                     log(f"  FAIL: {name} G={Gg} not served by the Gluon path: {backend_why(x['op'])}")
                 if counts[0] != nc and path != "gluon":
@@ -344,6 +365,11 @@ def time_shape(B, ctx, timer, l2, t):
         sets = [quant_inputs(lay, B, H, G, NB, t, Te, poison=False, seed=s) for s in range(n_sets(nbytes, l2))]
         path = backend_of(sets[0]["op"])  # "kernel" / "step": backend="auto", the Gluon path where it serves
         out[f"{name} kernel"] = (timer([lambda x=x: qd.quant_decode(*x["op"]) for x in sets]), nbytes)
+        if name in ONE_ROW:
+            log(f"  [{time.time() - T0:.0f} s] {name} ({len(sets)} sets, auto={path}): "
+                f"kernel {out[f'{name} kernel'][0]:.4f} ms")
+            del sets
+            continue
         out[f"{name} step"] = (timer([lambda x=x: quant_fused_decode(*x["glue"]) for x in sets]), nbytes)
         log(f"  [{time.time() - T0:.0f} s] {name} ({len(sets)} sets, auto={path}): kernel {out[f'{name} kernel'][0]:.4f} ms, "
             f"step {out[f'{name} step'][0]:.4f} ms")

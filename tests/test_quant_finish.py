@@ -17,6 +17,7 @@ from spectral_kv.codes import CodeLayout
 from spectral_kv.kernels import quant_decode_gluon as QG
 from spectral_kv.kernels import quant_decode_gluon_path as GP
 from spectral_kv.kernels.quant_decode import HAS_TRITON, quant_decode, quant_decode_reference
+from spectral_kv.quant import BYTE_SCALE_NAN, byte_scale_code
 
 from test_kernels_quant import make
 
@@ -102,6 +103,7 @@ def test_gluon_serves_names_what_it_does_not_take():
     bal = (((128, 4),), ((128, 3),))
     assert _serves(*bal) == (True, "")
     assert _serves(((128, 3),), ((128, 2),), G=8) == (True, "")
+    assert _serves(*bal, vstats=torch.uint8) == (True, "")  # value_stats="byte": the kernel's VBYTE variant
     for kw, why in [(dict(kseg=((64, 4), (64, 2)), vseg=bal[1]), "one segment"),
                     (dict(kseg=bal[0], vseg=((32, 4),) * 4), "one segment"),
                     (dict(kseg=bal[0], vseg=((128, 5),)), "width"),
@@ -112,7 +114,8 @@ def test_gluon_serves_names_what_it_does_not_take():
                     (dict(kseg=bal[0], vseg=bal[1], unpack="triton"), "unpack='triton'"),
                     (dict(kseg=bal[0], vseg=bal[1], block_rows=32), "block_rows=32"),
                     (dict(kseg=bal[0], vseg=bal[1], interpreted=True), "TRITON_INTERPRET"),
-                    (dict(kseg=bal[0], vseg=bal[1], vstats=torch.uint8), "value_stats='byte'")]:
+                    (dict(kseg=bal[0], vseg=bal[1], vstats=torch.uint8, G=16), "G=16"),
+                    (dict(kseg=bal[0], vseg=((128, 5),), vstats=torch.uint8), "width")]:
         ok, reason = _serves(**kw)
         assert not ok and why in reason, (kw, reason)
 
@@ -162,6 +165,32 @@ def test_gluon_path_host_code_with_the_twin_for_the_gluon_kernel(basis, monkeypa
     out = quant_decode(*noblocks, backend="gluon")
     assert len(calls) == n  # NB = 0: no Gluon launch, the finish kernel alone
     assert torch.allclose(out, quant_decode_reference(*noblocks), atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_gluon_path_passes_byte_value_statistics_to_the_gluon_kernel(monkeypatch):
+    # value_stats="byte" on the Gluon path: the uint8 scale codes / int8 zero points reach the Gluon
+    # launch as they are (its twin decodes them), the finish kernel merges, and the result is the op's
+    # reference on the byte form; NaN codes past the counts never reach it
+    seen = []
+
+    def twin(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, tps=0, max_registers=0):
+        seen.append((vs.dtype, vz.dtype))
+        return (*QG.cold_partials_reference(qk, kc, ks, kz, vc, vs, vz, nc, scaling, kl, vl, kg, tps), tps)
+
+    monkeypatch.setattr(GP.QG, "cold_partials", twin)
+    monkeypatch.setattr(GP, "gluon_serves", lambda *a, **k: (True, ""))
+    args, _ = make(2, 2, 4, 64, 3, 128, ((64, 4),), ((64, 3),), 64, 6, [3, 1], [6, 2], seed=9, basis="shared")
+    g = torch.Generator().manual_seed(9)
+    code = byte_scale_code(torch.rand(args[7].shape, generator=g) * 0.3 + 0.02)
+    zp = torch.randint(-128, 128, args[7].shape, generator=g, dtype=torch.int8)
+    code[1, :, 1:] = BYTE_SCALE_NAN
+    byte = args[:7] + (code, zp) + args[9:]
+    want = quant_decode_reference(*byte)
+    out = quant_decode(*byte, backend="gluon")
+    assert seen == [(torch.uint8, torch.int8)]
+    assert torch.isfinite(want).all() and out.dtype == want.dtype
+    assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), (out - want).abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

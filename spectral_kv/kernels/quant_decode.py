@@ -48,8 +48,8 @@ latency. On CUDA the op therefore runs the Gluon path (`quant_decode_gluon_path`
 the mma operand registers, no shared memory) where it serves and `auto_picks_gluon` says so: at head_dim
 128 always (2.1-2.3x SDPA at 16 x 32K and 4 x 128K, 3.8x at 64 x 32K, and faster than this kernel at every
 measured size since its finish kernel merges the splits in one pass: 1 x 4K 22.6 vs 29.9 us), at head_dim
-64 from 32 (row, KV head) pairs. This kernel stays the path below that, for multi-width layouts, G > 8 and
-fp32 models, and the CPU twin under the interpreter.
+64 from 32 (row, KV head) pairs; byte value statistics too (its VBYTE variant). This kernel stays the path
+below that, for multi-width layouts, G > 8 and fp32 models, and the CPU twin under the interpreter.
 `benchmarks/NOTES_kernels.md` has the numbers and what would move it.
 
 Bytes per token (head_dim 128, per KV head, block 512, quant_group 128; dense bf16 K+V 512):

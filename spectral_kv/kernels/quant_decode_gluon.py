@@ -23,7 +23,10 @@ accumulator: no cross-warp traffic in the loop) and no code passes through share
   the store), so a thread's channels are contiguous.
 
 Scope (`check_layouts`): one segment per role of width 2, 3, 4 or 8, fp16 subnormal codes, G <= 16
-query heads per KV head, key_group a multiple of 16 dividing the block, head_dim 64 / 128.
+query heads per KV head, key_group a multiple of 16 dividing the block, head_dim 64 / 128; value
+statistics float16 or the byte form (``value_stats="byte"``, constexpr ``VBYTE``: the uint8 scale code
+decoded by an integer shift, the int8 zero point into the zero sum as ``-zp * (p * scale)``; a NaN
+scale code (255) makes its split's partial NaN, what a NaN scale does in the `tl` kernel and the twin).
 This module is longer than ~350 lines: the twin, the PTX and the kernel are one contract.
 """
 
@@ -34,6 +37,7 @@ import functools
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
+from ..quant import BYTE_SCALE_NAN, BYTE_SCALE_OFFSET, STATS_FORMS, group_stats
 from .launch import num_sms
 from .quant_plan import _segments, choose_tiles_per_split  # the `tl` kernel's segment description and split sizes
 from .quant_unpack import asm_of
@@ -49,9 +53,10 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     GLUON_IMPORT_ERROR = exc
 
 __all__ = ["HAS_GLUON", "GLUON_IMPORT_ERROR", "ROWS", "check_layouts", "pair_asm", "unit_plan", "cold_partials",
-           "cold_partials_reference", "combine_partials", "value_column_channel", "kernel_constants"]
+           "cold_partials_reference", "combine_partials", "value_column_channel", "kernel_constants", "ZP_ASM"]
 
 HAS_GLUON = gluon is not None
+_FP16, _BYTE = (torch.float16, torch.float16), (torch.uint8, torch.int8)  # statistics (scale, zero) dtypes
 ROWS = 16  # rows of the smallest plane per unit: one mma k-tile of tokens per chunk
 _WIDTHS = (2, 3, 4, 8)
 
@@ -124,7 +129,8 @@ def cold_partials_reference(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_ze
     """What the Gluon kernel computes, in fp32 torch: the split-K partials of the cold blocks.
 
     Parameters as `quant_decode_reference` (qk float32 [B, Hq, Dk]; codes uint8 [B, H, NB, nbytes];
-    k_scale / k_zero fp16 [B, H, NB, T / key_group, Dk]; v_scale / v_zero fp16 [B, H, NB, T, 1];
+    k_scale / k_zero fp16 [B, H, NB, T / key_group, Dk]; v_scale / v_zero [B, H, NB, T, 1] fp16, or
+    byte value statistics: uint8 scale code / int8 zero point, `spectral_kv.quant.group_stats`;
     n_cold int32 [B]), ``tps`` units (`unit_plan`) per split. Returns m, l float32 [B, H, S, G]
     (running max of ``scaling * log2(e) * q.k`` and the sum of ``exp2(s - m)``; -inf / 0 for an
     empty split) and acc float32 [B, H, S, G, Dv] (``sum exp2(s - m) * v``), ``S = ceil(NB * NR / tps)``.
@@ -135,7 +141,8 @@ def cold_partials_reference(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_ze
     G, S = Hq // H, -(-(NB * nr) // tps)
     kg = int(key_group)
     k = kl.unpack(k_codes).float() * k_scale.float().repeat_interleave(kg, 3) + k_zero.float().repeat_interleave(kg, 3)
-    v = vl.unpack(v_codes).float() * v_scale.float() + v_zero.float()  # [B, H, NB, T, Dv]
+    vs, vz = group_stats(v_scale, v_zero)  # float32 of either form (byte: the NaN code decodes to NaN)
+    v = vl.unpack(v_codes).float() * vs + vz  # [B, H, NB, T, Dv]
     s_all = torch.einsum("bhgc,bhntc->bhgnt", qk.float().view(B, H, G, dk), k) * (scaling * 1.4426950408889634)
     m = torch.full((B, H, S, G), float("-inf"))
     l = torch.zeros((B, H, S, G))
@@ -168,7 +175,15 @@ def combine_partials(m, l, acc):
 
 
 # --------------------------------------------------------------------------- the Gluon kernel
+# Byte value statistics: 4 int8 zero points (one register, ``$4``) -> fp32 ``$0 .. $3``. ptxas fuses each
+# bfe + cvt into one I2F.S8 with a byte select (R.B1 ..); the compiler's own int8 -> fp32 isolates the
+# high byte of each token pair first (3 instructions for it, 40 a unit more at K4/V3).
+ZP_ASM = "{ .reg .b32 t; " + " ".join(f"bfe.s32 t, $4, {8 * k}, 8; cvt.rn.f32.s32 ${k}, t;" for k in range(4)) + " }"
 if HAS_GLUON:
+    # the byte form's scale code (quant.byte_scale), as constexprs: a jit function reads no other global
+    _BYTE_OFFSET = gl.constexpr(BYTE_SCALE_OFFSET)
+    _BYTE_NAN = gl.constexpr(BYTE_SCALE_NAN)
+    _ZP_ASM = gl.constexpr(ZP_ASM)
 
     @gluon.jit
     def _key_codes(tiles, I: gl.constexpr, KSEG: gl.constexpr, P_BASE: gl.constexpr, CODE: gl.constexpr):
@@ -219,7 +234,7 @@ if HAS_GLUON:
         sqk_b, sqk_h, skc_b, skc_h, skc_n, sks_b, sks_h, sks_n, sks_g, svw_b, svw_h, svw_n, svs_b, svs_h, svs_n,
         G: gl.constexpr, C: gl.constexpr, DV: gl.constexpr, KG: gl.constexpr, KSTEP: gl.constexpr, R_BASE: gl.constexpr,
         P_BASE: gl.constexpr, NR: gl.constexpr, KSEG: gl.constexpr, VSEG: gl.constexpr, KASM: gl.constexpr,
-        VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr, KW: gl.constexpr,
+        VASM: gl.constexpr, INV: gl.constexpr, LV: gl.constexpr, KW: gl.constexpr, VBYTE: gl.constexpr,
     ):
         """Program (row * H + head, split): units [split * TPS, ...) of the row's cold blocks. Reads qk
         [B, H*G, >= C] (any float dtype: with an identity key basis q itself), codes uint8 (keys) / int32 words (values) [B, H, NB, ...], scales fp16; writes
@@ -258,6 +273,8 @@ if HAS_GLUON:
         live_m = (gl.arange(0, 16, layout=gl.SliceLayout(1, MMA)) < LIVE)[:, None]
         l_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))
         z_i = gl.zeros([16], gl.float32, layout=gl.SliceLayout(1, MMA))  # sum_t p_t * z_t (the value zero)
+        if VBYTE:
+            e_max = gl.zeros([16], gl.int32, layout=gl.SliceLayout(0, MMA))  # the largest scale code read
         acc = gl.zeros([DV, NQ], gl.float32, layout=MMA)  # transposed: [value columns, query heads]
         n_c = gl.load(ncold_ptr + b).to(gl.int64)
         u_lo = split.to(gl.int64) * TPS
@@ -310,18 +327,35 @@ if HAS_GLUON:
                 p = gl.exp2(ss[i] * INV - m_new[:, None])
                 l_t += p
                 tok = R_BASE * i + r0 + n_m
-                vs = gl.load(vs_base + tok).to(gl.float32)
-                vz = gl.load(vz_base + tok).to(gl.float32)
-                z_t += p * vz[None, :]
+                if VBYTE:  # quant.group_stats: scale = the float32 of bits (e + offset) << 20, zero = -zp * scale
+                    e = gl.load(vs_base + tok).to(gl.int32)
+                    # the NaN code (255) is not selected per token (ISETP + FSEL: 2 instructions a token);
+                    # its split's partial is made NaN after the loop, as a NaN scale would make it
+                    e_max = gl.maximum(e_max, e)
+                    vs = ((e + _BYTE_OFFSET) << 20).to(gl.float32, bitcast=True)
+                    pv = p * vs[None, :]
+                    zp = gl.inline_asm_elementwise(_ZP_ASM, "=r,=r,=r,=r,r", [gl.load(vz_base + tok)], dtype=gl.float32,
+                                                   is_pure=True, pack=4)
+                    # p * zero = -(p * scale) * zp: the scaled p is there already (one FFMA a token); the sign
+                    # once after the loop (here it costs an integer XOR a token)
+                    z_t += pv * zp[None, :]
+                else:
+                    vs = gl.load(vs_base + tok).to(gl.float32)
+                    vz = gl.load(vz_base + tok).to(gl.float32)
+                    z_t += p * vz[None, :]
+                    pv = p * vs[None, :]
                 # pᵀ [16 tokens, NQ heads]: the score accumulator holds (head g, tokens 2t, 2t+1) in the
                 # lanes the B operand wants them: a transpose in registers, no data movement
-                pt = gl.permute((p * vs[None, :]).to(gl.float16), [1, 0])
+                pt = gl.permute(pv.to(gl.float16), [1, 0])
                 if NQ == 8:
                     pt = gl.split(gl.permute(gl.reshape(pt, [16, 2, 8]), [0, 2, 1]))[0]
                 acc = mma_v2(_value_codes(ta, tb, i, VSEG, P_BASE, gl.constexpr(VASM[i]), DV, VA),
                              gl.convert_layout(pt, PB, assert_trivial=True), acc)
             l_i = l_i * alpha + gl.sum(l_t, axis=1)
             z_i = z_i * alpha + gl.sum(z_t, axis=1)
+        if VBYTE:  # zero = -zp * scale; a NaN scale code read anywhere in the split: the whole partial NaN
+            # (a NaN scale reaches every channel and head of it through p * scale; m and l stay finite)
+            z_i = gl.where(gl.max(e_max, axis=0) == _BYTE_NAN, float("nan"), -z_i)
         g_m = gl.arange(0, 16, layout=gl.SliceLayout(1, MMA))
         ws = pid_bh.to(gl.int64) * S_COLD + split
         gl.store(m_ptr + ws * G + g_m, m_i, mask=g_m < G)
@@ -333,12 +367,17 @@ if HAS_GLUON:
         gl.store(acc_ptr + (ws * G + g_v[None, :]) * DV + ch[:, None], out, mask=(g_v < G)[None, :])
 
 
-def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int = 8) -> dict:
+def kernel_constants(kl: CodeLayout, vl: CodeLayout, key_group: int, key_width: int = 8,
+                     value_stats: str = "fp16") -> dict:
     """The Gluon kernel's constexprs for one layout pair (needs gluon: the load layout is one).
     ``key_width``: the key dot's k_width, consecutive channels per thread (8: 8-byte key loads; 4:
-    the probe's, 4-byte loads, 2290 -> 2389 instructions per unit). A fresh dict of cached values:
-    the op asks for the same pair once per layer per decode step (PTX strings, a linear layout)."""
-    return dict(_kernel_constants(kl, vl, int(key_group), int(key_width)))
+    the probe's, 4-byte loads, 2290 -> 2389 instructions per unit). ``value_stats``: the value
+    statistics' form (`spectral_kv.quant.STATS_FORMS`: "fp16", or "byte", ``VBYTE``). A fresh dict
+    of cached values: the op asks for the same pair once per layer per decode step (PTX strings, a
+    linear layout)."""
+    if value_stats not in STATS_FORMS:
+        raise ValueError(f"value_stats must be one of {STATS_FORMS}, got {value_stats!r}")
+    return dict(_kernel_constants(kl, vl, int(key_group), int(key_width)), VBYTE=value_stats == "byte")
 
 
 @functools.lru_cache(maxsize=64)
@@ -363,6 +402,11 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
     cap, 0 none: 248 registers are 8 warps per SM, 224 9, 200 10). Returns (m, l, acc, tps), each
     contiguous. ``qk`` may be any float dtype (the kernel computes in fp32 and rounds to fp16 once).
     Raises ``RuntimeError`` without gluon, ``ValueError`` for a layout or input it does not take."""
+    stats = ((k_scale.dtype, k_zero.dtype), (v_scale.dtype, v_zero.dtype))
+    if stats[0] != _FP16 or stats[1] not in (_FP16, _BYTE):
+        raise ValueError(f"cold_partials: key scale/zero must be float16/float16 and value scale/zero float16/float16 "
+                         f"or uint8/int8 (value_stats='byte'), got {k_scale.dtype}/{k_zero.dtype} and "
+                         f"{v_scale.dtype}/{v_zero.dtype}")
     if not HAS_GLUON:
         raise RuntimeError(f"the Gluon kernel needs triton >= 3.6 (triton.experimental.gluon); import failed with "
                            f"{GLUON_IMPORT_ERROR!r}. Gluon has no interpreter: on CPU use cold_partials_reference.")
@@ -377,7 +421,7 @@ def cold_partials(qk, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_cold
         raise ValueError("v_scale's tokens must be contiguous and zeros must have their scales' strides")
     if v_codes.stride(2) % 4 or v_codes.storage_offset() % 4 or vl.nbytes % 4:
         raise ValueError(f"v_codes (strides {tuple(v_codes.stride())}) must be 4-byte aligned per block")
-    const = kernel_constants(kl, vl, key_group, key_width)
+    const = kernel_constants(kl, vl, key_group, key_width, "byte" if stats[1] == _BYTE else "fp16")
     nr = const["NR"]
     tps = tps if tps > 0 else choose_tiles_per_split(B * H, NB * nr, num_sms(qk.device), per_sm=8)
     S = -(-(NB * nr) // tps)

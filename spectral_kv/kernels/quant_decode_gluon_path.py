@@ -67,9 +67,6 @@ def gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl: CodeLayout, vl: Code
         QG.check_layouts(kl, vl, G, int(key_group))
     except ValueError as exc:
         return False, str(exc)
-    if v_scale.dtype != torch.float16:
-        return False, (f"value statistics {v_scale.dtype} (value_stats='byte'): the Gluon kernel reads float16 "
-                       "value scales / zeros")
     if k_scale.stride(-1) != 1 or v_scale.stride(3) != 1:
         return False, (f"k_scale strides {tuple(k_scale.stride())} / v_scale strides {tuple(v_scale.stride())}: "
                        "the Gluon kernel needs contiguous key channels and value tokens")
