@@ -11,10 +11,10 @@ value sum in the VALUE basis, Dv wide), each (row, KV head)'s splits contiguous 
 
 1. merges the cold rows RB at a time with an online max: the weights ``w[g, r] = exp2(m[r] -
    m_run[g])`` for ``r % G == g`` (else 0) form a [G_PAD, RB] matrix, so the merge is one
-   tensor-core dot per chunk, ``W @ acc[r0:r0 + RB]`` (``tf32x3``, ~fp32), and the loop's loads
-   are independent of each other (Triton pipelines them). The previous form summed one split's
-   [G_PAD, Dv] tile per iteration and took the max in a pass before: ~2 S dependent loads, ~25 us
-   a call at 1 x 4K (S = 32) on the H200, where the Gluon partials take 8 us;
+   tensor-core dot per chunk, ``W @ acc[r0:r0 + RB]`` (``tf32x3``, ~fp32). The previous form
+   summed one split's [G_PAD, Dv] tile per iteration after a separate max pass: ~2 S dependent
+   loads. H200 (`benchmarks/results/gluon_decode_H200.txt`, 68 exact tokens): 12.2 / 16.5 / 23.5
+   us at 1 x 4K / 8 x 32K / 16 x 32K, where rotation + finish took ~31 us at 1 x 4K before;
 2. attends to the exact tail in the model's basis (`exact_tail`: q and exact_k / exact_v,
    ``n_exact`` tokens, BLOCK_E at a time);
 3. joins both by one denominator and maps the cold sum to the model's basis once,
