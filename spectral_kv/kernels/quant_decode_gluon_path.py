@@ -3,7 +3,7 @@
 On CUDA the op runs, where it can (`gluon_serves`):
 
 1. ``qk = q @ R_k[:Dk]ᵀ`` in fp32 (`rotate_query`: the `tl` query kernel; identity: q's first Dk
-   columns as a view, no launch), [B, Hq, Dk];
+   columns cast), [B, Hq, Dk];
 2. the Gluon cold kernel (`quant_decode_gluon.cold_partials`): split-K partials of the cold blocks,
    planned for the blocks in use (``cold_blocks``; a static pool's spare slots get splits whose
    unit range is empty: they store an empty partial, ``-inf / 0 / 0``, and read no codes);
@@ -78,10 +78,11 @@ def gluon_serves(q, k_codes, k_scale, v_codes, v_scale, kl: CodeLayout, vl: Code
 def rotate_query(q, rk, dk: int, ch: int = 0, num_warps: int = 0) -> torch.Tensor:
     """The Gluon kernel's query: ``q @ R_k[:Dk]ᵀ`` fp32 [B, Hq, Dk] by `qd_query_kernel` (one launch;
     rk [B, H, R, D] in any float dtype, stride-0 dims read in place), or with rk None (identity)
-    q's first Dk columns as a view in q's dtype (the kernel casts). `query_in_key_basis` is the twin.
+    q's first Dk columns cast to fp32 (one launch; the Gluon kernel also reads q's own dtype, but
+    that form has not run on a GPU). `query_in_key_basis` is the twin.
     ``ch`` / ``num_warps``: key channels per program and warps (0: 32 and 4)."""
     if rk is None:
-        return q[..., :dk]
+        return q[..., :dk].float()
     B, Hq, D = q.shape
     H = rk.shape[1]
     qk = torch.empty((B, Hq, dk), dtype=torch.float32, device=q.device)
