@@ -126,15 +126,20 @@ def test_cold_partials_names_statistics_dtypes_it_does_not_take():
         QG.kernel_constants(kl, vl, 64, value_stats="fp8")
 
 
+def _ptx_statements(code):
+    """(op, destination, sources) of each statement of a ``{ .reg ...; op d, a, b; ... }`` PTX block."""
+    for stmt in code.strip()[1:-1].split(";"):
+        stmt = stmt.strip()
+        if stmt and not stmt.startswith(".reg"):
+            op, args = stmt.split(None, 1)
+            dst, *src = [x.strip() for x in args.split(",")]
+            yield op, dst, src
+
+
 def _run_zp(code, word):
     """Execute `QG.ZP_ASM` (bfe.s32 / cvt.rn.f32.s32 only) on one 32-bit ``$4``: the four fp32 outputs."""
     regs = {"$4": word}
-    for stmt in code.strip()[1:-1].split(";"):
-        stmt = stmt.strip()
-        if not stmt or stmt.startswith(".reg"):
-            continue
-        op, args = stmt.split(None, 1)
-        dst, *src = [x.strip() for x in args.split(",")]
+    for op, dst, src in _ptx_statements(code):
         if op == "bfe.s32":  # sign-extended bit field (start, length)
             v = (regs[src[0]] >> int(src[1])) & ((1 << int(src[2])) - 1)
             regs[dst] = v - (1 << int(src[2])) if v >> (int(src[2]) - 1) else v
@@ -171,12 +176,7 @@ def _run_pair(code, ins):
     """Execute a `pair_asm` string: inputs $4.. (plane 0 A, B, plane 1 A, B); returns the 8 fp16 bit
     patterns (A_0, B_0, A_1, B_1, ...) of its outputs $0..$3 (A in the low half)."""
     regs = {f"${4 + i}": v for i, v in enumerate(ins)}
-    for stmt in code.strip()[1:-1].split(";"):
-        stmt = stmt.strip()
-        if not stmt or stmt.startswith(".reg"):
-            continue
-        op, args = stmt.split(None, 1)
-        dst, *src = [x.strip() for x in args.split(",")]
+    for op, dst, src in _ptx_statements(code):
         x = [regs[s] if s in regs else int(s, 0) for s in src]
         r = {"mov.b32": lambda: x[0], "shr.b32": lambda: x[0] >> x[1], "shl.b32": lambda: x[0] << x[1],
              "and.b32": lambda: x[0] & x[1], "or.b32": lambda: x[0] | x[1], "prmt.b32": lambda: _prmt(*x)}[op]()
