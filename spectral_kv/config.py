@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .layer_overrides import describe_layers, normalize_layer_overrides
 from .registry import ATTENTION_STRATEGIES, COMPRESSORS
 
-__all__ = ["SpectralConfig", "DTYPES", "LAYOUT_FIELDS", "VALUE_STATS"]
+__all__ = ["SpectralConfig", "DTYPES", "LAYOUT_FIELDS", "OVERRIDABLE_FIELDS", "VALUE_STATS"]
 
 # Fields whose meaning depends on the compressor: each must be read by a role's compressor
 # (`Compressor.reads`) or keep its default.
@@ -17,6 +18,8 @@ LAYOUT_FIELDS = (
     "k_rank_keys", "k_rank_values", "coeff_bits", "value_bits", "quant_group", "basis_dtype", "seed",
     "rsvd_oversample", "rsvd_power_iters", "key_segments", "value_segments", "value_stats",
 )
+# What `layer_overrides` may change per layer: the cold layout only (`spectral_kv.layer_overrides`).
+OVERRIDABLE_FIELDS = ("compressor", "value_compressor", *LAYOUT_FIELDS)
 # Storage forms of the values' per-token statistics (`spectral_kv.quant.STATS_FORMS`; config
 # imports nothing of the package, a test keeps the two equal).
 VALUE_STATS = ("fp16", "byte")
@@ -104,6 +107,16 @@ class SpectralConfig:
         `spectral_kv.quant.quantize_groups`). At head_dim 64 and 3-bit values that is 2 of
         ~51 bytes a token costs at 5x. Every strategy reads both forms (the fused kernel
         decodes the byte form in its value loads).
+    layer_overrides : mapping or None
+        Per-layer cold layouts: ``{layers: {field: value}}``, ``layers`` an int, a ``range`` or
+        a sequence of ints, the fields among `OVERRIDABLE_FIELDS` (the compressors and the
+        layout fields; the tiers and the attention stay global). E.g.
+        ``SpectralConfig.preset("max-compression", value_stats="byte", quant_group=256,
+        hot_buffer_size=256, layer_overrides={(6, 7, 8, *range(15, 27)): dict(coeff_bits=4,
+        value_bits=3)})``: 15 of SmolLM2's 30 layers at 4/3 bits, 5.02x cold. Stored in a
+        canonical hashable form (`spectral_kv.layer_overrides`); `layer_config` gives one layer's
+        config. Each distinct layout compiles its own fused-kernel variant on CUDA: keep to 2-3.
+        Indices are checked against the model's layers when `SpectralCache` gets its config.
     compile : bool
         Run each layer's decode attention through ``torch.compile(fullgraph=True,
         dynamic=True)`` (`spectral_kv.attention.compiled.compile_attend`): two graphs per
@@ -132,6 +145,7 @@ class SpectralConfig:
     key_segments: tuple | None = None
     value_segments: tuple | None = None
     value_stats: str = "fp16"
+    layer_overrides: tuple | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "k_rank_keys", "k_rank_values", "quant_group"):
@@ -168,6 +182,7 @@ class SpectralConfig:
         for role in ("keys", "values"):
             COMPRESSORS[self.compressor_name(role)].check_config(self, role)
         self._check_fields_read()
+        self._check_layer_overrides()
         kc, vc = (COMPRESSORS[self.compressor_name(r)] for r in ("keys", "values"))
         if self.attention is not None:
             ATTENTION_STRATEGIES.check(self.attention)
@@ -198,6 +213,33 @@ class SpectralConfig:
                     f"values={self.compressor_name('values')!r} (it reads {sorted(read & set(LAYOUT_FIELDS))}); "
                     "leave it unset or choose a compressor that uses it"
                 )
+
+    def _check_layer_overrides(self) -> None:
+        """Canonical form, then every overridden layer's config built once, so a layout that
+        cannot exist fails here, naming its layers."""
+        names = {f.name for f in dataclasses.fields(self)}
+        canon = normalize_layer_overrides(self.layer_overrides, names, OVERRIDABLE_FIELDS)
+        object.__setattr__(self, "layer_overrides", canon)
+        for layers, fields in canon or ():
+            try:
+                self.layer_config(layers[0])
+            except ValueError as exc:
+                raise ValueError(f"layer_overrides for layers {describe_layers(layers)}: {exc}") from None
+
+    def layer_config(self, layer_idx: int) -> "SpectralConfig":
+        """The config layer ``layer_idx`` runs with: this one with its `layer_overrides` entry
+        applied (``layer_overrides=None`` in the result); this config itself (less the overrides)
+        for a layer not listed."""
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ValueError(f"layer_idx must be a non-negative int, got {layer_idx!r}")
+        if self.layer_overrides is None:
+            return self
+        changes = next((dict(f) for layers, f in self.layer_overrides if layer_idx in layers), {})
+        return dataclasses.replace(self, layer_overrides=None, **changes)
+
+    def overridden_layers(self) -> tuple[int, ...]:
+        """Every layer index `layer_overrides` names, sorted."""
+        return tuple(sorted(i for layers, _ in self.layer_overrides or () for i in layers))
 
     @property
     def attention_name(self) -> str:
@@ -237,14 +279,21 @@ class SpectralConfig:
         def role(r: str) -> str:
             return f"{r} {COMPRESSORS[self.compressor_name(r)].describe(self, r)}"
 
-        return (
+        line = (
             f"{role('keys')}, {role('values')}; block {self.block_size}, {self.sink_tokens} sinks, "
             f"hot {self.hot_buffer_size}, attention={self.attention_name}"
         )
+        for layers, _ in self.layer_overrides or ():
+            c = self.layer_config(layers[0])
+            line += (f"; layers {describe_layers(layers)}: keys {COMPRESSORS[c.compressor_name('keys')].describe(c, 'keys')}, "
+                     f"values {COMPRESSORS[c.compressor_name('values')].describe(c, 'values')}")
+        return line
 
     def check_head_dim(self, head_dim: int) -> None:
         """Raise if a role's compressor cannot store heads of ``head_dim`` channels (an SVD rank
-        above it, packed codes that do not fill whole bytes)."""
+        above it, packed codes that do not fill whole bytes); every layer's layout."""
+        for layers, _ in self.layer_overrides or ():
+            self.layer_config(layers[0]).check_head_dim(head_dim)
         for role in ("keys", "values"):
             COMPRESSORS[self.compressor_name(role)].check_head_dim(self, role, head_dim)
 

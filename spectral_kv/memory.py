@@ -39,7 +39,8 @@ def measure_memory(
 
     Every layer of a model has the same shape and tier schedule, so one layer's measured
     bytes times ``shape.layers`` is the model's total (asserted equal to the byte count of
-    every tensor the layer holds). Random data makes the ranks full, which does not change
+    every tensor the layer holds); with ``layer_overrides``, one layer per distinct layout
+    times the layers using it. Random data makes the ranks full, which does not change
     the bytes (the storage is fixed-size per block).
 
     Returns
@@ -48,21 +49,30 @@ def measure_memory(
     ``spectral_mb`` and ``ratio``.
     """
     config = config or SpectralConfig(verbose=False)
+    named = config.overridden_layers()
+    if named and named[-1] >= shape.layers:
+        raise ValueError(f"layer_overrides names layer {named[-1]}, {shape.name} has {shape.layers} layers")
+    layouts: dict[SpectralConfig, int] = {}
+    for i in range(shape.layers):
+        c = config.layer_config(i)
+        layouts[c] = layouts.get(c, 0) + 1
     g = torch.Generator().manual_seed(seed)
     rows = []
     for ctx in contexts:
-        tiers = TierManager(config)
-        chunk = 2048  # fill in prompt-sized chunks, as a prefill would
-        for start in range(0, ctx, chunk):
-            t = min(chunk, ctx - start)
-            k = torch.randn(1, shape.kv_heads, t, shape.head_dim, generator=g).to(dtype)
-            v = torch.randn(1, shape.kv_heads, t, shape.head_dim, generator=g).to(dtype)
-            tiers.append(k, v)
-        rep = tiers.memory_report()
-        held = sum(t.numel() * t.element_size() for t in tiers.held_tensors())
-        assert rep["total_bytes"] == held, (rep, held)
-        dense = rep["dense_bytes"] * shape.layers
-        spectral = rep["total_bytes"] * shape.layers
+        dense = spectral = 0
+        for layout, n_layers in layouts.items():
+            tiers = TierManager(layout)
+            chunk = 2048  # fill in prompt-sized chunks, as a prefill would
+            for start in range(0, ctx, chunk):
+                t = min(chunk, ctx - start)
+                k = torch.randn(1, shape.kv_heads, t, shape.head_dim, generator=g).to(dtype)
+                v = torch.randn(1, shape.kv_heads, t, shape.head_dim, generator=g).to(dtype)
+                tiers.append(k, v)
+            rep = tiers.memory_report()
+            held = sum(t.numel() * t.element_size() for t in tiers.held_tensors())
+            assert rep["total_bytes"] == held, (rep, held)
+            dense += rep["dense_bytes"] * n_layers
+            spectral += rep["total_bytes"] * n_layers
         rows.append(
             {"context": ctx, "dense_mb": dense / 2**20, "spectral_mb": spectral / 2**20, "ratio": dense / spectral}
         )

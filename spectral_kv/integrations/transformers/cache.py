@@ -225,7 +225,8 @@ class SpectralCache(Cache):
     Parameters
     ----------
     config : SpectralConfig, optional
-        Defaults to ``SpectralConfig()``; keyword ``overrides`` are applied on top.
+        Defaults to ``SpectralConfig()``; keyword ``overrides`` are applied on top. Layer ``i``
+        runs ``config.layer_config(i)`` (its `layer_overrides` entry, if any).
     model_config : transformers config, optional
         The model's config. With it, sliding-window / chunked layers (which the method cannot
         serve) get transformers' own exact layers, with a one-line notice, and head_dim is
@@ -242,8 +243,8 @@ class SpectralCache(Cache):
         self.config = config
         self.exact_layer_indices: list[int] = []
         self.model_identity = None if model_config is None else model_identity(model_config)
-        if model_config is None:
-            super().__init__(layer_class_to_replicate=lambda: SpectralLayer(config, len(self.layers)))
+        if model_config is None:  # layers made lazily: `layer_overrides` indices cannot be checked here
+            super().__init__(layer_class_to_replicate=lambda: SpectralLayer(config.layer_config(len(self.layers)), len(self.layers)))
             return
         text = text_config(model_config)
         config.check_head_dim(head_dim(text))
@@ -253,16 +254,22 @@ class SpectralCache(Cache):
         ] * text.num_hidden_layers
         if getattr(text, "num_kv_shared_layers", None):
             layer_types = layer_types[: -text.num_kv_shared_layers]
+        named = config.overridden_layers()
+        if named and named[-1] >= len(layer_types):
+            raise ValueError(f"layer_overrides names layer {named[-1]}, the model's cache has {len(layer_types)} layers")
         layers: list[CacheLayerMixin] = []
         for i, kind in enumerate(layer_types):
             if kind in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
                 self.exact_layer_indices.append(i)
             elif kind == "full_attention":
-                layers.append(SpectralLayer(config, i, text))
+                layers.append(SpectralLayer(config.layer_config(i), i, text))
             else:
                 layers.append(DynamicLayer())
                 self.exact_layer_indices.append(i)
+        if set(named) & set(self.exact_layer_indices):  # an override there would silently do nothing
+            raise ValueError(f"layer_overrides names layers {sorted(set(named) & set(self.exact_layer_indices))}, "
+                             "which this model keeps exact (sliding-window or not full attention)")
         if self.exact_layer_indices and config.verbose:
             print(
                 f"spectral_kv: {len(self.exact_layer_indices)}/{len(layer_types)} layers are sliding-window or "

@@ -257,7 +257,6 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
     devices = _layer_devices(model, len(metas), device)
     heads, head_dim = target["num_key_value_heads"] // (saved_tp["world"] if saved_tp else 1), target["head_dim"]
     used: set[str] = set()
-    specs = None
     for i, (layer, meta, dev) in enumerate(zip(cache.layers, metas, devices)):
         kind = "spectral" if _is_spectral(layer) else "exact"
         _expect(meta.get("kind") == kind, path, f"layer {i} was saved as {meta.get('kind')!r}, the model's layer is {kind!r}")
@@ -281,10 +280,9 @@ def load_cache(path: str | os.PathLike, model_or_config, *, config: SpectralConf
                 if attr in meta:
                     setattr(layer, attr, meta[attr])
             continue
-        tm = layer.tiers
-        if specs is None:
-            specs = {role: comp.part_specs(head_dim)
-                     for role, comp in (("cold_k", tm.key_compressor), ("cold_v", tm.value_compressor))}
+        tm = layer.tiers  # per layer: `layer_overrides` can give layers different cold layouts
+        specs = {role: comp.part_specs(head_dim)
+                 for role, comp in (("cold_k", tm.key_compressor), ("cold_v", tm.value_compressor))}
         ek, ev = get("exact_k"), get("exact_v")
         n_exact, n_cold, tail, seen = meta["n_exact"], meta["n_cold"], meta["tail_valid"], meta["seen"]
         b = len(n_exact)
