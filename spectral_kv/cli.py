@@ -1,4 +1,4 @@
-"""`spectral-kv demo | memory | eval | bench | generate`: the command line."""
+"""`spectral-kv demo | memory | eval | bench | generate | calibrate`: the command line."""
 
 from __future__ import annotations
 
@@ -113,6 +113,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# The layouts of the measured SmolLM2 mix (results/TUNING_NOTES.md, "Per-layer budgets"): K4/V3 and K3/V2,
+# byte value statistics, 256-token key groups, hot 256.
+CALIBRATE_HI = "balanced:value_stats=byte,quant_group=256,hot_buffer_size=256"
+CALIBRATE_LO = "max-compression:value_stats=byte,quant_group=256,hot_buffer_size=256"
+
+
+def cmd_calibrate(args) -> int:
+    import torch
+
+    from .calibrate import calibrate_layers, layout_changes, resolve_layout
+    from .eval.corpus import load_corpus, quality_offsets
+
+    layout_changes(resolve_layout(args.hi, "--hi"), resolve_layout(args.lo, "--lo"))  # before the model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.split == "validation":
+        print("spectral-kv calibrate: note: calibrating on the validation split makes its quality numbers "
+              "in-sample", file=sys.stderr)
+    model, tok = _load(args)
+    ids, info = load_corpus(tok, args.split)
+    # The eval harness's segments (dealt over the split's sources), so a calibration and an eval of the
+    # same split and sizes read the same windows.
+    offsets = quality_offsets(info, args.segments, args.context + args.continuation)
+    result = calibrate_layers(model, tok, ids, hi=args.hi, lo=args.lo, target_ratio=args.target_ratio,
+                              group=args.group, context=args.context, continuation=args.continuation,
+                              chunk=args.chunk, segments=args.segments, offsets=offsets)
+    result.settings.update(model=args.model, split=args.split, hi=args.hi, lo=args.lo)
+    result.save(args.out)
+    print(result.summary())
+    print(f"wrote {args.out} ({result.settings['seconds']:.0f}s); load it with "
+          "spectral_kv.calibrate.CalibrationResult.load(path).config")
+    return 0
+
+
 def _errors_to_exit(func):
     """Errors a user can fix (a bad path, a model the layout cannot serve) as one line, exit 2."""
 
@@ -165,6 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--sink-tokens", type=int, default=None, help="override the preset's sink tokens")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.set_defaults(func=_errors_to_exit(cmd_generate))
+
+    cal = sub.add_parser("calibrate", help="per-layer layouts for a target cold ratio, measured on tuning text")
+    _add_model_arguments(cal)
+    cal.add_argument("--target-ratio", type=float, default=5.0, help="cold-storage ratio to reach (default 5)")
+    cal.add_argument("--out", required=True, help="JSON file for the result (its 'config' loads as SpectralConfig(**d))")
+    cal.add_argument("--split", choices=("tuning", "validation"), default="tuning",
+                     help="corpus split to measure on (default tuning; validation makes its numbers in-sample)")
+    cal.add_argument("--hi", default=CALIBRATE_HI, help=f"the better layout, 'preset:field=value,...' (default {CALIBRATE_HI})")
+    cal.add_argument("--lo", default=CALIBRATE_LO, help=f"the cheaper layout (default {CALIBRATE_LO})")
+    cal.add_argument("--group", type=int, default=3, help="consecutive layers measured together (default 3)")
+    cal.add_argument("--segments", type=int, default=3)
+    cal.add_argument("--context", type=int, default=3584, help="tokens prefilled per segment")
+    cal.add_argument("--continuation", type=int, default=512, help="tokens teacher-forced per segment")
+    cal.add_argument("--chunk", type=int, default=64, help="tokens per teacher-forced forward")
+    cal.add_argument("--threads", type=int, default=None)
+    cal.set_defaults(func=_errors_to_exit(cmd_calibrate))
 
     try:
         from .eval.run import add_eval_arguments, run_eval
