@@ -9,16 +9,18 @@ tuning text (never the text the quality is reported on):
 1. cost: every group of ``group`` consecutive layers is put alone at the cheap layout ``lo``
    under an all-``hi`` base; its cost is the rise of the next-token KL vs the exact cache over
    teacher-forced continuation tokens (the eval harness's `run_segment` and `attention_kl`),
-   averaged over segments. The groups' costs add up roughly (TUNING_NOTES: sum +0.0171 vs
-   +0.0185 measured with every layer at ``lo``), which is what makes step 2 sound;
+   averaged over segments (``cost="top1"``: the drop of top-1 agreement instead, the ranking
+   behind the validated SmolLM2 mix). The groups' KL costs add up roughly (TUNING_NOTES: sum
+   +0.0171 vs +0.0185 measured with every layer at ``lo``), which is what makes step 2 sound.
+   Every run starts from the exact prefill's K/V (`run_segment`'s ``seed``: the prefill attends
+   exactly, so only the continuation differs), one prefill per segment instead of one per run;
 2. selection: greedy by cost per byte saved, cheapest first, until the cold-storage ratio
    reaches ``target_ratio`` (so it overshoots by at most one group); ties go to the lower layer;
 3. the result: a `SpectralConfig` with `layer_overrides` (the layout most layers use is the
    base), the per-group costs, the predicted ratio and the chosen layers.
 
-Bytes come from the layouts themselves: one `TierManager` per layout is filled with as many
-tokens as a segment ends with and its `memory_report` cold bytes are read (as
-`spectral_kv.memory` does), so a layout's scales, statistics and shared state all count.
+Bytes come from the layouts themselves (`spectral_kv.memory.cold_bytes_per_token`: a filled
+`TierManager`'s cold bytes), so a layout's scales, statistics and shared state all count.
 """
 
 from __future__ import annotations
@@ -32,17 +34,16 @@ from typing import Any, Callable
 
 import torch
 
-from .metrics import attention_kl
 from .config import OVERRIDABLE_FIELDS, SpectralConfig
 from .eval.methods import make_method, model_kv_shape, parse_spec
 from .eval.methods.spectral import SpectralMethod
 from .eval.perplexity import run_segment
 from .eval.quality import segment_slices
 from .layer_overrides import describe_layers
-from .tiers import TierManager
+from .memory import cold_bytes_per_token
+from .metrics import attention_kl, top1_agreement
 
-__all__ = ["CalibrationResult", "calibrate_layers", "select_layers", "resolve_layout", "layout_changes",
-           "cold_bytes_per_token"]
+__all__ = ["CalibrationResult", "calibrate_layers", "select_layers", "resolve_layout", "layout_changes"]
 
 
 def _spec_value(text: str) -> Any:
@@ -90,23 +91,6 @@ def layout_changes(hi: SpectralConfig, lo: SpectralConfig) -> dict[str, Any]:
     if not changes:
         raise ValueError("hi and lo are the same layout: nothing to calibrate")
     return changes
-
-
-def cold_bytes_per_token(config: SpectralConfig, kv_heads: int, head_dim: int, tokens: int) -> float:
-    """Cold bytes per cold token of one layer (keys + values, every KV head) when a layer holds
-    ``tokens`` tokens, measured from a filled `TierManager` (random fp16 K/V of shape
-    ``[1, kv_heads, tokens, head_dim]``; the storage is fixed-size per block, so the data do not
-    change it, and per-row shared state is amortized over the blocks as in a real segment)."""
-    g = torch.Generator().manual_seed(0)
-    tiers = TierManager(config.replace(verbose=False))
-    k, v = (torch.randn(1, kv_heads, tokens, head_dim, generator=g).half() for _ in range(2))
-    tiers.append(k, v)
-    rep = tiers.memory_report()
-    cold_fp16 = rep["dense_bytes"] - rep["sinks"] - rep["warm"] - rep["hot"]  # exact dtype is fp16 here
-    if cold_fp16 <= 0:
-        raise ValueError(f"{tokens} tokens fill no cold block (block_size {config.block_size}, "
-                         f"{config.sink_tokens} sinks, hot {config.hot_buffer_size})")
-    return (rep["cold_keys"] + rep["cold_values"]) / (cold_fp16 // (2 * 2 * kv_heads * head_dim))
 
 
 def select_layers(costs: list[float], saved: list[float], hi_bytes: float, dense_bytes: float,
@@ -158,7 +142,9 @@ class CalibrationResult:
     groups : tuple of tuple of int
         The layer groups measured.
     costs : tuple of float
-        Per group: mean rise of the next-token KL (nats) vs the exact cache when only it is at ``lo``.
+        Per group, the selection's cost (``cost``) when only it is at ``lo``, mean over segments.
+    cost : str
+        ``"kl"``: rise of the next-token KL (nats) vs the exact cache; ``"top1"``: drop of top-1 agreement.
     base_kl : float
         Next-token KL of the all-``hi`` cache.
     predicted_ratio, hi_ratio, lo_ratio, target_ratio : float
@@ -169,14 +155,15 @@ class CalibrationResult:
     bytes_per_token : dict
         ``hi``, ``lo``, ``fp16``: cold bytes per cold token of one layer.
     settings : dict
-        ``context``, ``continuation``, ``chunk``, ``segments``, ``offsets``, ``group``,
-        ``seconds`` and the per-segment KLs (``kl_per_segment``: ``base`` and one list per group).
+        ``context``, ``continuation``, ``chunk``, ``segments``, ``offsets``, ``group``, ``seconds``
+        and the measurements (``per_segment``: ``base`` and ``groups``, each ``kl`` and ``top1`` per segment).
     """
 
     config: SpectralConfig
     lo_layers: tuple
     groups: tuple
     costs: tuple
+    cost: str
     base_kl: float
     predicted_ratio: float
     hi_ratio: float
@@ -192,7 +179,7 @@ class CalibrationResult:
                  f"(target {self.target_ratio}, all hi {self.hi_ratio:.3f}x, all lo {self.lo_ratio:.3f}x), "
                  f"all-hi next-token KL {self.base_kl:.5f}, predicted rise {self.predicted_cost:+.5f}"]
         for g, c in zip(self.groups, self.costs):
-            lines.append(f"  layers {describe_layers(g):>7s}: cost {c:+.5f}{'  -> lo' if g[0] in self.lo_layers else ''}")
+            lines.append(f"  layers {describe_layers(g):>7s}: {self.cost} cost {c:+.5f}{'  -> lo' if g[0] in self.lo_layers else ''}")
         lines.append(f"config: {self.config.summary()}")
         return "\n".join(lines)
 
@@ -233,19 +220,21 @@ def _token_ids(tokenizer, text_or_token_ids) -> torch.Tensor:
     return ids
 
 
-def _kl_run(model, config: SpectralConfig, ctx, cont, chunk: int, ref_logits) -> float:
+def _measure(model, config: SpectralConfig, ctx, cont, chunk: int, ref_logits, seed) -> tuple[float, float]:
+    """(next-token KL, top-1 agreement) of ``config``'s cache vs the exact logits ``ref_logits``."""
     method = SpectralMethod("calibrate", "spectral", {"_config": config.replace(verbose=False)})
     method.setup(model)
     try:
-        run = run_segment(model, method, ctx, cont, chunk)
+        run = run_segment(model, method, ctx, cont, chunk, seed=seed)
     finally:
         method.teardown(model)
-    return attention_kl(run.logits, ref_logits)
+    return attention_kl(run.logits, ref_logits), top1_agreement(run.logits, ref_logits)
 
 
 def calibrate_layers(model, tokenizer, text_or_token_ids, *, hi, lo, target_ratio: float = 5.0, group: int = 3,
                      context: int = 3584, continuation: int = 512, chunk: int = 64, segments: int = 3,
-                     offsets: list[int] | None = None, log: Callable[[str], None] | None = print) -> CalibrationResult:
+                     offsets: list[int] | None = None, cost: str = "kl",
+                     log: Callable[[str], None] | None = print) -> CalibrationResult:
     """Measure each layer group's cost at ``lo`` and pick the layers for ``lo`` that reach ``target_ratio``.
 
     Parameters
@@ -264,6 +253,8 @@ def calibrate_layers(model, tokenizer, text_or_token_ids, *, hi, lo, target_rati
         Per segment: ``context`` tokens prefilled, ``continuation`` teacher-forced ``chunk`` at a time.
     offsets : list of int, optional
         Segment starts in the token ids (default: ``segments`` windows spread evenly).
+    cost : {"kl", "top1"}
+        What a group's cost is: the rise of next-token KL, or the drop of top-1 agreement.
     log : callable or None
         Progress lines.
 
@@ -281,6 +272,8 @@ def calibrate_layers(model, tokenizer, text_or_token_ids, *, hi, lo, target_rati
                         ("chunk", chunk), ("segments", segments)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if cost not in ("kl", "top1"):
+        raise ValueError(f"cost must be 'kl' or 'top1', got {cost!r}")
     if continuation < 2:
         raise ValueError(f"continuation must be at least 2 tokens (one teacher-forced step), got {continuation}")
     first_cold = hi.sink_tokens + hi.hot_buffer_size + hi.block_size
@@ -319,16 +312,26 @@ def calibrate_layers(model, tokenizer, text_or_token_ids, *, hi, lo, target_rati
 
     # Step 1: costs. The exact reference runs once per segment, then all-hi, then each group at lo.
     exact = make_method("exact")
-    kl_base, kl_groups = [], [[] for _ in groups]
+    base: dict[str, list] = {"kl": [], "top1": []}
+    per_group: list[dict[str, list]] = [{"kl": [], "top1": []} for _ in groups]
     for si, off in enumerate(offsets):
         ctx, cont = ids[off : off + context], ids[off + context : off + length]
-        ref = run_segment(model, exact, ctx, cont, chunk)
-        kl_base.append(_kl_run(model, hi, ctx, cont, chunk, ref.logits))
-        say(f"segment {si + 1}/{segments} @ {off}: all hi KL {kl_base[-1]:.5f} ({time.perf_counter() - t0:.0f}s)")
-        for gi, g in enumerate(groups):
-            kl_groups[gi].append(_kl_run(model, hi.replace(layer_overrides={g: lo_changes}), ctx, cont, chunk, ref.logits))
-            say(f"  layers {describe_layers(g)} at lo: KL {kl_groups[gi][-1]:.5f} ({time.perf_counter() - t0:.0f}s)")
-    costs = [sum(k - b for k, b in zip(kls, kl_base)) / segments for kls in kl_groups]
+        kv: list = []
+        ref = run_segment(model, exact, ctx, cont, chunk,
+                          on_prefill=lambda c: kv.extend(tuple(t.clone() for t in exact.dense_kv(c, i)) for i in range(n_layers)))
+        seed = (kv, ref.logits[:1])
+        for m, value in zip(("kl", "top1"), _measure(model, hi, ctx, cont, chunk, ref.logits, seed)):
+            base[m].append(value)
+        say(f"segment {si + 1}/{segments} @ {off}: all hi KL {base['kl'][-1]:.5f} top-1 {base['top1'][-1]:.4f} "
+            f"({time.perf_counter() - t0:.0f}s)")
+        for g, rec in zip(groups, per_group):
+            over = hi.replace(layer_overrides={g: lo_changes})
+            for m, value in zip(("kl", "top1"), _measure(model, over, ctx, cont, chunk, ref.logits, seed)):
+                rec[m].append(value)
+            say(f"  layers {describe_layers(g)} at lo: KL {rec['kl'][-1]:.5f} top-1 {rec['top1'][-1]:.4f} "
+                f"({time.perf_counter() - t0:.0f}s)")
+    sign = 1 if cost == "kl" else -1  # KL rises, agreement drops
+    costs = [sign * sum(a - b for a, b in zip(rec[cost], base[cost])) / segments for rec in per_group]
 
     # Step 2: selection.
     saved = [len(g) * (per_token["hi"] - per_token["lo"]) for g in groups]
@@ -348,9 +351,10 @@ def calibrate_layers(model, tokenizer, text_or_token_ids, *, hi, lo, target_rati
     stored = len(lo_layers) * per_token["lo"] + len(hi_layers) * per_token["hi"]
     settings = {"context": context, "continuation": continuation, "chunk": chunk, "segments": segments,
                 "offsets": list(offsets), "group": group, "seconds": time.perf_counter() - t0,
-                "kl_per_segment": {"base": kl_base, "groups": kl_groups}}
+                "per_segment": {"base": base, "groups": per_group}}
     return CalibrationResult(
-        config=config, lo_layers=lo_layers, groups=tuple(groups), costs=tuple(costs), base_kl=sum(kl_base) / segments,
+        config=config, lo_layers=lo_layers, groups=tuple(groups), costs=tuple(costs), cost=cost,
+        base_kl=sum(base["kl"]) / segments,
         predicted_ratio=len(layers) * per_token["fp16"] / stored, hi_ratio=hi_ratio, lo_ratio=lo_ratio,
         target_ratio=float(target_ratio), predicted_cost=sum(costs[gi] for gi in chosen), bytes_per_token=per_token,
         settings=settings)

@@ -138,7 +138,7 @@ def cmd_calibrate(args) -> int:
     offsets = quality_offsets(info, args.segments, args.context + args.continuation)
     result = calibrate_layers(model, tok, ids, hi=args.hi, lo=args.lo, target_ratio=args.target_ratio,
                               group=args.group, context=args.context, continuation=args.continuation,
-                              chunk=args.chunk, segments=args.segments, offsets=offsets)
+                              chunk=args.chunk, segments=args.segments, offsets=offsets, cost=args.cost)
     result.settings.update(model=args.model, split=args.split, hi=args.hi, lo=args.lo)
     result.save(args.out)
     print(result.summary())
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--hi", default=CALIBRATE_HI, help=f"the better layout, 'preset:field=value,...' (default {CALIBRATE_HI})")
     cal.add_argument("--lo", default=CALIBRATE_LO, help=f"the cheaper layout (default {CALIBRATE_LO})")
     cal.add_argument("--group", type=int, default=3, help="consecutive layers measured together (default 3)")
+    cal.add_argument("--cost", choices=("kl", "top1"), default="kl",
+                     help="a group's cost: rise of next-token KL (default) or drop of top-1 agreement vs exact")
     cal.add_argument("--segments", type=int, default=3)
     cal.add_argument("--context", type=int, default=3584, help="tokens prefilled per segment")
     cal.add_argument("--continuation", type=int, default=512, help="tokens teacher-forced per segment")

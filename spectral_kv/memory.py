@@ -9,7 +9,7 @@ import torch
 from .config import SpectralConfig
 from .tiers import TierManager
 
-__all__ = ["ModelShape", "SHAPES", "measure_memory", "format_table"]
+__all__ = ["ModelShape", "SHAPES", "measure_memory", "cold_bytes_per_token", "format_table"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,23 @@ def measure_memory(
             {"context": ctx, "dense_mb": dense / 2**20, "spectral_mb": spectral / 2**20, "ratio": dense / spectral}
         )
     return rows
+
+
+def cold_bytes_per_token(config: SpectralConfig, kv_heads: int, head_dim: int, tokens: int) -> float:
+    """Cold bytes per cold token of one layer (keys + values, every KV head) when a layer holds
+    ``tokens`` tokens, measured from a filled `TierManager` (random fp16 K/V of shape
+    ``[1, kv_heads, tokens, head_dim]``; the storage is fixed-size per block, so the data do not
+    change it, and per-row shared state is amortized over the blocks as in a real segment)."""
+    g = torch.Generator().manual_seed(0)
+    tiers = TierManager(config.replace(verbose=False))
+    k, v = (torch.randn(1, kv_heads, tokens, head_dim, generator=g).half() for _ in range(2))
+    tiers.append(k, v)
+    rep = tiers.memory_report()
+    cold_fp16 = rep["dense_bytes"] - rep["sinks"] - rep["warm"] - rep["hot"]  # exact dtype is fp16 here
+    if cold_fp16 <= 0:
+        raise ValueError(f"{tokens} tokens fill no cold block (block_size {config.block_size}, "
+                         f"{config.sink_tokens} sinks, hot {config.hot_buffer_size})")
+    return (rep["cold_keys"] + rep["cold_values"]) / (cold_fp16 // (2 * 2 * kv_heads * head_dim))
 
 
 def format_table(shape: ModelShape, rows: list[dict]) -> str:

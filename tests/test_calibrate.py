@@ -9,9 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import spectral_kv as sk
-from spectral_kv.calibrate import (CalibrationResult, calibrate_layers, cold_bytes_per_token, layout_changes,
+from spectral_kv.calibrate import (CalibrationResult, calibrate_layers, layout_changes,
                                    resolve_layout, select_layers)
 from spectral_kv.eval.tiny import tiny_random_model
+from spectral_kv.memory import cold_bytes_per_token
 
 TIERS = dict(block_size=16, hot_buffer_size=4, sink_tokens=2, quant_group=16, value_stats="byte")
 HI = dict(preset="balanced", **TIERS)  # K4/V3
@@ -127,6 +128,7 @@ def ids():
         (dict(context=21), "context=21 is too short for one cold block: needs 22"),
         (dict(continuation=1), "continuation must be at least 2"),
         (dict(group=0), "group must be a positive int"),
+        (dict(cost="ppl"), "cost must be 'kl' or 'top1', got 'ppl'"),
         (dict(offsets=[0, 590]), "offsets"), (dict(offsets=[0]), "offsets"),
         (dict(lo=dict(LO, hot_buffer_size=8)), "'hot_buffer_size'"),
     ],
@@ -144,10 +146,13 @@ def test_calibration_end_to_end_on_a_tiny_model(tiny, ids, tmp_path):
     r = calibrate_layers(model, tok, ids, hi=HI, lo=LO, target_ratio=3.5, group=1, **SIZES, log=None)
     hi, lo = resolve_layout(HI), resolve_layout(LO)
     assert r.groups == ((0,), (1,), (2,), (3,)) and (r.hi_ratio, r.lo_ratio) == (3.2, 4.0)
-    kls = r.settings["kl_per_segment"]
+    kls = r.settings["per_segment"]
+    assert r.cost == "kl"
     for g, cost in enumerate(r.costs):  # costs: mean KL rise over the all-hi base, paired by segment
-        assert cost == pytest.approx(sum(a - b for a, b in zip(kls["groups"][g], kls["base"])) / 2)
-    assert r.base_kl > 0 and all(k > 0 for ks in kls["groups"] for k in ks)  # lossy layouts do cost something
+        assert cost == pytest.approx(sum(a - b for a, b in zip(kls["groups"][g]["kl"], kls["base"]["kl"])) / 2)
+    assert r.base_kl == pytest.approx(sum(kls["base"]["kl"]) / 2)
+    assert r.base_kl > 0 and all(k > 0 for rec in kls["groups"] for k in rec["kl"])  # lossy layouts do cost something
+    assert all(0.5 < t <= 1 for rec in kls["groups"] for t in rec["top1"])
     # the choice is the selection's on the measured costs; 2 of 4 layers reach 3.5x (1 gives 3.37x)
     saved = [r.bytes_per_token["hi"] - r.bytes_per_token["lo"]] * 4
     picked = select_layers(list(r.costs), saved, 4 * r.bytes_per_token["hi"], 4 * r.bytes_per_token["fp16"], 3.5)
@@ -184,7 +189,8 @@ def test_cli_calibrates_on_the_tuning_split_by_default_and_writes_a_loadable_con
     monkeypatch.setattr(cli, "_load", lambda args: tiny)
     monkeypatch.setattr(corpus, "load_corpus", lambda tok, split, **kw: splits.append(split) or real_corpus(tok, split, **kw))
     config = resolve_layout(LO).replace(layer_overrides={(0, 1): {"coeff_bits": 4, "value_bits": 3}})
-    result = CalibrationResult(config=config, lo_layers=(2, 3), groups=((0, 1), (2, 3)), costs=(0.2, 0.1), base_kl=0.01,
+    result = CalibrationResult(config=config, lo_layers=(2, 3), groups=((0, 1), (2, 3)), costs=(0.2, 0.1), cost="kl",
+                               base_kl=0.01,
                                predicted_ratio=3.56, hi_ratio=3.2, lo_ratio=4.0, target_ratio=3.5, predicted_cost=0.1,
                                bytes_per_token={"hi": 80.0, "lo": 64.0, "fp16": 256.0}, settings={"seconds": 1.0})
     monkeypatch.setattr(calibrate, "calibrate_layers", lambda *a, **kw: calls.append(kw) or result)

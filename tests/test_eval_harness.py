@@ -48,6 +48,31 @@ def test_exact_vs_exact_is_identical(tiny):
     assert r1.bytes_end["ratio_vs_fp16"] == pytest.approx(1.0)
 
 
+def test_a_segment_seeded_with_the_exact_prefill_equals_a_prefilled_one(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 256, (130,), generator=torch.Generator().manual_seed(3))
+    exact, method = make_method("exact"), make_method("spectral:block=32,hot=8,bits=3,vbits=2")
+    kv = []
+    ref = run_segment(model, exact, ids[:100], ids[100:], chunk=8,
+                      on_prefill=lambda c: kv.extend((c.layers[i].keys.clone(), c.layers[i].values.clone())
+                                                     for i in range(len(c.layers))))
+    first = ref.logits[:1].clone()
+    first[0, 0] += 1.0  # marks the seed's row: it must come back as row 0, not a new prefill's
+    method.setup(model)
+    try:
+        seeded = run_segment(model, method, ids[:100], ids[100:], chunk=8, seed=(kv, first))
+        prefilled = run_segment(model, method, ids[:100], ids[100:], chunk=8)
+    finally:
+        method.teardown(model)
+    assert torch.equal(seeded.logits[0], first[0])
+    assert seeded.bytes_end == prefilled.bytes_end
+    # float noise of the prefill only (it may move a 2-bit code by one step), far below the compression error
+    noise = (seeded.logits[1:] - prefilled.logits[1:]).abs().max()
+    assert noise < 0.1 * (prefilled.logits[1:] - ref.logits[1:]).abs().max()
+    with pytest.raises(ValueError, match="cannot start from a seed"):
+        run_segment(model, method_or_skip("snapkv:ratio=0.5"), ids[:100], ids[100:], chunk=8, seed=(kv, ref.logits[:1]))
+
+
 ADAPTERS = [
     "spectral:block=64,hot=16,preset=fast,k=8,v=16",
     "kivi4:block=64,hot=16",

@@ -129,8 +129,8 @@ LAYERS = {
                                               "spectral_kv.attention", "spectral_kv.config", "spectral_kv.graphs",
                                               "spectral_kv.codes", *BASE),
     "spectral_kv.integrations.unsloth": ("spectral_kv.integrations.transformers", "spectral_kv.config", "spectral_kv.presets"),
-    # a user-level tool over the eval harness: the cache (for its exact layers), the tiers (for bytes)
-    "spectral_kv.calibrate": ("spectral_kv.eval", "spectral_kv.integrations", "spectral_kv.tiers", "spectral_kv.config",
+    # a user-level tool over the eval harness: the cache (for its exact layers), memory (for bytes)
+    "spectral_kv.calibrate": ("spectral_kv.eval", "spectral_kv.integrations", "spectral_kv.memory", "spectral_kv.config",
                               "spectral_kv.layer_overrides", "spectral_kv.metrics"),
 }
 # The math core: never imports transformers or unsloth (only the integrations do).

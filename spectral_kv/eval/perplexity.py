@@ -58,6 +58,7 @@ def run_segment(
     continuation: torch.Tensor,
     chunk: int,
     on_prefill: Callable[[Any], None] | None = None,
+    seed: tuple[list, torch.Tensor] | None = None,
 ) -> SegmentRun:
     """Prefill ``context`` then teacher-force ``continuation`` through ``method``'s cache.
 
@@ -71,6 +72,11 @@ def run_segment(
         Tokens per decode forward (1 = token by token).
     on_prefill : callable, optional
         Called with the cache right after the prefill (fidelity probe).
+    seed : (kv, first_logits), optional
+        The exact prefill of ``context``: per layer ``(k, v)`` ``[1, H, Tc, D]`` and its logits row
+        ``[1, V]`` float32. The cache is then built from it (:meth:`CacheMethod.seed_cache`) instead
+        of prefilling again; only for methods whose prefill attends exactly (``method.can_seed``),
+        for which the two are the same up to float noise (`spectral_kv.eval.niah.greedy_answer`'s convention).
 
     Returns
     -------
@@ -80,11 +86,17 @@ def run_segment(
     dev = model.device  # ids and positions go where the model is (the harness runs on CUDA too)
     context, continuation = context.to(dev), continuation.to(dev)
     t0 = time.perf_counter()
-    cache = method.new_cache(model)
     tc, tn = context.numel(), continuation.numel()
-    with method.prefill_context(model):
-        out = model(context[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    rows = [out.logits[0, -1:].float().cpu()]
+    if seed is not None:
+        if not method.can_seed:
+            raise ValueError(f"method {method.spec!r} evicts at prefill: its segment cannot start from a seed")
+        cache = method.seed_cache(model, seed[0])
+        rows = [seed[1].float().cpu()]
+    else:
+        cache = method.new_cache(model)
+        with method.prefill_context(model):
+            out = model(context[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        rows = [out.logits[0, -1:].float().cpu()]
     if on_prefill is not None:
         on_prefill(cache)
     b_prefill = cache_bytes(cache, tc, kv_heads, head_dim)
