@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--hi", default=CALIBRATE_HI, help=f"the better layout, 'preset:field=value,...' (default {CALIBRATE_HI})")
     cal.add_argument("--lo", default=CALIBRATE_LO, help=f"the cheaper layout (default {CALIBRATE_LO})")
     cal.add_argument("--group", type=int, default=3, help="consecutive layers measured together (default 3)")
-    cal.add_argument("--cost", choices=("kl", "top1"), default="kl",
-                     help="a group's cost: rise of next-token KL (default) or drop of top-1 agreement vs exact")
+    cal.add_argument("--cost", choices=("top1", "kl"), default="top1",
+                     help="a group's cost: drop of top-1 agreement vs exact (default) or rise of next-token KL")
     cal.add_argument("--segments", type=int, default=3)
     cal.add_argument("--context", type=int, default=3584, help="tokens prefilled per segment")
     cal.add_argument("--continuation", type=int, default=512, help="tokens teacher-forced per segment")

@@ -143,7 +143,7 @@ def test_bad_input_raises_naming_it(tiny, ids, change, named):
 
 def test_calibration_end_to_end_on_a_tiny_model(tiny, ids, tmp_path):
     model, tok = tiny
-    r = calibrate_layers(model, tok, ids, hi=HI, lo=LO, target_ratio=3.5, group=1, **SIZES, log=None)
+    r = calibrate_layers(model, tok, ids, hi=HI, lo=LO, target_ratio=3.5, group=1, cost="kl", **SIZES, log=None)
     hi, lo = resolve_layout(HI), resolve_layout(LO)
     assert r.groups == ((0,), (1,), (2,), (3,)) and (r.hi_ratio, r.lo_ratio) == (3.2, 4.0)
     kls = r.settings["per_segment"]
@@ -201,3 +201,10 @@ def test_cli_calibrates_on_the_tuning_split_by_default_and_writes_a_loadable_con
     saved = json.loads(out.read_text())
     assert sk.SpectralConfig(**saved["config"]) == config and saved["settings"]["split"] == "tuning"
     assert cli.main(["calibrate", "--model", "tiny", "--out", str(out), "--hi", "balanced:hot_buffer_size=8"]) == 2
+
+
+def test_the_default_cost_is_top1_agreement():
+    # the tuning split's choice (results/TUNING_NOTES.md, "Per-layer budgets"): the top-1 ranking's mix
+    import inspect
+
+    assert inspect.signature(calibrate_layers).parameters["cost"].default == "top1"
