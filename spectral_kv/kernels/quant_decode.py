@@ -231,7 +231,8 @@ def _kernel_constants(kl: CodeLayout, vl: CodeLayout, g: int, d: int, te: int, k
 # than the `tl` kernel's two. H200: at head_dim 128 it wins from the smallest measured call (Mistral
 # layer, 8 KV heads, `benchmarks/results/quant_decode_H200.txt`: 1 x 4K 22.6 vs 29.9 us, 1 x 32K 46.9
 # vs 61.4); at head_dim 64 (SmolLM2 shape, 3 KV heads, `e2e_decode_H200_smollm2_gluon_all.txt`) the
-# `tl` kernel was faster end to end at 1 and 8 rows (3.25 vs 3.49 and 3.59 vs 3.78 ms a step), so
+# `tl` kernel was faster end to end at 1 and 8 rows (3.21 vs 3.49 and 3.56 vs 3.78 ms a step,
+# `e2e_decode_H200_smollm2.txt` vs the Gluon path everywhere), so
 # there the Gluon path starts at GLUON_MIN_ROW_HEADS (row, KV head) pairs, the crossover of the
 # previous finish kernel at head_dim 128 (not measured at head_dim 64).
 GLUON_MIN_ROW_HEADS = 32
