@@ -177,7 +177,7 @@ class CalibrationResult:
         """A few lines: the chosen layers, the ratio and the costs."""
         lines = [f"lo at layers {describe_layers(self.lo_layers) or 'none'}: predicted {self.predicted_ratio:.3f}x cold "
                  f"(target {self.target_ratio}, all hi {self.hi_ratio:.3f}x, all lo {self.lo_ratio:.3f}x), "
-                 f"all-hi next-token KL {self.base_kl:.5f}, predicted rise {self.predicted_cost:+.5f}"]
+                 f"all-hi next-token KL {self.base_kl:.5f}, predicted {self.cost} cost {self.predicted_cost:+.5f}"]
         for g, c in zip(self.groups, self.costs):
             lines.append(f"  layers {describe_layers(g):>7s}: {self.cost} cost {c:+.5f}{'  -> lo' if g[0] in self.lo_layers else ''}")
         lines.append(f"config: {self.config.summary()}")

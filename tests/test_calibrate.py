@@ -197,6 +197,9 @@ def test_cli_calibrates_on_the_tuning_split_by_default_and_writes_a_loadable_con
     out = tmp_path / "cal.json"
     assert cli.main(["calibrate", "--model", "tiny", "--target-ratio", "3.5", "--out", str(out)]) == 0
     assert splits == ["tuning"] and calls[0]["target_ratio"] == 3.5 and calls[0]["hi"] == cli.CALIBRATE_HI
+    assert calls[0]["cost"] == "top1"  # the CLI's default is the library's
+    text = result.summary()
+    assert "predicted kl cost +0.10000" in text and "layers     2-3: kl cost +0.10000  -> lo" in text, text
     assert len(calls[0]["offsets"]) == calls[0]["segments"] == 3
     saved = json.loads(out.read_text())
     assert sk.SpectralConfig(**saved["config"]) == config and saved["settings"]["split"] == "tuning"
