@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 
 __all__ = ["quantize", "dequantize", "qmax", "pack_bits", "unpack_bits", "quantize_groups", "group_stats",
-           "STATS_FORMS", "BYTE_SCALE_OFFSET", "BYTE_SCALE_NAN", "ZP_MIN", "ZP_MAX", "byte_scale_code", "byte_scale"]
+           "STATS_FORMS", "STATS_DTYPES", "BYTE_SCALE_OFFSET", "BYTE_SCALE_NAN", "ZP_MIN", "ZP_MAX", "byte_scale_code", "byte_scale"]
 
 STATS_FORMS = ("fp16", "byte")  # how a group's scale and zero are stored (`quantize_groups`)
+# each form's (scale, zero) dtypes: float16 both, or the byte form's uint8 scale code and int8 zero point
+STATS_DTYPES = {"fp16": (torch.float16, torch.float16), "byte": (torch.uint8, torch.int8)}
 # The byte form's scale code ``e`` (uint8) is an unsigned float with 5 exponent and 3 mantissa
 # bits: the float32 whose bits are ``(e + BYTE_SCALE_OFFSET) << 20``, i.e. 2**-16 (e = 0) up to
 # 1.75 * 2**15 (e = 254); e = 255 means NaN. Integer-exact both ways (no log/exp2 whose rounding

@@ -40,7 +40,7 @@ import torch
 
 from ..codes import CodeLayout
 from ..config import DTYPES, SpectralConfig
-from ..quant import group_stats, quantize_groups
+from ..quant import STATS_DTYPES, group_stats, quantize_groups
 from .base import FactoredCompressor, check_value_stats, register_compressor
 
 __all__ = ["SpectralQuantCompressor", "pca_basis", "check_segments"]
@@ -256,9 +256,8 @@ class SpectralQuantCompressor(FactoredCompressor):
         if layout is None:
             return {"coeffs": ((t, self.kept(head_dim)), torch.float32)}
         stats = (t // min(self.group, t), layout.kept) if self.role == "keys" else (t, len(layout.kept_segments))
-        byte = self.stats == "byte"
-        return {"codes": ((layout.nbytes,), torch.uint8), "scale": (stats, torch.uint8 if byte else torch.float16),
-                "zero": (stats, torch.int8 if byte else torch.float16)}
+        scale_dtype, zero_dtype = STATS_DTYPES[self.stats]
+        return {"codes": ((layout.nbytes,), torch.uint8), "scale": (stats, scale_dtype), "zero": (stats, zero_dtype)}
 
     @staticmethod
     def _basis_rows(shared, lead: tuple[int, ...], kept: int) -> torch.Tensor:

@@ -34,7 +34,7 @@ import functools
 
 import torch
 
-from ..quant import STATS_FORMS, quantize_groups
+from ..quant import STATS_DTYPES, STATS_FORMS, quantize_groups
 from .launch import pow2 as _pow2, is_fake as _is_fake
 
 from ..codes import CodeLayout, planes, plane_rows
@@ -167,8 +167,9 @@ def _impl(x, rotation, layout, role, key_group, value_stats, block_rows, num_war
     r_min, nsub = plane_rows(t, p_min), 8 // p_min
     codes = torch.empty((n, lay.nbytes), dtype=torch.uint8, device=x.device)
     shape = (n, t // kg, lay.kept) if keys else (n, t, len(lay.kept_segments))
-    scale = torch.empty(shape, dtype=torch.uint8 if byte else torch.float16, device=x.device)
-    zero = torch.empty(shape, dtype=torch.int8 if byte else torch.float16, device=x.device)
+    scale_dtype, zero_dtype = STATS_DTYPES[value_stats]
+    scale = torch.empty(shape, dtype=scale_dtype, device=x.device)
+    zero = torch.empty(shape, dtype=zero_dtype, device=x.device)
     if n == 0 or (_interpreted() and _is_fake(x)):
         # Empty pools launch nothing; under TRITON_INTERPRET=1 wrap_triton hands back the bare
         # interpreter, which would read fake storage: shapes are all a fake kernel produces.

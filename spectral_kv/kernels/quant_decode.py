@@ -70,7 +70,7 @@ from typing import Optional
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
-from ..quant import group_stats
+from ..quant import STATS_DTYPES, group_stats
 from .quant_unpack import FORMS as _FORMS, asm_of as _asm_of, form_constants as _form_constants
 from . import quant_decode_gluon_path as _gluon
 from .quant_plan import _segments, _words_per_row, choose_block_rows, choose_tiles_per_split
@@ -95,7 +95,7 @@ gluon_serves = _gluon.gluon_serves
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # of q and the exact tail, and of the bases
 _LOG2E = 1.4426950408889634
-_VSTATS = ((torch.float16, torch.float16), (torch.uint8, torch.int8))  # value scale/zero: fp16 or the byte form
+_VSTATS = tuple(STATS_DTYPES.values())  # value scale/zero: fp16 or the byte form
 
 
 def layout_pairs(flat) -> tuple[tuple[int, int], ...]:

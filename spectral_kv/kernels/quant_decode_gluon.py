@@ -37,7 +37,7 @@ import functools
 import torch
 
 from ..codes import CodeLayout, planes, plane_rows
-from ..quant import BYTE_SCALE_NAN, BYTE_SCALE_OFFSET, STATS_FORMS, group_stats
+from ..quant import BYTE_SCALE_NAN, BYTE_SCALE_OFFSET, STATS_DTYPES, STATS_FORMS, group_stats
 from .launch import num_sms
 from .quant_plan import _segments, choose_tiles_per_split  # the `tl` kernel's segment description and split sizes
 from .quant_unpack import asm_of
@@ -56,7 +56,7 @@ __all__ = ["HAS_GLUON", "GLUON_IMPORT_ERROR", "ROWS", "check_layouts", "pair_asm
            "cold_partials_reference", "combine_partials", "value_column_channel", "kernel_constants", "ZP_ASM"]
 
 HAS_GLUON = gluon is not None
-_FP16, _BYTE = (torch.float16, torch.float16), (torch.uint8, torch.int8)  # statistics (scale, zero) dtypes
+_FP16, _BYTE = STATS_DTYPES["fp16"], STATS_DTYPES["byte"]  # statistics (scale, zero) dtypes
 ROWS = 16  # rows of the smallest plane per unit: one mma k-tile of tokens per chunk
 _WIDTHS = (2, 3, 4, 8)
 
