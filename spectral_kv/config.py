@@ -276,17 +276,13 @@ class SpectralConfig:
     def summary(self) -> str:
         """One line: what each role is compressed with."""
 
-        def role(r: str) -> str:
-            return f"{r} {COMPRESSORS[self.compressor_name(r)].describe(self, r)}"
+        def roles(c: "SpectralConfig") -> str:
+            return ", ".join(f"{r} {COMPRESSORS[c.compressor_name(r)].describe(c, r)}" for r in ("keys", "values"))
 
-        line = (
-            f"{role('keys')}, {role('values')}; block {self.block_size}, {self.sink_tokens} sinks, "
-            f"hot {self.hot_buffer_size}, attention={self.attention_name}"
-        )
+        line = (f"{roles(self)}; block {self.block_size}, {self.sink_tokens} sinks, hot {self.hot_buffer_size}, "
+                f"attention={self.attention_name}")
         for layers, _ in self.layer_overrides or ():
-            c = self.layer_config(layers[0])
-            line += (f"; layers {describe_layers(layers)}: keys {COMPRESSORS[c.compressor_name('keys')].describe(c, 'keys')}, "
-                     f"values {COMPRESSORS[c.compressor_name('values')].describe(c, 'values')}")
+            line += f"; layers {describe_layers(layers)}: {roles(self.layer_config(layers[0]))}"
         return line
 
     def check_head_dim(self, head_dim: int) -> None:

@@ -61,13 +61,8 @@ def measure_memory(
     for ctx in contexts:
         dense = spectral = 0
         for layout, n_layers in layouts.items():
-            tiers = TierManager(layout)
-            chunk = 2048  # fill in prompt-sized chunks, as a prefill would
-            for start in range(0, ctx, chunk):
-                t = min(chunk, ctx - start)
-                k = torch.randn(1, shape.kv_heads, t, shape.head_dim, generator=g).to(dtype)
-                v = torch.randn(1, shape.kv_heads, t, shape.head_dim, generator=g).to(dtype)
-                tiers.append(k, v)
+            # fill in prompt-sized chunks, as a prefill would
+            tiers = _filled(layout, shape.kv_heads, shape.head_dim, ctx, dtype, g, chunk=2048)
             rep = tiers.memory_report()
             held = sum(t.numel() * t.element_size() for t in tiers.held_tensors())
             assert rep["total_bytes"] == held, (rep, held)
@@ -79,15 +74,25 @@ def measure_memory(
     return rows
 
 
+def _filled(config: SpectralConfig, kv_heads: int, head_dim: int, tokens: int, dtype, g, chunk: int) -> TierManager:
+    """A `TierManager` of ``config`` holding ``tokens`` random tokens ``[1, kv_heads, t, head_dim]``
+    in ``dtype``, appended ``chunk`` at a time (keys then values of each chunk from ``g``)."""
+    tiers = TierManager(config)
+    for start in range(0, tokens, chunk):
+        t = min(chunk, tokens - start)
+        k = torch.randn(1, kv_heads, t, head_dim, generator=g).to(dtype)
+        v = torch.randn(1, kv_heads, t, head_dim, generator=g).to(dtype)
+        tiers.append(k, v)
+    return tiers
+
+
 def cold_bytes_per_token(config: SpectralConfig, kv_heads: int, head_dim: int, tokens: int) -> float:
     """Cold bytes per cold token of one layer (keys + values, every KV head) when a layer holds
     ``tokens`` tokens, measured from a filled `TierManager` (random fp16 K/V of shape
     ``[1, kv_heads, tokens, head_dim]``; the storage is fixed-size per block, so the data do not
     change it, and per-row shared state is amortized over the blocks as in a real segment)."""
-    g = torch.Generator().manual_seed(0)
-    tiers = TierManager(config.replace(verbose=False))
-    k, v = (torch.randn(1, kv_heads, tokens, head_dim, generator=g).half() for _ in range(2))
-    tiers.append(k, v)
+    tiers = _filled(config.replace(verbose=False), kv_heads, head_dim, tokens, torch.float16,
+                    torch.Generator().manual_seed(0), chunk=max(tokens, 1))
     rep = tiers.memory_report()
     cold_fp16 = rep["dense_bytes"] - rep["sinks"] - rep["warm"] - rep["hot"]  # exact dtype is fp16 here
     if cold_fp16 <= 0:
